@@ -1,0 +1,65 @@
+"""Pretrain a sparsexpert MoE language model with DeepSpeed.
+
+Without --data.path, the built-in example (a synthetic knowledge world) is prepared into
+<output_dir>/data first. Batch sizes, optimizer, schedule, precision and ZeRO stage come from the
+DeepSpeed JSON; the model, data and loop from --config and dotted overrides.
+
+CPU smoke run (one process, a few steps):
+    deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --train.max_steps=20
+
+Two processes on CPU with expert parallelism over both (gloo):
+    deepspeed --num_gpus 2 launcher/pretrain.py --ds_config ds_configs/moe_z2.json --model.moe.ep_size=2
+
+One GPU node with 8 GPUs, experts split over 8 ranks:
+    deepspeed --num_gpus 8 launcher/pretrain.py --ds_config ds_configs/moe_z2_bf16.json \\
+        --config configs/<your model>.json --model.moe.ep_size=8 --output_dir runs/moe8
+
+Several nodes (hostfile lines: `node1 slots=8`), shared output folder:
+    deepspeed --hostfile hostfile launcher/pretrain.py --ds_config ds_configs/moe_z2_bf16.json \\
+        --data.path /shared/data/my_corpus --output_dir /shared/runs/moe
+
+Resume the latest complete checkpoint in the output folder (same world size and ep_size):
+    deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --output_dir runs/pretrain --resume
+
+Watch it:  tensorboard --logdir runs/pretrain/tensorboard   (and runs/pretrain/metrics.jsonl)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from sparsexpert.config import apply_overrides, from_dict, load_json  # noqa: E402
+from sparsexpert.train.config import RunConfig  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (see ds_configs/)")
+    parser.add_argument("--config", help="run config JSON with 'model', 'data' and 'train' sections")
+    parser.add_argument("--output_dir", default="runs/pretrain", help="everything the run writes goes here")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith(("--model.", "--data.", "--train."))]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --train.max_steps=20)")
+    return args, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(argv)
+    cfg = from_dict(RunConfig, load_json(args.config)) if args.config else RunConfig()
+    apply_overrides(cfg, overrides)
+    ds_json = load_json(args.ds_config)
+
+    from sparsexpert.train.trainer import pretrain
+
+    pretrain(cfg, ds_json, args.output_dir, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""sparsexpert: knowledge-enhanced sparse Mixture-of-Experts language models on DeepSpeed."""
+
+__version__ = "0.1.0"

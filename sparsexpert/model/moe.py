@@ -1,0 +1,177 @@
+"""Mixture-of-Experts feed-forward block in the Mixtral layout, and its router losses.
+
+Shape letters: B batch, S sequence, T = B*S tokens, D model width, F expert hidden width,
+E experts, K experts per token (top-k), N = T*K token-expert assignments.
+
+The block is plain PyTorch. Its parameter layout is the one DeepSpeed AutoEP consumes
+(`gate`: Linear D->E; `experts.w1`/`w3`: [E, F, D] gate/up; `experts.w2`: [E, D, F] down), so at
+`deepspeed.initialize` AutoEP swaps it for an expert-parallel layer computing the same function.
+The router losses are therefore not computed inside `forward` but from the router logits that
+`RouterLogitsRecorder` captures, which keeps working after the swap.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts held as stacked weights."""
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # gate  [E, F, D]
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # up    [E, F, D]
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))  # down  [E, D, F]
+
+    def init_weights(self, seed: int, std: float, out_std: float) -> None:
+        """Initialize expert e from a generator seeded by (seed, e): the same whatever the ep_size."""
+        with torch.no_grad():
+            for e in range(self.num_experts):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + e)
+                self.w1[e].normal_(0.0, std, generator=gen)
+                self.w3[e].normal_(0.0, std, generator=gen)
+                self.w2[e].normal_(0.0, out_std, generator=gen)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+        """x_ND holds the routed rows sorted by expert, counts_E[e] of them for expert e."""
+        # Unbind once: indexing w[e] per expert would make each slice's backward allocate a full
+        # [E, F, D] zero gradient (cost quadratic in E).
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outs = []
+        for e, x_nD in enumerate(torch.split(x_ND, counts_E)):
+            if x_nD.shape[0] == 0:
+                continue
+            h_nF = F.silu(x_nD @ w1[e].t()) * (x_nD @ w3[e].t())
+            outs.append(h_nF @ w2[e].t())
+        if not outs:
+            return x_ND.new_zeros(x_ND.shape)
+        return torch.cat(outs, dim=0)
+
+
+class MoEBlock(nn.Module):
+    """Token-choice top-k MoE: softmax router, renormalized top-k weights, dropless experts."""
+
+    def __init__(self, d_model: int, d_expert: int, num_experts: int, top_k: int, num_shared_experts: int = 0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = Experts(num_experts, d_model, d_expert)
+        self.shared_experts = SwiGLU(d_model, d_expert * num_shared_experts) if num_shared_experts else None
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+
+        logits_TE = self.gate(x_TD)
+        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+        weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+
+        # Dispatch: sort the T*K assignments by expert so each expert sees a contiguous slice.
+        order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
+        token_N = order_N // self.top_k
+        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).tolist()
+        y_ND = self.experts(x_TD[token_N], counts_E)
+
+        # Combine: weight each expert output by its routing weight and sum back per token.
+        y_ND = y_ND * weights_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_ND.dtype)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        return out_TD.reshape(B, S, D)
+
+
+def expert_init_seed(seed: int, layer_idx: int) -> int:
+    """Seed of a layer's experts; expert e of that layer draws from (this seed, e)."""
+    return zlib.crc32(f"{seed}/layers.{layer_idx}/experts".encode())
+
+
+@dataclass
+class RouterStats:
+    """Router losses and load of one forward pass, averaged over the MoE layers."""
+
+    aux_loss: torch.Tensor
+    """Load-balancing loss: E * sum_e f_e * P_e, with f_e the share of assignments to expert e and
+    P_e its mean router probability. 1.0 under perfect balance."""
+    z_loss: torch.Tensor
+    """Router z-loss: mean over tokens of logsumexp(logits)^2."""
+    expert_counts: torch.Tensor
+    """[num_moe_layers, E] assignments per expert (no gradient)."""
+
+
+def router_stats(logits_per_layer: list[torch.Tensor], top_k: int) -> RouterStats:
+    aux, z, counts = [], [], []
+    for logits_TE in logits_per_layer:
+        logits_TE = logits_TE.float()
+        T, E = logits_TE.shape
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices
+        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=E)
+        share_E = counts_E.to(probs_TE.dtype) / (T * top_k)
+        aux.append(E * torch.sum(share_E * probs_TE.mean(dim=0)))
+        z.append(torch.logsumexp(logits_TE, dim=-1).square().mean())
+        counts.append(counts_E)
+    return RouterStats(torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts).detach())
+
+
+class RouterLogitsRecorder:
+    """Records the output of each MoE layer's router projection during a forward pass.
+
+    The router projection is the Linear called `gate` inside the MoE block: ours is `mlp.gate`,
+    AutoEP's replacement keeps it as `mlp.router.gate`. Hooks are (re)attached whenever the
+    modules change, so the losses survive the swap DeepSpeed makes at initialization.
+    """
+
+    def __init__(self) -> None:
+        self._hooked: list[nn.Module] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.logits: list[torch.Tensor] = []
+
+    @staticmethod
+    def find_gate(moe_block: nn.Module) -> nn.Linear:
+        gates = [m for name, m in moe_block.named_modules() if name.rsplit(".", 1)[-1] == "gate"]
+        if len(gates) != 1 or not isinstance(gates[0], nn.Linear):
+            raise RuntimeError(f"expected exactly one router Linear named 'gate' in {type(moe_block).__name__}")
+        return gates[0]
+
+    def attach(self, moe_blocks: list[nn.Module]) -> None:
+        gates = [self.find_gate(b) for b in moe_blocks]
+        if len(gates) == len(self._hooked) and all(a is b for a, b in zip(gates, self._hooked)):
+            return
+        for h in self._handles:
+            h.remove()
+        self._hooked = gates
+        self._handles = [g.register_forward_hook(self._record) for g in gates]
+
+    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.logits.append(output)
+
+    def reset(self) -> None:
+        self.logits = []
+
+
+def residual_out_std(init_std: float, n_layers: int) -> float:
+    return init_std / math.sqrt(2 * n_layers)

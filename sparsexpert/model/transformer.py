@@ -1,0 +1,199 @@
+"""The sparsexpert language model: a pre-norm transformer whose feed-forward layers are MoE blocks.
+
+Plain PyTorch, no parallelism code: DeepSpeed shards the experts and the optimizer state from
+outside (see `sparsexpert/parallel.py`). Read top to bottom: norm, rotary attention, SwiGLU or
+MoE feed-forward, the model, its initialization.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsexpert.model.config import ModelConfig
+from sparsexpert.model.moe import (
+    MoEBlock,
+    RouterLogitsRecorder,
+    RouterStats,
+    SwiGLU,
+    expert_init_seed,
+    residual_out_std,
+    router_stats,
+)
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_f = x.float()
+        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x_f.to(x.dtype) * self.weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each [S, head_dim/2]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of each head by the position's angle."""
+    x1, x2 = x_BHSd.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos_Sh - x2 * sin_Sh, x1 * sin_Sh + x2 * cos_Sh), dim=-1).flatten(-2)
+    return out.to(x_BHSd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.causal = cfg.n_heads, cfg.head_dim, cfg.causal
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = (w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.wo(y_BHSd.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if self.is_moe:
+            m = cfg.moe
+            self.mlp = MoEBlock(cfg.d_model, cfg.d_expert_resolved, m.num_experts, m.top_k, m.num_shared_experts)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """[B, S, V]."""
+    loss: torch.Tensor | None = None
+    """What training minimizes: lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss."""
+    lm_loss: torch.Tensor | None = None
+    """Mean cross-entropy over the labelled positions."""
+    aux_loss: torch.Tensor | None = None
+    """Load-balancing loss averaged over MoE layers (0 for a dense model)."""
+    z_loss: torch.Tensor | None = None
+    """Router z-loss averaged over MoE layers (0 for a dense model)."""
+    expert_counts: torch.Tensor | None = None
+    """[num_moe_layers, E] token-expert assignments in this forward pass."""
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be resolved (> 0) before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._router_recorder = RouterLogitsRecorder()
+
+    def moe_blocks(self) -> list[nn.Module]:
+        return [layer.mlp for layer in self.layers if layer.is_moe]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, S]. labels [B, S] (IGNORE_INDEX where unlabelled): for a causal model,
+        position t is scored on predicting labels[t+1]; for a masked model, on labels[t]."""
+        B, S = input_ids.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        moe_blocks = self.moe_blocks()
+        recorder = self._router_recorder
+        recorder.attach(moe_blocks)
+        recorder.reset()
+
+        h = self.tok_embeddings(input_ids)
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        logits = self.output(self.norm(h))
+
+        out = ModelOutput(logits=logits)
+        if labels is None:
+            recorder.reset()
+            return out
+        if self.cfg.causal:
+            logits_flat, labels_flat = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        else:
+            logits_flat, labels_flat = logits.flatten(0, 1), labels.flatten()
+        out.lm_loss = F.cross_entropy(logits_flat.float(), labels_flat, ignore_index=IGNORE_INDEX)
+
+        if moe_blocks:
+            if len(recorder.logits) != len(moe_blocks):
+                raise RuntimeError(f"recorded {len(recorder.logits)} router outputs for {len(moe_blocks)} MoE layers")
+            stats: RouterStats = router_stats(recorder.logits, self.cfg.moe.top_k)
+            out.aux_loss, out.z_loss, out.expert_counts = stats.aux_loss, stats.z_loss, stats.expert_counts
+        else:
+            out.aux_loss = out.z_loss = out.lm_loss.new_zeros(())
+        recorder.reset()
+        m = self.cfg.moe
+        out.loss = out.lm_loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
+        return out
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialize every parameter from a generator seeded by (seed, parameter name), so the
+        result depends neither on construction order nor on how the experts are later sharded."""
+        std = self.cfg.init_std
+        out_std = residual_out_std(std, self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            if ".experts." in name:
+                continue
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+            is_residual_out = name.endswith(("attn.wo.weight", "mlp.w2.weight", "shared_experts.w2.weight"))
+            p.normal_(0.0, out_std if is_residual_out else std, generator=gen)
+        for i, layer in enumerate(self.layers):
+            if layer.is_moe:
+                layer.mlp.experts.init_weights(expert_init_seed(seed, i), std, out_std)
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and those active for one token (top_k of E experts per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        expert = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
+        m = self.cfg.moe
+        active = total - expert + (expert * m.top_k // m.num_experts if m.num_experts else 0)
+        return {"total": total, "active": active, "experts": expert}
+
+
+def build_model(cfg: ModelConfig, seed: int) -> Transformer:
+    cfg.validate()
+    model = Transformer(cfg)
+    model.init_weights(seed)
+    return model

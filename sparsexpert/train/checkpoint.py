@@ -1,0 +1,123 @@
+"""Self-describing checkpoints around DeepSpeed's save_checkpoint.
+
+Layout of `<output_dir>/checkpoints/`:
+
+    step_00000100/                 one tag
+        (DeepSpeed's model and optimizer files, per rank)
+        rng_rank00000.pt ...       each rank's RNG states
+        tokenizer.model            the tokenizer the run used
+        sparsexpert.json           run config, DeepSpeed config, step, data position, world/ep size
+        COMPLETE.json              written last: every file of the tag with its size
+    latest                         the newest complete tag, replaced atomically
+
+A tag without COMPLETE.json (a save interrupted mid-write) or whose files do not match it is
+never taken as the latest: `find_latest` falls back to the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE.json"
+META = "sparsexpert.json"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def is_complete(tag_dir: Path) -> bool:
+    marker = tag_dir / COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all((tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in files.items())
+
+
+def find_latest(ckpt_root: str | Path) -> Path | None:
+    """The tag named by `latest` if complete, else the newest complete tag, else None."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return None
+    latest = root / LATEST
+    if latest.is_file():
+        tag_dir = root / latest.read_text().strip()
+        if is_complete(tag_dir):
+            return tag_dir
+    for tag_dir in sorted(root.glob("step_*"), reverse=True):
+        if tag_dir.is_dir() and is_complete(tag_dir):
+            return tag_dir
+    return None
+
+
+def save(engine, ckpt_root: str | Path, step: int, meta: dict[str, Any], tokenizer_file: str | Path | None,
+         keep: int = 0) -> Path:
+    """Save on every rank (collective). Returns the tag folder."""
+    root = Path(ckpt_root)
+    tag = tag_for(step)
+    tag_dir = root / tag
+    rank = dist.get_rank()
+    if rank == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # a leftover of an interrupted save of the same step
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"sparsexpert_step": step}, save_latest=False)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.model")
+        (tag_dir / META).write_text(json.dumps(meta, indent=2, default=str))
+        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+        _atomic_write(tag_dir / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
+        _atomic_write(root / LATEST, tag)
+        if keep:
+            complete = [d for d in sorted(root.glob("step_*")) if d.is_dir() and is_complete(d)]
+            for old in complete[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return tag_dir
+
+
+def load(engine, tag_dir: Path) -> dict[str, Any]:
+    """Load a tag saved by `save` into the engine (same world size and ep_size); returns its metadata."""
+    meta = json.loads((tag_dir / META).read_text())
+    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+    rng_file = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta

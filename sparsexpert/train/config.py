@@ -1,0 +1,60 @@
+"""Training-loop configuration, and the run configuration that groups model, data and training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparsexpert.config import ConfigError
+from sparsexpert.data.config import DataConfig
+from sparsexpert.model.config import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """The loop around the DeepSpeed engine. Batch sizes, optimizer, learning-rate schedule,
+    precision and ZeRO live in the DeepSpeed JSON (--ds_config)."""
+
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    seed: int = 0
+    """Seed of the model initialization."""
+    log_every: int = 10
+    """Log metrics every this many optimizer steps (and at the last step)."""
+    save_every: int = 100
+    """Save a checkpoint every this many steps (and at the last step). 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk; older ones are deleted. 0 keeps all."""
+    eval_every: int = 0
+    """Evaluate the validation loss every this many steps (and at the end). 0 disables."""
+    eval_batches: int = 8
+    """Micro-batches per rank in one evaluation."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <output_dir>/tensorboard."""
+    collective_timeout_minutes: float = 10.0
+    """A rank waiting longer than this in a collective fails instead of hanging."""
+
+    def validate(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError("train.max_steps", self.max_steps, "must be >= 1")
+        if self.log_every < 1:
+            raise ConfigError("train.log_every", self.log_every, "must be >= 1")
+        for name in ("save_every", "keep_checkpoints", "eval_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Everything a pretraining run needs besides the DeepSpeed JSON."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()

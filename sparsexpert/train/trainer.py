@@ -1,0 +1,204 @@
+"""Pretraining: data, model and DeepSpeed engine put together, then the loop.
+
+`pretrain(cfg, ds_json, output_dir, resume)` is what `launcher/pretrain.py` calls. Everything a
+run writes goes under output_dir: the prepared example data, config.json, metrics.jsonl,
+tensorboard/, checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sparsexpert import parallel
+from sparsexpert.config import ConfigError, from_dict
+from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader, read_manifest
+from sparsexpert.metrics import MetricsLogger, format_duration
+from sparsexpert.model import ModelConfig, build_model
+from sparsexpert.train import checkpoint
+from sparsexpert.train.config import RunConfig
+
+
+def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
+    """The dataset folder: cfg.data.path, or the built-in example prepared once per node."""
+    if cfg.data.path:
+        read_manifest(cfg.data.path)  # fail early, with the path, if it is not a dataset
+        return Path(cfg.data.path)
+    data_dir = output_dir / "data"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (data_dir / "manifest.json").is_file():
+        from data_prep.pipeline import TextPrepConfig, prepare_example
+
+        log(f"preparing the built-in example knowledge world into {data_dir}")
+        prep = TextPrepConfig(vocab_size=cfg.data.example_vocab_size, seq_len=cfg.data.example_seq_len)
+        prepare_example(data_dir, prep, log=log)
+    dist.barrier()
+    return data_dir
+
+
+def _check_resume_compatible(meta: dict[str, Any], cfg: RunConfig, world: int, ep_size: int, global_batch: int,
+                             tag_dir: Path) -> None:
+    saved_model = from_dict(ModelConfig, meta["run"]["model"])
+    if asdict(saved_model) != asdict(cfg.model):
+        diff = [k for k, v in asdict(cfg.model).items() if asdict(saved_model).get(k) != v]
+        raise ConfigError(f"model.{diff[0]}", getattr(cfg.model, diff[0]),
+                          f"differs from the checkpoint {tag_dir} ({getattr(saved_model, diff[0])!r}); "
+                          "resume with the same model config")
+    for key, now in (("world_size", world), ("ep_size", ep_size), ("global_batch", global_batch)):
+        if meta[key] != now:
+            raise ConfigError(key, now, f"the checkpoint {tag_dir} was written with {key}={meta[key]}; resume "
+                              "with the same value (changing world or expert-parallel size needs an elastic resume)")
+
+
+class Pretrainer:
+    def __init__(self, cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path, resume: bool = False):
+        cfg.validate()
+        parallel.init_distributed(cfg.train.collective_timeout_minutes)
+        self.cfg, self.output_dir = cfg, Path(output_dir)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.metrics = MetricsLogger(self.output_dir, self.rank == 0, cfg.train.max_steps, cfg.train.tensorboard)
+        log = self.metrics.text
+
+        self.data_dir = prepare_data(cfg, self.output_dir, log)
+        manifest = read_manifest(self.data_dir)
+        self.tokenizer_file = self.data_dir / manifest["tokenizer"]["file"]
+        self.ds_config = parallel.prepare_ds_config(ds_json, cfg.model, self.world, cfg.train.max_steps,
+                                                    tokenizer_vocab=manifest["tokenizer"]["vocab_size"],
+                                                    seq_len=manifest["seq_len"])
+        self.ep_size = self.ds_config.get("expert_parallel", {}).get("autoep_size", 1)
+        self.triplet = parallel.batch_triplet(self.ds_config, self.world)
+
+        self.ckpt_root = self.output_dir / "checkpoints"
+        tag_dir = checkpoint.find_latest(self.ckpt_root) if resume else None
+        if resume and tag_dir is None:
+            log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
+        if tag_dir is not None:
+            meta = json.loads((tag_dir / checkpoint.META).read_text())
+            _check_resume_compatible(meta, cfg, self.world, self.ep_size, self.triplet.global_batch, tag_dir)
+
+        model = build_model(cfg.model, cfg.train.seed)
+        self.param_counts = model.num_params()
+        self.engine = parallel.initialize(model, self.ds_config)
+        self.step = 0
+        if tag_dir is not None:
+            meta = checkpoint.load(self.engine, tag_dir)
+            self.step = meta["step"]
+            log(f"resumed from {tag_dir} at step {self.step}")
+
+        self.train_data = PackedDataset(self.data_dir, "train")
+        self.seq_len = self.train_data.seq_len
+        self.loader = ShardLoader(self.train_data, BatchPlan(len(self.train_data), self.triplet.micro,
+                                                             self.triplet.grad_accum, self.world, self.rank,
+                                                             cfg.data.seed))
+        self.valid_loader = None
+        if cfg.train.eval_every:
+            valid = PackedDataset(self.data_dir, "valid")
+            if len(valid):
+                self.valid_loader = ShardLoader(valid, BatchPlan(len(valid), self.triplet.micro, 1, self.world,
+                                                                 self.rank, cfg.data.seed))
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2))
+        self._log_header()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"run": asdict(self.cfg), "ds_config": self.ds_config, "world_size": self.world,
+                "ep_size": self.ep_size, "global_batch": self.triplet.global_batch, "data_dir": str(self.data_dir)}
+
+    def _log_header(self) -> None:
+        p, t = self.param_counts, self.triplet
+        zero = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp32"
+        self.metrics.text(
+            f"sparsexpert: {p['total'] / 1e6:.2f}M parameters ({p['active'] / 1e6:.2f}M active), "
+            f"{len(self.cfg.model.moe_layer_ids)} MoE layers x {self.cfg.model.moe.num_experts} experts top-{self.cfg.model.moe.top_k} | "
+            f"world {self.world}, ep {self.ep_size}, ZeRO-{zero}, {precision} | batch {t.global_batch} = "
+            f"{t.micro} micro x {t.grad_accum} accum x {t.dp} dp, seq {self.seq_len} | "
+            f"{len(self.train_data)} train rows from {self.data_dir} | output {self.output_dir}")
+
+    def _meta(self) -> dict[str, Any]:
+        return {**self._describe(), "step": self.step, "data_position": {"global_batches_consumed": self.step},
+                "tokenizer": "tokenizer.model", "torch": torch.__version__,
+                "deepspeed": __import__("deepspeed").__version__}
+
+    def save(self) -> Path:
+        return checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.tokenizer_file,
+                               keep=self.cfg.train.keep_checkpoints)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros(2)
+        for i in range(self.cfg.train.eval_batches):
+            x = self.valid_loader.batch(i, 0)
+            out = self.engine(x, x)
+            total += torch.tensor([out.lm_loss.item(), 1.0])
+        self.engine.train()
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def train(self) -> dict[str, Any]:
+        cfg, engine = self.cfg.train, self.engine
+        n_moe, n_exp = len(self.cfg.model.moe_layer_ids), self.cfg.model.moe.num_experts
+        sums = torch.zeros(5)  # loss, lm, aux, z, micro-batches
+        counts = torch.zeros(n_moe, n_exp)
+        tokens_per_step = self.triplet.global_batch * self.seq_len
+        t_interval, steps_in_interval, t_start, start_step = time.time(), 0, time.time(), self.step
+        last: dict[str, Any] = {}
+        engine.train()
+        while self.step < cfg.max_steps:
+            for m in range(self.triplet.grad_accum):
+                x = self.loader.batch(self.step, m)
+                out = engine(x, x)
+                engine.backward(out.loss)
+                engine.step()
+                sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item(), 1.0])
+                if out.expert_counts is not None:
+                    counts += out.expert_counts.float()
+            self.step += 1
+            steps_in_interval += 1
+            done = self.step == cfg.max_steps
+            if self.step % cfg.log_every == 0 or done:
+                dist.all_reduce(sums)
+                dist.all_reduce(counts)
+                elapsed = time.time() - t_interval
+                last = {
+                    "loss": (sums[0] / sums[4]).item(), "lm_loss": (sums[1] / sums[4]).item(),
+                    "aux_loss": (sums[2] / sums[4]).item(), "z_loss": (sums[3] / sums[4]).item(),
+                    "lr": float(engine.get_lr()[0]),
+                    "tokens_per_s": tokens_per_step * steps_in_interval / max(elapsed, 1e-9),
+                    "step_time_s": elapsed / steps_in_interval,
+                    "eta_s": (time.time() - t_start) / (self.step - start_step) * (cfg.max_steps - self.step),
+                }
+                gnorm = engine.get_global_grad_norm()
+                if gnorm is not None:
+                    last["grad_norm"] = float(gnorm)
+                if n_moe:
+                    load = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+                    last["expert_load"] = {f"layer{i}": load[j].tolist() for j, i in enumerate(self.cfg.model.moe_layer_ids)}
+                    last["expert_load_max"] = {f"layer{i}": (load[j].max() * n_exp).item()
+                                               for j, i in enumerate(self.cfg.model.moe_layer_ids)}
+                if self.valid_loader is not None and (self.step % cfg.eval_every == 0 or done):
+                    last["valid_lm_loss"] = self.evaluate()
+                self.metrics.log(last, self.step)
+                sums.zero_()
+                counts.zero_()
+                t_interval, steps_in_interval = time.time(), 0
+            elif self.valid_loader is not None and self.step % cfg.eval_every == 0:
+                self.metrics.log({"valid_lm_loss": self.evaluate()}, self.step)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                self.save()
+        self.metrics.text(f"done: {self.step} steps in {format_duration(time.time() - t_start)}; "
+                          f"checkpoint {checkpoint.find_latest(self.ckpt_root)}")
+        self.metrics.close()
+        return last
+
+
+def pretrain(cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    return Pretrainer(cfg, ds_json, output_dir, resume).train()
