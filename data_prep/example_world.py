@@ -16,23 +16,68 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-SYLLABLES = ["ka", "lo", "mi", "ren", "tas", "vo", "bel", "dor", "fin", "gar", "hal", "jun", "kes", "lin",
-             "mar", "nor", "pel", "quin", "ros", "sel", "tor", "ul", "ven", "wil", "yan", "zor", "bri", "cal"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "tas",
+    "vo",
+    "bel",
+    "dor",
+    "fin",
+    "gar",
+    "hal",
+    "jun",
+    "kes",
+    "lin",
+    "mar",
+    "nor",
+    "pel",
+    "quin",
+    "ros",
+    "sel",
+    "tor",
+    "ul",
+    "ven",
+    "wil",
+    "yan",
+    "zor",
+    "bri",
+    "cal",
+]
 
 # relation -> (head type, tail type, sentence templates with {h} and {t})
 RELATIONS: dict[str, tuple[str, str, list[str]]] = {
-    "located_in": ("city", "country", ["{h} is a city in {t}.", "{h} lies in {t}.", "The city of {h} is part of {t}."]),
+    "located_in": (
+        "city",
+        "country",
+        ["{h} is a city in {t}.", "{h} lies in {t}.", "The city of {h} is part of {t}."],
+    ),
     "capital_of": ("city", "country", ["{h} is the capital of {t}.", "The capital of {t} is {h}."]),
-    "born_in": ("person", "city", ["{h} was born in {t}.", "{t} is the birthplace of {h}.", "{h} grew up in {t}."]),
+    "born_in": (
+        "person",
+        "city",
+        ["{h} was born in {t}.", "{t} is the birthplace of {h}.", "{h} grew up in {t}."],
+    ),
     "citizen_of": ("person", "country", ["{h} is a citizen of {t}.", "{h} holds the citizenship of {t}."]),
     "works_for": ("person", "company", ["{h} works for {t}.", "{h} is employed by {t}.", "{t} employs {h}."]),
     "studied_at": ("person", "university", ["{h} studied at {t}.", "{h} graduated from {t}."]),
-    "headquartered_in": ("company", "city", ["{h} is headquartered in {t}.", "The head office of {h} is in {t}."]),
+    "headquartered_in": (
+        "company",
+        "city",
+        ["{h} is headquartered in {t}.", "The head office of {h} is in {t}."],
+    ),
     "founded_by": ("company", "person", ["{h} was founded by {t}.", "{t} founded {h}."]),
     "university_in": ("university", "city", ["{h} is a university in {t}.", "{h} has its campus in {t}."]),
 }
-FILLER = ["It is often mentioned in the news.", "Many people know about it.", "There is more to say about this.",
-          "Records of this go back many years.", "This is well documented."]
+FILLER = [
+    "It is often mentioned in the news.",
+    "Many people know about it.",
+    "There is more to say about this.",
+    "Records of this go back many years.",
+    "This is well documented.",
+]
 SUFFIX = {"city": "", "country": "ia", "company": " Corp", "university": " University", "person": ""}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -77,7 +76,9 @@ def ingest(paths: list[Path]) -> tuple[list[str], Counter, int]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8") from e
+                    raise DataError(
+                        f"{path}:{lineno}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8"
+                    ) from e
                 text = unicodedata.normalize("NFC", line).strip()
                 if not text:
                     rejected["empty"] += 1
@@ -91,25 +92,34 @@ def ingest(paths: list[Path]) -> tuple[list[str], Counter, int]:
     return docs, rejected, n_in
 
 
-def train_tokenizer(docs: list[str], out_prefix: Path, cfg: TextPrepConfig) -> Path:
+def train_tokenizer(docs: list[str], out_file: Path, cfg: TextPrepConfig) -> Path:
+    """Train SentencePiece on the documents in memory (so the model records no temporary paths)."""
+    import io
+
     import sentencepiece as spm
 
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
-        f.write("\n".join(docs) + "\n")
-        text_path = f.name
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            input=text_path, model_prefix=str(out_prefix), vocab_size=cfg.vocab_size, model_type=cfg.tokenizer_type,
-            character_coverage=1.0, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-            user_defined_symbols=SPECIAL_SYMBOLS, num_threads=cfg.threads, minloglevel=2,
+            sentence_iterator=iter(docs),
+            model_writer=model,
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.tokenizer_type,
+            character_coverage=1.0,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            user_defined_symbols=SPECIAL_SYMBOLS,
+            num_threads=cfg.threads,
+            minloglevel=2,
         )
     except RuntimeError as e:
         if "Vocabulary size" in str(e):
             raise DataError(f"tokenizer: {e}; lower vocab_size for this corpus") from e
         raise
-    finally:
-        os.unlink(text_path)
-    return out_prefix.with_suffix(".model")
+    out_file.write_bytes(model.getvalue())
+    return out_file
 
 
 def _is_valid(doc: str, fraction: float) -> bool:
@@ -133,8 +143,9 @@ def pack(token_lists: list[list[int]], seq_len: int, dtype: np.dtype) -> tuple[n
     return flat[: n_rows * seq_len].astype(dtype).reshape(n_rows, seq_len), int(len(flat) - n_rows * seq_len)
 
 
-def prepare_text(corpus: list[str | Path], out_dir: str | Path, cfg: TextPrepConfig | None = None,
-                 log=print) -> dict:
+def prepare_text(
+    corpus: list[str | Path], out_dir: str | Path, cfg: TextPrepConfig | None = None, log=print
+) -> dict:
     """Run the pipeline; the output folder appears complete or not at all (built aside, then renamed)."""
     import sentencepiece as spm
 
@@ -144,14 +155,15 @@ def prepare_text(corpus: list[str | Path], out_dir: str | Path, cfg: TextPrepCon
     t0 = time.time()
     docs, rejected, n_in = ingest(paths)
     if not docs:
-        raise DataError(f"{', '.join(map(str, paths))}: no usable documents ({n_in} read, rejected {dict(rejected)})")
+        raise DataError(
+            f"{', '.join(map(str, paths))}: no usable documents ({n_in} read, rejected {dict(rejected)})"
+        )
     log(f"data_prep: ingested {n_in} documents, kept {len(docs)}, rejected {dict(rejected)}")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model_path = train_tokenizer(docs, work / "tokenizer", cfg)
-        (work / "tokenizer.vocab").unlink(missing_ok=True)
+        model_path = train_tokenizer(docs, work / "tokenizer.model", cfg)
         sp = spm.SentencePieceProcessor(model_file=str(model_path))
         vocab = sp.get_piece_size()
         dtype = np.dtype(np.uint16 if vocab < 2**16 else np.uint32)
@@ -163,16 +175,29 @@ def prepare_text(corpus: list[str | Path], out_dir: str | Path, cfg: TextPrepCon
             rows, tail = pack(lists, cfg.seq_len, dtype)
             tokens += int(rows.size)
             dropped += tail
-            manifest_splits[split] = {"documents": len(lists), "shards": _write_split(rows, work, split, cfg.rows_per_shard)}
+            manifest_splits[split] = {
+                "documents": len(lists),
+                "shards": _write_split(rows, work, split, cfg.rows_per_shard),
+            }
         if not manifest_splits["train"]["shards"]:
-            raise DataError(f"{paths[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens")
+            raise DataError(
+                f"{paths[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens"
+            )
         manifest = {
             "format": FORMAT,
             "config": asdict(cfg),
             "inputs": [{"path": str(p), "sha256": _sha256(p)} for p in paths],
-            "tokenizer": {"file": "tokenizer.model", "type": "sentencepiece", "vocab_size": vocab,
-                          "pad_id": PAD_ID, "eos_id": EOS_ID, "bos_id": BOS_ID, "unk_id": UNK_ID,
-                          "mask_id": sp.piece_to_id("<mask>"), "sha256": _sha256(model_path)},
+            "tokenizer": {
+                "file": "tokenizer.model",
+                "type": "sentencepiece",
+                "vocab_size": vocab,
+                "pad_id": PAD_ID,
+                "eos_id": EOS_ID,
+                "bos_id": BOS_ID,
+                "unk_id": UNK_ID,
+                "mask_id": sp.piece_to_id("<mask>"),
+                "sha256": _sha256(model_path),
+            },
             "seq_len": cfg.seq_len,
             "dtype": dtype.name,
             "documents_in": n_in,
@@ -194,8 +219,10 @@ def prepare_text(corpus: list[str | Path], out_dir: str | Path, cfg: TextPrepCon
     finally:
         if work.exists():
             shutil.rmtree(work)
-    log(f"data_prep: {tokens} tokens in {sum(len(s['shards']) for s in manifest_splits.values())} shards "
-        f"-> {out_dir} ({time.time() - t0:.1f}s)")
+    log(
+        f"data_prep: {tokens} tokens in {sum(len(s['shards']) for s in manifest_splits.values())} shards "
+        f"-> {out_dir} ({time.time() - t0:.1f}s)"
+    )
     return manifest
 
 

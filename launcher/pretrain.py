@@ -37,17 +37,25 @@ from sparsexpert.train.config import RunConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (see ds_configs/)")
     parser.add_argument("--config", help="run config JSON with 'model', 'data' and 'train' sections")
     parser.add_argument("--output_dir", default="runs/pretrain", help="everything the run writes goes here")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith(("--model.", "--data.", "--train."))]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like --train.max_steps=20)")
-    return args, rest
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith(("--model.", "--data.", "--train.")):
+            parser.error(f"unrecognized argument {item!r} (overrides look like --train.max_steps=20)")
+        if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    return args, overrides
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,8 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CONSOLE_KEYS = [("loss", "loss", "{:.4f}"), ("lm_loss", "lm", "{:.4f}"), ("aux_loss", "aux", "{:.3f}"),
-                ("z_loss", "z", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}")]
+CONSOLE_KEYS = [
+    ("loss", "loss", "{:.4f}"),
+    ("lm_loss", "lm", "{:.4f}"),
+    ("aux_loss", "aux", "{:.3f}"),
+    ("z_loss", "z", "{:.3f}"),
+    ("grad_norm", "gnorm", "{:.3f}"),
+    ("lr", "lr", "{:.2e}"),
+]
 
 
 def format_duration(seconds: float) -> str:

@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from sparsexpert.config import ConfigError
@@ -65,46 +64,73 @@ def batch_triplet(ds: dict[str, Any], world_size: int) -> BatchTriplet:
     train = ds.get("train_batch_size")
     micro = ds.get("train_micro_batch_size_per_gpu")
     gas = ds.get("gradient_accumulation_steps")
-    for key, val in (("train_batch_size", train), ("train_micro_batch_size_per_gpu", micro),
-                     ("gradient_accumulation_steps", gas)):
+    for key, val in (
+        ("train_batch_size", train),
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", gas),
+    ):
         if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
             raise ConfigError(f"ds_config.{key}", val, "must be a positive integer")
     dp = world_size
     if micro is None and train is None:
-        raise ConfigError("ds_config.train_micro_batch_size_per_gpu", None,
-                          "set train_micro_batch_size_per_gpu (and optionally gradient_accumulation_steps)")
+        raise ConfigError(
+            "ds_config.train_micro_batch_size_per_gpu",
+            None,
+            "set train_micro_batch_size_per_gpu (and optionally gradient_accumulation_steps)",
+        )
     if micro is None:
         gas = gas or 1
         if train % (gas * dp):
-            raise ConfigError("ds_config.train_batch_size", train,
-                              f"must be divisible by gradient_accumulation_steps x data-parallel size = {gas} x {dp}")
+            raise ConfigError(
+                "ds_config.train_batch_size",
+                train,
+                f"must be divisible by gradient_accumulation_steps x data-parallel size = {gas} x {dp}",
+            )
         micro = train // (gas * dp)
     if gas is None:
         if train is None:
             gas = 1
         elif train % (micro * dp):
-            raise ConfigError("ds_config.train_batch_size", train,
-                              f"must be divisible by train_micro_batch_size_per_gpu x data-parallel size = {micro} x {dp}")
+            raise ConfigError(
+                "ds_config.train_batch_size",
+                train,
+                f"must be divisible by train_micro_batch_size_per_gpu x data-parallel size = {micro} x {dp}",
+            )
         else:
             gas = train // (micro * dp)
     triplet = BatchTriplet(micro, gas, dp)
     if train is not None and train != triplet.global_batch:
-        raise ConfigError("ds_config.train_batch_size", train,
-                          f"must equal train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size "
-                          f"= {micro} x {gas} x {dp} = {triplet.global_batch}; fix one of them or drop train_batch_size")
+        raise ConfigError(
+            "ds_config.train_batch_size",
+            train,
+            f"must equal train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size "
+            f"= {micro} x {gas} x {dp} = {triplet.global_batch}; fix one of them or drop train_batch_size",
+        )
     return triplet
 
 
 def _expert_sizes_ok_for_grouped_mm(model_cfg: ModelConfig) -> None:
     # torch._grouped_mm needs 16-byte aligned row strides: multiples of 8 elements cover fp32 and bf16.
-    for name, size in (("model.d_model", model_cfg.d_model), ("model.moe.d_expert", model_cfg.d_expert_resolved)):
+    for name, size in (
+        ("model.d_model", model_cfg.d_model),
+        ("model.moe.d_expert", model_cfg.d_expert_resolved),
+    ):
         if size % 8:
-            raise ConfigError(name, size, "AutoEP's grouped matmul needs expert sizes that are multiples of 8; "
-                              'round it up, or set "use_grouped_mm": false in the DeepSpeed JSON\'s expert_parallel section')
+            raise ConfigError(
+                name,
+                size,
+                "AutoEP's grouped matmul needs expert sizes that are multiples of 8; "
+                'round it up, or set "use_grouped_mm": false in the DeepSpeed JSON\'s expert_parallel section',
+            )
 
 
-def check_config(model_cfg: ModelConfig, ds: dict[str, Any], world_size: int, tokenizer_vocab: int | None,
-                 seq_len: int | None = None) -> BatchTriplet:
+def check_config(
+    model_cfg: ModelConfig,
+    ds: dict[str, Any],
+    world_size: int,
+    tokenizer_vocab: int | None,
+    seq_len: int | None = None,
+) -> BatchTriplet:
     """Reject bad combinations before deepspeed.initialize, naming the field and the fix."""
     model_cfg.validate()
     triplet = batch_triplet(ds, world_size)
@@ -112,35 +138,53 @@ def check_config(model_cfg: ModelConfig, ds: dict[str, Any], world_size: int, to
     zero = ds.get("zero_optimization", {}) or {}
     stage = zero.get("stage", 0)
     if stage not in SUPPORTED_ZERO_STAGES:
-        raise ConfigError("ds_config.zero_optimization.stage", stage, f"must be one of {SUPPORTED_ZERO_STAGES}")
+        raise ConfigError(
+            "ds_config.zero_optimization.stage", stage, f"must be one of {SUPPORTED_ZERO_STAGES}"
+        )
     if "gradient_clipping" not in ds:
         # DeepSpeed quirk: 0.19.8 clips at 1.0 when the key is absent, which nobody expects.
-        raise ConfigError("ds_config.gradient_clipping", None,
-                          "set it explicitly (e.g. 1.0, or 0.0 for no clipping); DeepSpeed would silently clip at 1.0")
+        raise ConfigError(
+            "ds_config.gradient_clipping",
+            None,
+            "set it explicitly (e.g. 1.0, or 0.0 for no clipping); DeepSpeed would silently clip at 1.0",
+        )
     if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError("ds_config.fp16.enabled", True, 'fp16 loss scaling is not supported for MoE here; use "bf16"')
+        raise ConfigError(
+            "ds_config.fp16.enabled", True, 'fp16 loss scaling is not supported for MoE here; use "bf16"'
+        )
 
     m = model_cfg.moe
     ep = ds.get("expert_parallel", {}) or {}
     if m.num_experts > 0:
         if not ep.get("enabled", False):
-            raise ConfigError("ds_config.expert_parallel.enabled", ep.get("enabled"),
-                              'set "expert_parallel": {"enabled": true} so DeepSpeed AutoEP shards the experts')
+            raise ConfigError(
+                "ds_config.expert_parallel.enabled",
+                ep.get("enabled"),
+                'set "expert_parallel": {"enabled": true} so DeepSpeed AutoEP shards the experts',
+            )
         ep_size = resolve_ep_size(model_cfg, world_size)
         json_ep = ep.get("autoep_size")
         if json_ep is not None and m.ep_size and json_ep != m.ep_size:
-            raise ConfigError("model.moe.ep_size", m.ep_size,
-                              f"differs from ds_config.expert_parallel.autoep_size={json_ep}; set one of them")
+            raise ConfigError(
+                "model.moe.ep_size",
+                m.ep_size,
+                f"differs from ds_config.expert_parallel.autoep_size={json_ep}; set one of them",
+            )
         if json_ep is not None:
             ep_size = json_ep
         if world_size % ep_size:
             raise ConfigError("model.moe.ep_size", ep_size, f"must divide the world size {world_size}")
         if m.num_experts % ep_size:
-            raise ConfigError("model.moe.ep_size", ep_size, f"must divide model.moe.num_experts={m.num_experts}")
+            raise ConfigError(
+                "model.moe.ep_size", ep_size, f"must divide model.moe.num_experts={m.num_experts}"
+            )
         clash = sorted(k for k in ep if k in _DERIVED_AUTOEP_KEYS)
         if clash:
-            raise ConfigError(f"ds_config.expert_parallel.{clash[0]}", ep[clash[0]],
-                              "is derived from the model config by sparsexpert; remove it from the JSON")
+            raise ConfigError(
+                f"ds_config.expert_parallel.{clash[0]}",
+                ep[clash[0]],
+                "is derived from the model config by sparsexpert; remove it from the JSON",
+            )
         if ep.get("use_grouped_mm", True):
             _expert_sizes_ok_for_grouped_mm(model_cfg)
 
@@ -148,17 +192,29 @@ def check_config(model_cfg: ModelConfig, ds: dict[str, Any], world_size: int, to
         if model_cfg.vocab_size == 0:
             model_cfg.vocab_size = tokenizer_vocab
         elif model_cfg.vocab_size < tokenizer_vocab:
-            raise ConfigError("model.vocab_size", model_cfg.vocab_size,
-                              f"is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
-                              "set it to 0 to take the tokenizer's size, or to a larger padded size")
+            raise ConfigError(
+                "model.vocab_size",
+                model_cfg.vocab_size,
+                f"is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
+                "set it to 0 to take the tokenizer's size, or to a larger padded size",
+            )
     if seq_len is not None and seq_len > model_cfg.max_seq_len:
-        raise ConfigError("model.max_seq_len", model_cfg.max_seq_len,
-                          f"is shorter than the dataset's sequence length {seq_len}; raise it")
+        raise ConfigError(
+            "model.max_seq_len",
+            model_cfg.max_seq_len,
+            f"is shorter than the dataset's sequence length {seq_len}; raise it",
+        )
     return triplet
 
 
-def prepare_ds_config(ds_json: dict[str, Any], model_cfg: ModelConfig, world_size: int, max_steps: int,
-                      tokenizer_vocab: int | None = None, seq_len: int | None = None) -> dict[str, Any]:
+def prepare_ds_config(
+    ds_json: dict[str, Any],
+    model_cfg: ModelConfig,
+    world_size: int,
+    max_steps: int,
+    tokenizer_vocab: int | None = None,
+    seq_len: int | None = None,
+) -> dict[str, Any]:
     """Check `ds_json` and return the dict handed to deepspeed.initialize."""
     check_config(model_cfg, ds_json, world_size, tokenizer_vocab, seq_len)
     ds = copy.deepcopy(ds_json)
@@ -185,8 +241,11 @@ def prepare_ds_config(ds_json: dict[str, Any], model_cfg: ModelConfig, world_siz
         params = sched.setdefault("params", {})
         total = params.get("total_num_steps")
         if total is not None and total != max_steps:
-            raise ConfigError("ds_config.scheduler.params.total_num_steps", total,
-                              f"differs from train.max_steps={max_steps}; remove it (sparsexpert fills it in)")
+            raise ConfigError(
+                "ds_config.scheduler.params.total_num_steps",
+                total,
+                f"differs from train.max_steps={max_steps}; remove it (sparsexpert fills it in)",
+            )
         params["total_num_steps"] = max_steps
         if params.get("warmup_num_steps", 0) > max_steps:
             params["warmup_num_steps"] = max_steps
@@ -217,7 +276,9 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)  # our console line says what matters
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning
+    )
     if "RANK" not in os.environ:  # plain `python launcher/pretrain.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -229,6 +290,7 @@ def initialize(model: nn.Module, ds_config: dict[str, Any]):
     import deepspeed
 
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+    )
     return engine

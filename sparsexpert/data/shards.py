@@ -42,9 +42,13 @@ class PackedDataset:
             path = self.dir / s["file"]
             expected = s["num_sequences"] * self.seq_len * dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
-                raise ValueError(f"{path}: missing or of the wrong size (expected {expected} bytes); "
-                                 "re-run data_prep into a fresh folder")
-            self.shards.append(np.memmap(path, dtype=dtype, mode="r", shape=(s["num_sequences"], self.seq_len)))
+                raise ValueError(
+                    f"{path}: missing or of the wrong size (expected {expected} bytes); "
+                    "re-run data_prep into a fresh folder"
+                )
+            self.shards.append(
+                np.memmap(path, dtype=dtype, mode="r", shape=(s["num_sequences"], self.seq_len))
+            )
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
 
     def __len__(self) -> int:

@@ -38,18 +38,26 @@ class MoEConfig:
         if self.num_experts > 0:
             if not 1 <= self.top_k <= self.num_experts:
                 raise ConfigError(
-                    "model.moe.top_k", self.top_k, f"must be between 1 and model.moe.num_experts={self.num_experts}"
+                    "model.moe.top_k",
+                    self.top_k,
+                    f"must be between 1 and model.moe.num_experts={self.num_experts}",
                 )
             if self.moe_every < 1:
-                raise ConfigError("model.moe.moe_every", self.moe_every, "must be >= 1 (1 = every layer is MoE)")
+                raise ConfigError(
+                    "model.moe.moe_every", self.moe_every, "must be >= 1 (1 = every layer is MoE)"
+                )
         if self.d_expert < 0:
-            raise ConfigError("model.moe.d_expert", self.d_expert, f"must be > 0, or 0 to use model.d_ff={d_ff}")
+            raise ConfigError(
+                "model.moe.d_expert", self.d_expert, f"must be > 0, or 0 to use model.d_ff={d_ff}"
+            )
         if self.num_shared_experts < 0:
             raise ConfigError("model.moe.num_shared_experts", self.num_shared_experts, "must be >= 0")
         if self.ep_size < 0:
             raise ConfigError("model.moe.ep_size", self.ep_size, "must be >= 1, or 0 for automatic")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            raise ConfigError("model.moe.aux_loss_coef/z_loss_coef", (self.aux_loss_coef, self.z_loss_coef), "must be >= 0")
+            raise ConfigError(
+                "model.moe.aux_loss_coef/z_loss_coef", (self.aux_loss_coef, self.z_loss_coef), "must be >= 0"
+            )
         if self.backend != "autoep":
             raise ConfigError("model.moe.backend", self.backend, 'use "autoep" (the only backend so far)')
 
@@ -103,9 +111,13 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}", getattr(self, name), "must be >= 1")
         if self.vocab_size < 0:
-            raise ConfigError("model.vocab_size", self.vocab_size, "must be > 0, or 0 to take it from the tokenizer")
+            raise ConfigError(
+                "model.vocab_size", self.vocab_size, "must be > 0, or 0 to take it from the tokenizer"
+            )
         if self.d_model % self.n_heads:
             raise ConfigError("model.n_heads", self.n_heads, f"must divide model.d_model={self.d_model}")
         if self.head_dim % 2:
-            raise ConfigError("model.n_heads", self.n_heads, "d_model / n_heads must be even for rotary embeddings")
+            raise ConfigError(
+                "model.n_heads", self.n_heads, "d_model / n_heads must be even for rotary embeddings"
+            )
         self.moe.validate(self.d_ff)

@@ -72,7 +72,9 @@ class Experts(nn.Module):
 class MoEBlock(nn.Module):
     """Token-choice top-k MoE: softmax router, renormalized top-k weights, dropless experts."""
 
-    def __init__(self, d_model: int, d_expert: int, num_experts: int, top_k: int, num_shared_experts: int = 0):
+    def __init__(
+        self, d_model: int, d_expert: int, num_experts: int, top_k: int, num_shared_experts: int = 0
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -154,7 +156,9 @@ class RouterLogitsRecorder:
     def find_gate(moe_block: nn.Module) -> nn.Linear:
         gates = [m for name, m in moe_block.named_modules() if name.rsplit(".", 1)[-1] == "gate"]
         if len(gates) != 1 or not isinstance(gates[0], nn.Linear):
-            raise RuntimeError(f"expected exactly one router Linear named 'gate' in {type(moe_block).__name__}")
+            raise RuntimeError(
+                f"expected exactly one router Linear named 'gate' in {type(moe_block).__name__}"
+            )
         return gates[0]
 
     def attach(self, moe_blocks: list[nn.Module]) -> None:

@@ -65,7 +65,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = (w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (
+            w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+            for w in (self.wq, self.wk, self.wv)
+        )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.wo(y_BHSd.transpose(1, 2).reshape(B, S, D))
@@ -80,7 +83,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
             m = cfg.moe
-            self.mlp = MoEBlock(cfg.d_model, cfg.d_expert_resolved, m.num_experts, m.top_k, m.num_shared_experts)
+            self.mlp = MoEBlock(
+                cfg.d_model, cfg.d_expert_resolved, m.num_experts, m.top_k, m.num_shared_experts
+            )
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
@@ -154,7 +159,9 @@ class Transformer(nn.Module):
 
         if moe_blocks:
             if len(recorder.logits) != len(moe_blocks):
-                raise RuntimeError(f"recorded {len(recorder.logits)} router outputs for {len(moe_blocks)} MoE layers")
+                raise RuntimeError(
+                    f"recorded {len(recorder.logits)} router outputs for {len(moe_blocks)} MoE layers"
+                )
             stats: RouterStats = router_stats(recorder.logits, self.cfg.moe.top_k)
             out.aux_loss, out.z_loss, out.expert_counts = stats.aux_loss, stats.z_loss, stats.expert_counts
         else:

@@ -63,7 +63,9 @@ def is_complete(tag_dir: Path) -> bool:
         files = json.loads(marker.read_text())["files"]
     except (json.JSONDecodeError, KeyError):
         return False
-    return all((tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in files.items())
+    return all(
+        (tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in files.items()
+    )
 
 
 def find_latest(ckpt_root: str | Path) -> Path | None:
@@ -82,8 +84,14 @@ def find_latest(ckpt_root: str | Path) -> Path | None:
     return None
 
 
-def save(engine, ckpt_root: str | Path, step: int, meta: dict[str, Any], tokenizer_file: str | Path | None,
-         keep: int = 0) -> Path:
+def save(
+    engine,
+    ckpt_root: str | Path,
+    step: int,
+    meta: dict[str, Any],
+    tokenizer_file: str | Path | None,
+    keep: int = 0,
+) -> Path:
     """Save on every rank (collective). Returns the tag folder."""
     root = Path(ckpt_root)
     tag = tag_for(step)
@@ -99,7 +107,9 @@ def save(engine, ckpt_root: str | Path, step: int, meta: dict[str, Any], tokeniz
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.model")
         (tag_dir / META).write_text(json.dumps(meta, indent=2, default=str))
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+        files = {
+            str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()
+        }
         _atomic_write(tag_dir / COMPLETE, json.dumps({"step": step, "files": files}, indent=1))
         _atomic_write(root / LATEST, tag)
         if keep:
@@ -113,8 +123,9 @@ def save(engine, ckpt_root: str | Path, step: int, meta: dict[str, Any], tokeniz
 def load(engine, tag_dir: Path) -> dict[str, Any]:
     """Load a tag saved by `save` into the engine (same world size and ep_size); returns its metadata."""
     meta = json.loads((tag_dir / META).read_text())
-    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     rng_file = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"

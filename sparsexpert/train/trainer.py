@@ -42,18 +42,26 @@ def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
     return data_dir
 
 
-def _check_resume_compatible(meta: dict[str, Any], cfg: RunConfig, world: int, ep_size: int, global_batch: int,
-                             tag_dir: Path) -> None:
+def _check_resume_compatible(
+    meta: dict[str, Any], cfg: RunConfig, world: int, ep_size: int, global_batch: int, tag_dir: Path
+) -> None:
     saved_model = from_dict(ModelConfig, meta["run"]["model"])
     if asdict(saved_model) != asdict(cfg.model):
         diff = [k for k, v in asdict(cfg.model).items() if asdict(saved_model).get(k) != v]
-        raise ConfigError(f"model.{diff[0]}", getattr(cfg.model, diff[0]),
-                          f"differs from the checkpoint {tag_dir} ({getattr(saved_model, diff[0])!r}); "
-                          "resume with the same model config")
+        raise ConfigError(
+            f"model.{diff[0]}",
+            getattr(cfg.model, diff[0]),
+            f"differs from the checkpoint {tag_dir} ({getattr(saved_model, diff[0])!r}); "
+            "resume with the same model config",
+        )
     for key, now in (("world_size", world), ("ep_size", ep_size), ("global_batch", global_batch)):
         if meta[key] != now:
-            raise ConfigError(key, now, f"the checkpoint {tag_dir} was written with {key}={meta[key]}; resume "
-                              "with the same value (changing world or expert-parallel size needs an elastic resume)")
+            raise ConfigError(
+                key,
+                now,
+                f"the checkpoint {tag_dir} was written with {key}={meta[key]}; resume "
+                "with the same value (changing world or expert-parallel size needs an elastic resume)",
+            )
 
 
 class Pretrainer:
@@ -62,15 +70,22 @@ class Pretrainer:
         parallel.init_distributed(cfg.train.collective_timeout_minutes)
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.metrics = MetricsLogger(self.output_dir, self.rank == 0, cfg.train.max_steps, cfg.train.tensorboard)
+        self.metrics = MetricsLogger(
+            self.output_dir, self.rank == 0, cfg.train.max_steps, cfg.train.tensorboard
+        )
         log = self.metrics.text
 
         self.data_dir = prepare_data(cfg, self.output_dir, log)
         manifest = read_manifest(self.data_dir)
         self.tokenizer_file = self.data_dir / manifest["tokenizer"]["file"]
-        self.ds_config = parallel.prepare_ds_config(ds_json, cfg.model, self.world, cfg.train.max_steps,
-                                                    tokenizer_vocab=manifest["tokenizer"]["vocab_size"],
-                                                    seq_len=manifest["seq_len"])
+        self.ds_config = parallel.prepare_ds_config(
+            ds_json,
+            cfg.model,
+            self.world,
+            cfg.train.max_steps,
+            tokenizer_vocab=manifest["tokenizer"]["vocab_size"],
+            seq_len=manifest["seq_len"],
+        )
         self.ep_size = self.ds_config.get("expert_parallel", {}).get("autoep_size", 1)
         self.triplet = parallel.batch_triplet(self.ds_config, self.world)
 
@@ -93,23 +108,38 @@ class Pretrainer:
 
         self.train_data = PackedDataset(self.data_dir, "train")
         self.seq_len = self.train_data.seq_len
-        self.loader = ShardLoader(self.train_data, BatchPlan(len(self.train_data), self.triplet.micro,
-                                                             self.triplet.grad_accum, self.world, self.rank,
-                                                             cfg.data.seed))
+        self.loader = ShardLoader(
+            self.train_data,
+            BatchPlan(
+                len(self.train_data),
+                self.triplet.micro,
+                self.triplet.grad_accum,
+                self.world,
+                self.rank,
+                cfg.data.seed,
+            ),
+        )
         self.valid_loader = None
         if cfg.train.eval_every:
             valid = PackedDataset(self.data_dir, "valid")
             if len(valid):
-                self.valid_loader = ShardLoader(valid, BatchPlan(len(valid), self.triplet.micro, 1, self.world,
-                                                                 self.rank, cfg.data.seed))
+                self.valid_loader = ShardLoader(
+                    valid, BatchPlan(len(valid), self.triplet.micro, 1, self.world, self.rank, cfg.data.seed)
+                )
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2))
         self._log_header()
 
     def _describe(self) -> dict[str, Any]:
-        return {"run": asdict(self.cfg), "ds_config": self.ds_config, "world_size": self.world,
-                "ep_size": self.ep_size, "global_batch": self.triplet.global_batch, "data_dir": str(self.data_dir)}
+        return {
+            "run": asdict(self.cfg),
+            "ds_config": self.ds_config,
+            "world_size": self.world,
+            "ep_size": self.ep_size,
+            "global_batch": self.triplet.global_batch,
+            "data_dir": str(self.data_dir),
+        }
 
     def _log_header(self) -> None:
         p, t = self.param_counts, self.triplet
@@ -120,16 +150,28 @@ class Pretrainer:
             f"{len(self.cfg.model.moe_layer_ids)} MoE layers x {self.cfg.model.moe.num_experts} experts top-{self.cfg.model.moe.top_k} | "
             f"world {self.world}, ep {self.ep_size}, ZeRO-{zero}, {precision} | batch {t.global_batch} = "
             f"{t.micro} micro x {t.grad_accum} accum x {t.dp} dp, seq {self.seq_len} | "
-            f"{len(self.train_data)} train rows from {self.data_dir} | output {self.output_dir}")
+            f"{len(self.train_data)} train rows from {self.data_dir} | output {self.output_dir}"
+        )
 
     def _meta(self) -> dict[str, Any]:
-        return {**self._describe(), "step": self.step, "data_position": {"global_batches_consumed": self.step},
-                "tokenizer": "tokenizer.model", "torch": torch.__version__,
-                "deepspeed": __import__("deepspeed").__version__}
+        return {
+            **self._describe(),
+            "step": self.step,
+            "data_position": {"global_batches_consumed": self.step},
+            "tokenizer": "tokenizer.model",
+            "torch": torch.__version__,
+            "deepspeed": __import__("deepspeed").__version__,
+        }
 
     def save(self) -> Path:
-        return checkpoint.save(self.engine, self.ckpt_root, self.step, self._meta(), self.tokenizer_file,
-                               keep=self.cfg.train.keep_checkpoints)
+        return checkpoint.save(
+            self.engine,
+            self.ckpt_root,
+            self.step,
+            self._meta(),
+            self.tokenizer_file,
+            keep=self.cfg.train.keep_checkpoints,
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -158,7 +200,9 @@ class Pretrainer:
                 out = engine(x, x)
                 engine.backward(out.loss)
                 engine.step()
-                sums += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item(), 1.0])
+                sums += torch.tensor(
+                    [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item(), 1.0]
+                )
                 if out.expert_counts is not None:
                     counts += out.expert_counts.float()
             self.step += 1
@@ -169,8 +213,10 @@ class Pretrainer:
                 dist.all_reduce(counts)
                 elapsed = time.time() - t_interval
                 last = {
-                    "loss": (sums[0] / sums[4]).item(), "lm_loss": (sums[1] / sums[4]).item(),
-                    "aux_loss": (sums[2] / sums[4]).item(), "z_loss": (sums[3] / sums[4]).item(),
+                    "loss": (sums[0] / sums[4]).item(),
+                    "lm_loss": (sums[1] / sums[4]).item(),
+                    "aux_loss": (sums[2] / sums[4]).item(),
+                    "z_loss": (sums[3] / sums[4]).item(),
                     "lr": float(engine.get_lr()[0]),
                     "tokens_per_s": tokens_per_step * steps_in_interval / max(elapsed, 1e-9),
                     "step_time_s": elapsed / steps_in_interval,
@@ -181,9 +227,13 @@ class Pretrainer:
                     last["grad_norm"] = float(gnorm)
                 if n_moe:
                     load = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-                    last["expert_load"] = {f"layer{i}": load[j].tolist() for j, i in enumerate(self.cfg.model.moe_layer_ids)}
-                    last["expert_load_max"] = {f"layer{i}": (load[j].max() * n_exp).item()
-                                               for j, i in enumerate(self.cfg.model.moe_layer_ids)}
+                    last["expert_load"] = {
+                        f"layer{i}": load[j].tolist() for j, i in enumerate(self.cfg.model.moe_layer_ids)
+                    }
+                    last["expert_load_max"] = {
+                        f"layer{i}": (load[j].max() * n_exp).item()
+                        for j, i in enumerate(self.cfg.model.moe_layer_ids)
+                    }
                 if self.valid_loader is not None and (self.step % cfg.eval_every == 0 or done):
                     last["valid_lm_loss"] = self.evaluate()
                 self.metrics.log(last, self.step)
@@ -194,11 +244,15 @@ class Pretrainer:
                 self.metrics.log({"valid_lm_loss": self.evaluate()}, self.step)
             if (cfg.save_every and self.step % cfg.save_every == 0) or done:
                 self.save()
-        self.metrics.text(f"done: {self.step} steps in {format_duration(time.time() - t_start)}; "
-                          f"checkpoint {checkpoint.find_latest(self.ckpt_root)}")
+        self.metrics.text(
+            f"done: {self.step} steps in {format_duration(time.time() - t_start)}; "
+            f"checkpoint {checkpoint.find_latest(self.ckpt_root)}"
+        )
         self.metrics.close()
         return last
 
 
-def pretrain(cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+def pretrain(
+    cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path, resume: bool = False
+) -> dict[str, Any]:
     return Pretrainer(cfg, ds_json, output_dir, resume).train()

@@ -1,0 +1,143 @@
+"""MoE block versus a dense SwiGLU of equal active FLOPs: forward+backward time and activation memory.
+
+    python bench/moe_layer.py                      # the default grid, fp32
+    python bench/moe_layer.py --dtype bf16 --tokens 4096 --experts 8 --top-k 2
+
+For each (tokens T, experts E, top-k K) it times, side by side in one process:
+  dense   SwiGLU with hidden K*F (the FLOPs one token spends in K experts of width F)
+  ours    sparsexpert's MoEBlock (router, sort, per-expert matmuls on unbound weights, combine)
+  autoep  DeepSpeed AutoEP's replacement of our block (ep_size=1, so no collectives), grouped_mm
+          and sequential-loop expert kernels
+and prints each one's time and its ratio to dense, plus the bytes of tensors saved for backward
+(activation memory) and its ratio to dense. Timings are medians over --reps after --warmup runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sparsexpert.model.moe import MoEBlock, SwiGLU  # noqa: E402
+
+
+def autoep_block(block: MoEBlock, use_grouped_mm: bool) -> nn.Module:
+    """Let AutoEP replace `block` exactly as deepspeed.initialize would, at ep_size=1."""
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+
+    from sparsexpert.parallel import AUTOEP_MODULE_LAYOUT
+
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([nn.Module()])
+    holder.layers[0].mlp = copy.deepcopy(block)
+    cfg = parse_autoep_config(
+        {
+            "enabled": True,
+            "autoep_size": 1,
+            "top_k": block.top_k,
+            "use_grouped_mm": use_grouped_mm,
+            **AUTOEP_MODULE_LAYOUT,
+        }
+    )
+    auto = AutoEP(holder, cfg)
+    auto.replace_moe_layers(auto.ep_parser(), ep_size=1, ep_rank=0)
+    return holder.layers[0].mlp
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return sum(seen.values())
+
+
+def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, warmup: int, reps: int) -> float:
+    times = []
+    for i in range(warmup + reps):
+        module.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        module(xi).backward(grad)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-expert", type=int, default=512)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    D, F = args.d_model, args.d_expert
+    print(
+        f"MoE block vs dense SwiGLU of equal active FLOPs | D={D} F={F} {args.dtype} threads={args.threads} "
+        f"torch {torch.__version__} | median of {args.reps}"
+    )
+    header = (
+        f"{'T':>6} {'E':>3} {'K':>2} {'tok/exp':>7} | {'dense ms':>8} | {'ours':>12} | {'autoep gmm':>12} | "
+        f"{'autoep loop':>12} | act mem ours/autoep vs dense"
+    )
+    print(header)
+    print("-" * len(header))
+    for T in args.tokens:
+        for E in args.experts:
+            for K in args.top_k:
+                torch.manual_seed(0)
+                block = MoEBlock(D, F, E, K)
+                for p in block.parameters():
+                    nn.init.normal_(p, std=0.02)
+                dense = SwiGLU(D, K * F)
+                impls = {
+                    "dense": dense,
+                    "ours": block,
+                    "autoep gmm": autoep_block(block, True),
+                    "autoep loop": autoep_block(block, False),
+                }
+                impls = {k: m.to(dtype) for k, m in impls.items()}
+                x = torch.randn(1, T, D, dtype=dtype)
+                grad = torch.randn(1, T, D, dtype=dtype)
+                ms = {k: 1e3 * time_fwd_bwd(m, x, grad, args.warmup, args.reps) for k, m in impls.items()}
+                mem = {
+                    k: saved_bytes(impls[k], x.detach().requires_grad_(True))
+                    for k in ("dense", "ours", "autoep gmm")
+                }
+                cells = [
+                    f"{ms[k]:7.1f} {ms[k] / ms['dense']:4.2f}x" for k in ("ours", "autoep gmm", "autoep loop")
+                ]
+                print(
+                    f"{T:>6} {E:>3} {K:>2} {T * K // E:>7} | {ms['dense']:8.1f} | "
+                    + " | ".join(cells)
+                    + f" | {mem['ours'] / mem['dense']:.2f}x / {mem['autoep gmm'] / mem['dense']:.2f}x",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

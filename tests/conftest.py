@@ -1,0 +1,129 @@
+"""Shared fixtures: a debug-size model, the example dataset prepared once, and a launcher helper
+that starts real processes (the `deepspeed` launcher, gloo on CPU) with a timeout and a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SPARSEXPERT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Small enough that one launch spends its time in start-up, not in training.
+TINY_MODEL = [
+    "--model.d_model=64",
+    "--model.n_layers=2",
+    "--model.n_heads=4",
+    "--model.d_ff=128",
+    "--model.max_seq_len=64",
+    "--model.moe.num_experts=4",
+    "--model.moe.top_k=2",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    output_dir: Path
+
+    def metrics(self) -> list[dict]:
+        path = self.output_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def losses(self, key: str = "loss") -> dict[int, float]:
+        return {r["step"]: r[key] for r in self.metrics() if key in r}
+
+
+def run_cmd(cmd: list[str], output_dir: Path, timeout: float = 300, check: bool = True) -> Run:
+    """Run a command in its own process group; kill the whole group on timeout."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}") from None
+    run = Run(proc.returncode, out, output_dir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
+    return run
+
+
+def deepspeed_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+
+
+def pretrain(
+    tmp_dir: Path,
+    nproc: int,
+    ds_config: Path | str,
+    *overrides: str,
+    timeout: float = 300,
+    check: bool = True,
+) -> Run:
+    out = Path(tmp_dir)
+    cmd = deepspeed_cmd(
+        nproc, "launcher/pretrain.py", "--ds_config", str(ds_config), "--output_dir", str(out), *overrides
+    )
+    return run_cmd(cmd, out, timeout=timeout, check=check)
+
+
+def write_ds_config(path: Path, base: str = "moe_z2.json", **changes) -> Path:
+    """A copy of ds_configs/<base> with top-level keys replaced (e.g. gradient_clipping=0.0)."""
+    cfg = json.loads((REPO / "ds_configs" / base).read_text())
+    for key, value in changes.items():
+        cfg[key] = value
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_data(tmp_path_factory) -> Path:
+    """The built-in example world prepared once, with short rows for fast tests."""
+    from data_prep.pipeline import TextPrepConfig, prepare_example
+
+    out = tmp_path_factory.mktemp("example") / "data"
+    prepare_example(out, TextPrepConfig(vocab_size=512, seq_len=32), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        raise FileNotFoundError(
+            f"{SHARED_DATA}: the shared real data is missing; set SPARSEXPERT_SHARED_DATA"
+        )
+    return SHARED_DATA

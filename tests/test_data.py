@@ -1,0 +1,109 @@
+"""The text-to-shards core of data_prep, and the order in which ranks read the shards."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data_prep.example_world import WorldSpec, build_world, write_world
+from data_prep.pipeline import EOS_ID, DataError, TextPrepConfig, pack, prepare_text
+from sparsexpert.data import BatchPlan, PackedDataset
+
+
+def test_example_world_states_its_facts(tmp_path):
+    paths = write_world(tmp_path, WorldSpec(documents=50, seed=3))
+    entities, triples = build_world(WorldSpec(documents=50, seed=3))
+    names = {e.id: e.name for e in entities}
+    text = paths["corpus"].read_text()
+    assert len(text.splitlines()) == 50
+    kg = [line.split("\t") for line in paths["kg"].read_text().splitlines()]
+    assert [tuple(t) for t in kg] == triples
+    # Every born_in fact of a person whose document comes first mentions both names in one sentence.
+    stated = sum(1 for h, r, t in triples if any(names[h] in s and names[t] in s for s in text.split(".")))
+    assert stated > 30
+    assert write_world(tmp_path / "again", WorldSpec(documents=50, seed=3))["corpus"].read_text() == text
+
+
+def test_pipeline_counts_rejects_and_round_trips(tmp_path):
+    corpus = tmp_path / "c.txt"
+    docs = [f"Document number {i} talks about the city of Kalo and the river Ven." for i in range(300)]
+    corpus.write_text("\n".join(docs[:150] + ["", "   ", docs[3]] + docs[150:]) + "\n")
+    m = prepare_text(
+        [corpus],
+        tmp_path / "out",
+        TextPrepConfig(vocab_size=128, seq_len=16, valid_fraction=0.1),
+        log=lambda *_: None,
+    )
+    assert m["documents_in"] == 303
+    assert m["documents_rejected"] == {"empty": 2, "duplicate": 1}
+    assert m["documents_in"] == m["documents_written"] + sum(m["documents_rejected"].values())
+    assert m["splits"]["train"]["documents"] + m["splits"]["valid"]["documents"] == 300
+    assert 0 < m["splits"]["valid"]["documents"] < 60
+    ds = PackedDataset(tmp_path / "out", "train")
+    assert (
+        ds.seq_len == 16 and len(ds) * 16 + len(PackedDataset(tmp_path / "out", "valid")) * 16 == m["tokens"]
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    first = ds[np.array([0])][0].tolist()
+    eos = first.index(EOS_ID)
+    assert sp.decode(first[:eos]) in docs  # a whole document, then the boundary
+    for shard in m["splits"]["train"]["shards"]:
+        assert hashlib.sha256((tmp_path / "out" / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+def test_pipeline_is_deterministic(tmp_path):
+    corpus = write_world(tmp_path / "raw", WorldSpec(documents=200))["corpus"]
+    cfg = TextPrepConfig(vocab_size=256, seq_len=32)
+    a = prepare_text([corpus], tmp_path / "a", cfg, log=lambda *_: None)
+    b = prepare_text([corpus], tmp_path / "b", cfg, log=lambda *_: None)
+    for split in ("train", "valid"):
+        assert [s["sha256"] for s in a["splits"][split]["shards"]] == [
+            s["sha256"] for s in b["splits"][split]["shards"]
+        ]
+    assert (tmp_path / "a/tokenizer.model").read_bytes() == (tmp_path / "b/tokenizer.model").read_bytes()
+
+
+def test_pack_marks_boundaries_and_counts_the_tail():
+    rows, dropped = pack([[5, 6, 7], [8, 9]], seq_len=3, dtype=np.dtype(np.uint16))
+    assert rows.tolist() == [[5, 6, 7], [EOS_ID, 8, 9]] and dropped == 1
+
+
+def test_bad_input_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nalso fine\nbroken \xff\xfe here\n")
+    with pytest.raises(DataError, match=r"bad.txt:3: invalid UTF-8 at byte 7"):
+        prepare_text([bad], tmp_path / "o", log=lambda *_: None)
+    with pytest.raises(DataError, match=r"missing.txt: no such corpus file"):
+        prepare_text([tmp_path / "missing.txt"], tmp_path / "o", log=lambda *_: None)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(
+        DataError, match=r"empty.txt: no usable documents \(2 read, rejected \{'empty': 2\}\)"
+    ):
+        prepare_text([empty], tmp_path / "o", log=lambda *_: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_shard_is_refused(example_data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "d"
+    shutil.copytree(example_data, copy)
+    shard = copy / json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="train_00000.bin: missing or of the wrong size"):
+        PackedDataset(copy, "train")
+
+
+def test_ranks_and_accumulation_steps_cover_the_global_batch():
+    n = 37
+    one = BatchPlan(n, micro=3, grad_accum=2, dp=1, rank=0, seed=9)
+    two = [BatchPlan(n, micro=3, grad_accum=1, dp=2, rank=r, seed=9) for r in range(2)]
+    for g in range(20):  # crosses several epochs
+        assert one.rows(g, 0).tolist() == two[0].rows(g, 0).tolist()
+        assert one.rows(g, 1).tolist() == two[1].rows(g, 0).tolist()
+    # One epoch of the stream visits every row once.
+    stream = np.concatenate([one.rows(g, m) for g in range(20) for m in range(2)])
+    assert sorted(stream[:n].tolist()) == list(range(n))
