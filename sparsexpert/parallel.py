@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from sparsexpert.config import ConfigError
@@ -285,10 +287,57 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def own_gradient_clipping(ds_config: dict[str, Any]) -> float | None:
+    """DeepSpeed quirk (issue #8469): with ZeRO-0 in fp32, DeepSpeed's clip_grad_norm_ averages the
+    per-rank norms over the data-parallel ranks, which is not the global norm once ranks hold
+    different experts. For that path we clip ourselves (`clip_grad_norm`) and hand DeepSpeed
+    gradient_clipping=0. Returns our max norm (0.0 = measure only), or None when DeepSpeed's
+    ZeRO optimizers do it (their norm is the true global one under AutoEP, checked by the tests)."""
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 0 and not ds_config.get("bf16", {}).get("enabled"):
+        return float(ds_config.get("gradient_clipping", 0.0))
+    return None
+
+
+def global_grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients of the model across ranks, after DeepSpeed's all-reduce: dense
+    gradients are the same on every rank; AutoEP expert gradients (marked `allreduce=False` with
+    an expert group name) are summed over the expert-parallel group that holds distinct experts."""
+    from deepspeed.utils import groups
+
+    grads = [p for p in module.parameters() if p.grad is not None]
+    device = grads[0].grad.device if grads else torch.device("cpu")
+    dense = torch.zeros((), dtype=torch.float32, device=device)
+    experts: dict[str, torch.Tensor] = {}
+    for p in grads:
+        sq = p.grad.detach().float().pow(2).sum()
+        if getattr(p, "allreduce", True) is False and hasattr(p, "group_name"):
+            experts[p.group_name] = experts.get(p.group_name, torch.zeros_like(dense)) + sq
+        else:
+            dense += sq
+    for name in sorted(experts):
+        dist.all_reduce(experts[name], group=groups._get_expert_parallel_group(name))
+        dense += experts[name]
+    return dense.sqrt()
+
+
+def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
+    """Scale all gradients so their global norm is at most max_norm (0 = no clipping); returns the norm."""
+    norm = global_grad_norm(module)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return norm.item()
+
+
 def initialize(model: nn.Module, ds_config: dict[str, Any]):
     """deepspeed.initialize with our parameter groups; returns the engine."""
     import deepspeed
 
+    if own_gradient_clipping(ds_config) is not None:
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay), config=ds_config

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, TINY_MODEL, deepspeed_cmd, launch_env, pretrain, run_cmd, write_ds_config
 
 STEPS = 4
-LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss")
+LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
 
 
 def _assert_same_losses(run, reference, rtol=1e-5):
@@ -74,6 +74,63 @@ def test_expert_parallel_and_zero_stages_match_single_process(
         assert sum(record["expert_load"]["layer1"]) == pytest.approx(1.0)
 
 
+@pytest.fixture(scope="module")
+def sgd_clipped_reference(tmp_path_factory, example_data):
+    tmp = tmp_path_factory.mktemp("sgd")
+    ds = write_ds_config(
+        tmp / "ds.json",
+        "moe_z0.json",
+        gradient_clipping=0.3,
+        gradient_accumulation_steps=2,
+        train_micro_batch_size_per_gpu=4,
+        optimizer=SGD,
+        zero_allow_untested_optimizer=True,
+    )
+    return pretrain(
+        tmp / "out",
+        1,
+        ds,
+        *TINY_MODEL,
+        f"--data.path={example_data}",
+        f"--train.max_steps={STEPS}",
+        "--train.log_every=1",
+        "--train.save_every=0",
+    )
+
+
+SGD = {"type": "SGD", "params": {"lr": 0.5}}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_gradient_clipping_uses_the_global_norm_under_expert_parallelism(
+    tmp_path, example_data, sgd_clipped_reference, stage
+):
+    """With SGD (unlike Adam, not invariant to a uniform gradient scale) and a clip that is always
+    active, ep_size=2 matches one process only if the clipping norm covers every rank's experts
+    exactly once (DeepSpeed's own ZeRO-0 clipping averages per-rank norms instead: issue #8469)."""
+    ds = write_ds_config(
+        tmp_path / "ds.json",
+        f"moe_z{stage}.json",
+        gradient_clipping=0.3,
+        train_micro_batch_size_per_gpu=4,
+        optimizer=SGD,
+        zero_allow_untested_optimizer=True,
+    )
+    run = pretrain(
+        tmp_path / "out",
+        2,
+        ds,
+        *TINY_MODEL,
+        "--model.moe.ep_size=2",
+        f"--data.path={example_data}",
+        f"--train.max_steps={STEPS}",
+        "--train.log_every=1",
+        "--train.save_every=0",
+    )
+    assert all(r["grad_norm"] > 0.3 for r in run.metrics())  # the clip is active at every step
+    _assert_same_losses(run, sgd_clipped_reference)
+
+
 def test_top1_expert_parallel_matches_single_process(tmp_path, example_data):
     common = [
         *TINY_MODEL,
@@ -104,6 +161,12 @@ def test_autoep_layer_computes_our_block(tmp_path):
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for r in rows:
         assert r["replaced"] == "AutoEPMoELayer" and r["local_experts"] == 2
+        # Expert parameters sit in their own MoE optimizer groups (reduced over the expert-data-parallel
+        # group), and nowhere else.
+        moe_groups = [g for g in r["param_groups"] if g["moe"]]
+        assert moe_groups and all(g["experts"] == g["params"] for g in moe_groups)
+        assert sum(g["experts"] for g in moe_groups) == 2 * 3  # 2 MoE layers x (w1, w2, w3)
+        assert all(g["experts"] == 0 for g in r["param_groups"] if not g["moe"])
         assert r["logits_diff"] < 1e-5 and r["counts_equal"] and r["gate_grad_diff"] < 1e-6
         for got, ref in r["losses"]:
             assert got == pytest.approx(ref, rel=1e-6)

@@ -100,6 +100,7 @@ class Pretrainer:
         model = build_model(cfg.model, cfg.train.seed)
         self.param_counts = model.num_params()
         self.engine = parallel.initialize(model, self.ds_config)
+        self.own_clip = parallel.own_gradient_clipping(self.ds_config)
         self.step = 0
         if tag_dir is not None:
             meta = checkpoint.load(self.engine, tag_dir)
@@ -193,12 +194,15 @@ class Pretrainer:
         tokens_per_step = self.triplet.global_batch * self.seq_len
         t_interval, steps_in_interval, t_start, start_step = time.time(), 0, time.time(), self.step
         last: dict[str, Any] = {}
+        grad_norm: float | None = None
         engine.train()
         while self.step < cfg.max_steps:
             for m in range(self.triplet.grad_accum):
                 x = self.loader.batch(self.step, m)
                 out = engine(x, x)
                 engine.backward(out.loss)
+                if self.own_clip is not None and m == self.triplet.grad_accum - 1:
+                    grad_norm = parallel.clip_grad_norm(engine.module, self.own_clip)
                 engine.step()
                 sums += torch.tensor(
                     [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item(), 1.0]
@@ -222,9 +226,9 @@ class Pretrainer:
                     "step_time_s": elapsed / steps_in_interval,
                     "eta_s": (time.time() - t_start) / (self.step - start_step) * (cfg.max_steps - self.step),
                 }
-                gnorm = engine.get_global_grad_norm()
+                gnorm = grad_norm if self.own_clip is not None else engine.get_global_grad_norm()
                 if gnorm is not None:
-                    last["grad_norm"] = float(gnorm)
+                    last["grad_norm"] = float(gnorm)  # of the last step of the interval
                 if n_moe:
                     load = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
                     last["expert_load"] = {

@@ -49,7 +49,18 @@ def main() -> None:
     out.loss.backward()  # plain autograd (ZeRO-0 adds no hooks): the rank-local gradient, before any all-reduce
     ref.loss.backward()
     gate_grad = engine.module.layers[0].mlp.router.gate.weight.grad
+    expert_ids = {id(p) for n, p in engine.module.named_parameters() if ".experts." in n}
+    groups = [
+        {
+            "name": g.get("name"),
+            "moe": bool(g.get("moe")),
+            "experts": sum(id(p) in expert_ids for p in g["params"]),
+            "params": len(g["params"]),
+        }
+        for g in engine.basic_optimizer.param_groups
+    ]
     result = {
+        "param_groups": groups,
         "rank": rank,
         "replaced": replaced,
         "local_experts": engine.module.layers[0].mlp.experts.w1.shape[0],
