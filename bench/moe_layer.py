@@ -54,12 +54,15 @@ def autoep_block(block: MoEBlock, use_grouped_mm: bool) -> nn.Module:
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd saves for backward in one forward."""
+    """Bytes of the distinct tensors autograd saves for backward in one forward, weights excluded
+    (they are the same storage as the parameters, which are not activation memory)."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

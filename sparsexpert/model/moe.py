@@ -95,11 +95,16 @@ class MoEBlock(nn.Module):
         order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
         token_N = order_N // self.top_k
         counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).tolist()
-        y_ND = self.experts(x_TD[token_N], counts_E)
+        # index_select, not x_TD[token_N]: its backward is an index_add, several times faster on CPU
+        # than the accumulating index_put that advanced indexing uses.
+        y_ND = self.experts(x_TD.index_select(0, token_N), counts_E)
 
-        # Combine: weight each expert output by its routing weight and sum back per token.
-        y_ND = y_ND * weights_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_ND.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        # Combine: put the outputs back in (token, k) order and take the weighted sum over k.
+        # (A gather and a sum save less for backward than scaling in sorted order and index_add_.)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        y_TKD = y_ND.index_select(0, inverse_N).view(-1, self.top_k, D)
+        out_TD = (y_TKD * weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
 
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
