@@ -20,6 +20,7 @@ CONSOLE_KEYS = [
     ("z_loss", "z", "{:.3f}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("lr", "lr", "{:.2e}"),
+    ("valid_lm_loss", "valid lm", "{:.4f}"),
 ]
 
 

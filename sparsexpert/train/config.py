@@ -24,7 +24,7 @@ class TrainConfig:
     """Save a checkpoint every this many steps (and at the last step). 0 saves only at the end."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk; older ones are deleted. 0 keeps all."""
-    eval_every: int = 0
+    eval_every: int = 50
     """Evaluate the validation loss every this many steps (and at the end). 0 disables."""
     eval_batches: int = 8
     """Micro-batches per rank in one evaluation."""
