@@ -1,19 +1,38 @@
-"""Prepare pretraining shards.
+"""Prepare pretraining shards from a corpus and, optionally, a knowledge graph.
 
-    python -m data_prep example --output data/example
-    python -m data_prep text --corpus news.txt more.txt --output data/news --vocab-size 8000 --seq-len 512
+    python -m data_prep run --corpus news.txt wiki.xml.bz2 --kg kg.tsv --aliases aliases.tsv \\
+        --output data/news --workers 2 --seq-len 512 --vocab-size 8000
+    python -m data_prep run --config prep.json            # the same fields as PrepConfig, as JSON
+    python -m data_prep run ... --dry-run                 # validate the inputs only
+    python -m data_prep example --output data/example     # the built-in synthetic knowledge world
+    python -m data_prep stats data/news                   # print a prepared dataset's stats
 
-`example` generates the built-in synthetic knowledge world (corpus, KG, aliases) and prepares it;
-`text` prepares plain-text corpora (one document a line). Either writes tokenizer.model,
-train_*.bin / valid_*.bin and manifest.json (last) into --output.
+Writes tokenizer.model, {train,valid}_*.bin, *_spans.npy, *_triples.npy, entities.tsv,
+relations.tsv, triples.tsv, stats.json and, last, manifest.json into --output.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import fields
+from pathlib import Path
 
-from data_prep.pipeline import DataError, TextPrepConfig, prepare_example, prepare_text
+from data_prep.pipeline import DataError, PrepConfig, prepare, prepare_example
+
+DEFAULTS = PrepConfig()
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", help="dataset folder to write")
+    p.add_argument("--vocab-size", type=int, default=DEFAULTS.vocab_size)
+    p.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default=DEFAULTS.tokenizer_type)
+    p.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
+    p.add_argument("--valid-fraction", type=float, default=DEFAULTS.valid_fraction)
+    p.add_argument(
+        "--workers", type=int, default=DEFAULTS.workers, help="processes; output does not depend on it"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,36 +40,57 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("example", "text"):
-        p = sub.add_parser(name)
-        p.add_argument("--output", required=True, help="dataset folder to write")
-        p.add_argument("--vocab-size", type=int, default=TextPrepConfig.vocab_size)
-        p.add_argument("--tokenizer-type", choices=["bpe", "unigram"], default=TextPrepConfig.tokenizer_type)
-        p.add_argument("--seq-len", type=int, default=TextPrepConfig.seq_len)
-        p.add_argument("--valid-fraction", type=float, default=TextPrepConfig.valid_fraction)
-        p.add_argument("--workers", type=int, default=TextPrepConfig.threads, help="tokenizer threads")
-        if name == "text":
-            p.add_argument("--corpus", nargs="+", required=True, help="plain-text files, one document a line")
-    args = parser.parse_args(argv)
-    cfg = TextPrepConfig(
-        vocab_size=args.vocab_size,
-        tokenizer_type=args.tokenizer_type,
-        seq_len=args.seq_len,
-        valid_fraction=args.valid_fraction,
-        threads=args.workers,
+    run = sub.add_parser("run", help="corpus (+ KG) to shards")
+    _add_common(run)
+    run.add_argument("--config", help="JSON file with PrepConfig fields; flags given override it")
+    run.add_argument(
+        "--corpus", nargs="+", help=".txt (a document a line), .jsonl, .parquet, MediaWiki .xml[.bz2]"
     )
+    run.add_argument("--kg", help="triples: .tsv (head<TAB>relation<TAB>tail), .nt or .jsonl")
+    run.add_argument("--aliases", help="entity_id<TAB>surface form; default: entity names")
+    run.add_argument("--tokenizer", help="an existing SentencePiece .model instead of training one")
+    run.add_argument(
+        "--text-field", default=DEFAULTS.text_field, help="JSONL field / Parquet column of the text"
+    )
+    run.add_argument("--case", choices=["ignore", "exact"], default=DEFAULTS.case, help="alias matching")
+    run.add_argument("--on-error", choices=["fail", "skip"], default=DEFAULTS.on_error)
+    run.add_argument("--dry-run", action="store_true", help="validate the inputs and stop")
+    example = sub.add_parser("example", help="the built-in synthetic knowledge world")
+    _add_common(example)
+    stats = sub.add_parser("stats", help="print the stats of a prepared dataset")
+    stats.add_argument("dataset")
+    args = parser.parse_args(argv)
+
     try:
+        if args.command == "stats":
+            path = Path(args.dataset) / "stats.json"
+            if not path.is_file():
+                raise DataError(f"{path}: no stats; is {args.dataset} a prepared dataset?")
+            print(path.read_text())
+            return 0
+        given = {k.replace("-", "_"): v for k, v in vars(args).items()}
+        names = {f.name for f in fields(PrepConfig)}
+        base = json.loads(Path(args.config).read_text()) if getattr(args, "config", None) else {}
+        for key, value in given.items():
+            if key in names and value is not None and (value != getattr(DEFAULTS, key) or key not in base):
+                base[key] = value
+        if not base.get("output"):
+            raise DataError("no output folder: pass --output DIR")
+        cfg = PrepConfig(**base)
         if args.command == "example":
-            manifest = prepare_example(args.output, cfg)
+            manifest = prepare_example(cfg.output, cfg)
         else:
-            manifest = prepare_text(args.corpus, args.output, cfg)
+            manifest = prepare(cfg, dry_run=args.dry_run)
+            if args.dry_run:
+                return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rejected = ", ".join(f"{k} {v}" for k, v in manifest["documents_rejected"].items()) or "none"
     print(
         f"documents in {manifest['documents_in']}, written {manifest['documents_written']}, rejected: {rejected}; "
-        f"tokens {manifest['tokens']} (tail dropped {manifest['tokens_dropped_tail']})"
+        f"tokens {manifest['tokens']} (tail dropped {manifest['tokens_dropped_tail']}); mentions "
+        f"{manifest['mentions']}; triples attached {manifest['triples_attached']}"
     )
     return 0
 

@@ -1,44 +1,74 @@
-"""Text to packed token shards: ingest, train a SentencePiece tokenizer, encode, pack, write.
+"""Corpus (+ knowledge graph) to packed, knowledge-joined token shards.
 
-This is the text-only core of data_prep (entity linking and the KG join build on it). Output
-folder layout, read by `sparsexpert.data.shards.PackedDataset`:
+Stages: ingest (read, NFC-normalize, drop empty and exact-duplicate documents, each rejection
+counted by reason) -> tokenizer (train SentencePiece, or load one) -> link (Aho-Corasick over the
+KG aliases; MediaWiki links take precedence) -> extract (distant supervision: a KG triple is
+attached to a sentence that mentions both its head and its tail) -> join (token ids, mention
+spans in token positions, attached triple ids) -> pack (rows of seq_len tokens, documents
+separated by EOS; a span crossing a row boundary is clipped to its first row and counted) ->
+write shards and, last, manifest.json.
 
-    tokenizer.model            SentencePiece model
-    train_00000.bin ...        uint16/uint32 rows of `seq_len` token ids, C order
-    valid_00000.bin ...
-    manifest.json              written last: config, inputs and their hashes, counts, shard checksums
+Output folder, read by `sparsexpert.data.shards.PackedDataset`:
 
-Documents are packed back to back, each followed by EOS (the document boundary); the tail that
-does not fill a last row is dropped and counted.
+    tokenizer.model              SentencePiece model
+    {split}_00000.bin ...        uint16/uint32 rows of seq_len token ids (split: train, valid)
+    {split}_spans.npy            int64 [n, 4]: row, first token, end token (exclusive), entity index
+    {split}_triples.npy          int64 [n, 2]: row, triple index (triples attached to the row's sentences)
+    entities.tsv relations.tsv   index<TAB>id vocabularies
+    triples.tsv                  the attached triples: index, head, relation, tail, times attached
+    stats.json                   the stats stage's figures
+    manifest.json                written last: config, inputs and hashes, counts, shard checksums
+
+The same inputs and config give byte-identical output for any number of workers: documents are
+processed in chunks by a pool but consumed in input order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
+import re
 import shutil
+import sys
 import tempfile
 import time
 import unicodedata
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.readers import DataError, read_corpus
+
+__all__ = ["DataError", "PrepConfig", "TextPrepConfig", "prepare", "prepare_example", "prepare_text", "pack"]
+
 MANIFEST = "manifest.json"
-FORMAT = "sparsexpert-packed/1"
+FORMAT = "sparsexpert-packed/2"
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 3, 0, 1, 2
 SPECIAL_SYMBOLS = ["<mask>"]
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass
-class TextPrepConfig:
-    """How text becomes shards."""
+class PrepConfig:
+    """One data_prep run."""
 
+    corpus: list[str] = field(default_factory=list)
+    """Corpus files: .txt (one document a line), .jsonl, .parquet, MediaWiki .xml / .xml.bz2."""
+    output: str = ""
+    """Dataset folder to write."""
+    kg: str | None = None
+    """Knowledge-graph triples (.tsv, .nt, .jsonl). None: no linking beyond wiki links, no triples."""
+    aliases: str | None = None
+    """entity_id<TAB>surface form file. None: entity names (underscores as spaces) are the aliases."""
+    tokenizer: str | None = None
+    """An existing SentencePiece .model to use instead of training one."""
     vocab_size: int = 1024
-    """SentencePiece vocabulary size."""
+    """SentencePiece vocabulary size when training."""
     tokenizer_type: str = "bpe"
     """SentencePiece model type: "bpe" or "unigram"."""
     seq_len: int = 128
@@ -47,12 +77,29 @@ class TextPrepConfig:
     """Share of documents (chosen by content hash, so stable) held out for validation."""
     rows_per_shard: int = 16384
     """Rows per shard file."""
-    threads: int = 2
-    """Threads for tokenizer training and encoding."""
+    workers: int = 1
+    """Processes for linking, extraction and encoding; output does not depend on it."""
+    text_field: str = "text"
+    """Field (JSONL) or column (Parquet) holding the text."""
+    case: str = "ignore"
+    """Alias matching: "ignore" case or "exact"."""
+    on_error: str = "fail"
+    """Bad input records: "fail" with file:line, or "skip" and count them."""
+    chunk_docs: int = 256
+    """Documents per unit of parallel work."""
+
+    def validate(self) -> None:
+        if not self.corpus:
+            raise DataError("no corpus: pass --corpus FILE...")
+        if not self.output:
+            raise DataError("no output folder: pass --output DIR")
+        if self.on_error not in ("fail", "skip"):
+            raise DataError(f"on_error={self.on_error!r}: use 'fail' or 'skip'")
+        if self.seq_len < 2 or self.workers < 1 or self.vocab_size < 16:
+            raise DataError("seq_len must be >= 2, workers >= 1, vocab_size >= 16")
 
 
-class DataError(ValueError):
-    """Bad input: the message names the file, the line and what to do."""
+TextPrepConfig = PrepConfig  # the text-only use of the same config
 
 
 def _sha256(path: Path) -> str:
@@ -63,45 +110,57 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def ingest(paths: list[Path]) -> tuple[list[str], Counter, int]:
-    """Read one document a line; NFC-normalize; drop empty and exact-duplicate documents.
-    Returns the accepted documents, rejected counts by reason, and the number of documents read."""
-    docs, rejected, seen, n_in = [], Counter(), set(), 0
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"{path}: no such corpus file; check the path")
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                n_in += 1
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}:{lineno}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8"
-                    ) from e
-                text = unicodedata.normalize("NFC", line).strip()
-                if not text:
-                    rejected["empty"] += 1
-                    continue
-                key = hashlib.sha1(text.encode()).digest()
-                if key in seen:
-                    rejected["duplicate"] += 1
-                    continue
-                seen.add(key)
-                docs.append(text)
-    return docs, rejected, n_in
+@dataclass
+class Doc:
+    text: str
+    links: list  # WikiLink
 
 
-def train_tokenizer(docs: list[str], out_file: Path, cfg: TextPrepConfig) -> Path:
-    """Train SentencePiece on the documents in memory (so the model records no temporary paths)."""
+INGEST_REASONS = ("empty", "duplicate")
+
+
+def documents_in(counts: Counter, rejected: Counter) -> int:
+    """Records read: those the readers passed on, plus those they filtered or skipped (by reason)."""
+    return counts["in"] + sum(n for reason, n in rejected.items() if reason not in INGEST_REASONS)
+
+
+def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[Doc]:
+    """Stage ingest: records the readers pass on are counted in counts["in"]; rejections by reason
+    (readers count what they filter or skip, ingest counts empty and duplicate documents)."""
+    seen: set[bytes] = set()
+    for path in cfg.corpus:
+        for raw in read_corpus(Path(path), cfg.text_field, rejected, cfg.on_error):
+            counts["in"] += 1
+            text = raw.text if raw.links else unicodedata.normalize("NFC", raw.text).strip()
+            if not text.strip():
+                rejected["empty"] += 1
+                continue
+            key = hashlib.sha1(text.encode()).digest()
+            if key in seen:
+                rejected["duplicate"] += 1
+                continue
+            seen.add(key)
+            yield Doc(text, raw.links)
+
+
+def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Path:
+    """Train SentencePiece from an iterator (so the model records no temporary paths)."""
     import io
 
     import sentencepiece as spm
 
     model = io.BytesIO()
+    errors: list[DataError] = []
+
+    def guarded() -> Iterator[str]:  # a DataError raised inside SentencePiece would come out as RuntimeError
+        try:
+            yield from docs
+        except DataError as e:
+            errors.append(e)
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(docs),
+            sentence_iterator=guarded(),
             model_writer=model,
             vocab_size=cfg.vocab_size,
             model_type=cfg.tokenizer_type,
@@ -111,82 +170,339 @@ def train_tokenizer(docs: list[str], out_file: Path, cfg: TextPrepConfig) -> Pat
             eos_id=EOS_ID,
             pad_id=PAD_ID,
             user_defined_symbols=SPECIAL_SYMBOLS,
-            num_threads=cfg.threads,
+            num_threads=cfg.workers,
             minloglevel=2,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,
         )
     except RuntimeError as e:
+        if errors:
+            raise errors[0] from None
         if "Vocabulary size" in str(e):
             raise DataError(f"tokenizer: {e}; lower vocab_size for this corpus") from e
         raise
-    out_file.write_bytes(model.getvalue())
+    if errors:
+        raise errors[0]
+    # The model records the thread count it was trained with; record 1 so that --workers does not
+    # change the file (the vocabulary does not depend on it).
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    proto.trainer_spec.num_threads = 1
+    out_file.write_bytes(proto.SerializeToString())
     return out_file
 
 
-def _is_valid(doc: str, fraction: float) -> bool:
-    return zlib.crc32(doc.encode()) % 10_000 < fraction * 10_000
+# --- per-document work, run in the pool -------------------------------------------------------
+
+_WORKER: dict = {}
 
 
-def _write_split(rows: np.ndarray, out: Path, split: str, rows_per_shard: int) -> list[dict]:
-    shards = []
-    for i, start in enumerate(range(0, len(rows), rows_per_shard)):
-        name = f"{split}_{i:05d}.bin"
-        chunk = np.ascontiguousarray(rows[start : start + rows_per_shard])
-        chunk.tofile(out / name)
-        shards.append({"file": name, "num_sequences": int(len(chunk)), "sha256": _sha256(out / name)})
-    return shards
+def _init_worker(model_file: str, aliases: dict | None, case: str, pair_index: dict | None) -> None:
+    import sentencepiece as spm
+
+    from data_prep.kg import Linker
+
+    _WORKER["sp"] = spm.SentencePieceProcessor(model_file=model_file)
+    _WORKER["linker"] = Linker(aliases, case) if aliases else None
+    _WORKER["pairs"] = pair_index or {}
+
+
+def _sentences(text: str) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        spans.append((start, m.start()))
+        start = m.end()
+    spans.append((start, len(text)))
+    return [(s, e) for s, e in spans if e > s]
+
+
+def _process_chunk(docs: list[Doc]) -> list[dict]:
+    sp, linker, pairs = _WORKER["sp"], _WORKER["linker"], _WORKER["pairs"]
+    protos = sp.encode([d.text for d in docs], return_type="proto")
+    out = []
+    for doc, proto in zip(docs, protos):
+        ids = np.fromiter((p.id for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
+        begin = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
+        end = np.fromiter((p.end for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
+        # Mentions: wiki links first; alias matches only where no link is.
+        mentions = [(link.start, link.end, link.target, "wiki") for link in doc.links]
+        if linker is not None:
+            taken = np.zeros(len(doc.text) + 1, dtype=bool)
+            for s, e, _, _ in mentions:
+                taken[s:e] = True
+            mentions += [
+                (m.start, m.end, m.entity, "alias")
+                for m in linker.find(doc.text)
+                if not taken[m.start : m.end].any()
+            ]
+            mentions.sort()
+        # Character -> UTF-8 byte offsets (SentencePiece reports bytes).
+        char_bytes = np.zeros(len(doc.text) + 1, dtype=np.int64)
+        if mentions or pairs:
+            cp = np.frombuffer(doc.text.encode("utf-32-le"), dtype=np.uint32)
+            char_bytes[1:] = np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))
+
+        def tok_span(cs: int, ce: int, char_bytes=char_bytes, begin=begin, end=end) -> tuple[int, int]:
+            """Tokens overlapping characters [cs, ce): the first ending after cs to the last beginning before ce."""
+            bs, be = char_bytes[cs], char_bytes[ce]
+            return int(np.searchsorted(end, bs, side="right")), int(np.searchsorted(begin, be, side="left"))
+
+        spans = []
+        for cs, ce, entity, _ in mentions:
+            ts, te = tok_span(cs, ce)
+            if te > ts:
+                spans.append((ts, te, entity))
+        attached = []
+        if pairs and mentions:
+            for ss, se in _sentences(doc.text):
+                ents = sorted({m[2] for m in mentions if m[0] >= ss and m[1] <= se})
+                found = [t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())]
+                if found:
+                    ts, te = tok_span(ss, se)
+                    attached.extend((ts, te, t) for t in sorted(set(found)))
+        out.append(
+            {
+                "ids": ids,
+                "spans": spans,
+                "triples": attached,
+                "n_mentions": len(mentions),
+                "valid_key": zlib.crc32(doc.text.encode()),
+            }
+        )
+    return out
+
+
+# --- packing ------------------------------------------------------------------------------------
 
 
 def pack(token_lists: list[list[int]], seq_len: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
     """Concatenate documents (each + EOS) and cut into rows; returns rows and dropped tail tokens."""
-    flat = np.fromiter((t for ids in token_lists for t in (*ids, EOS_ID)), dtype=np.int64)
-    n_rows = len(flat) // seq_len
-    return flat[: n_rows * seq_len].astype(dtype).reshape(n_rows, seq_len), int(len(flat) - n_rows * seq_len)
+    packer = _Packer(None, "x", seq_len, dtype, 1 << 30)
+    for ids in token_lists:
+        packer.add(np.asarray(ids, dtype=np.int64), [], [])
+    return np.concatenate(packer.rows) if packer.rows else np.zeros((0, seq_len), dtype), len(packer.buf)
 
 
-def prepare_text(
-    corpus: list[str | Path], out_dir: str | Path, cfg: TextPrepConfig | None = None, log=print
-) -> dict:
-    """Run the pipeline; the output folder appears complete or not at all (built aside, then renamed)."""
+class _Packer:
+    """Appends documents to a token stream and writes full rows to shard files as they fill."""
+
+    def __init__(self, out: Path | None, split: str, seq_len: int, dtype: np.dtype, rows_per_shard: int):
+        self.out, self.split, self.L, self.dtype, self.rows_per_shard = (
+            out,
+            split,
+            seq_len,
+            dtype,
+            rows_per_shard,
+        )
+        self.buf = np.zeros(0, dtype=np.int64)
+        self.rows: list[np.ndarray] = []  # pending rows of the open shard
+        self.n_rows = 0
+        self.shards: list[dict] = []
+        self.spans: list[tuple[int, int, int, int]] = []
+        self.triples: list[tuple[int, int]] = []
+        self.counts = Counter()
+
+    def add(self, ids: np.ndarray, spans: list, triples: list) -> None:
+        base = self.n_rows * self.L + len(self.buf)  # global position of this document's first token
+        self.buf = np.concatenate([self.buf, ids, [EOS_ID]])
+        L = self.L
+        for ts, te, ent in spans:
+            s, e = base + ts, base + te
+            row = s // L
+            if (e - 1) // L != row:
+                e = (row + 1) * L
+                self.counts["spans_clipped"] += 1
+            self.spans.append((row, s - row * L, e - row * L, ent))
+        for ts, te, t in triples:
+            for row in range((base + ts) // L, (base + max(te, ts + 1) - 1) // L + 1):
+                self.triples.append((row, t))
+        while len(self.buf) >= L:
+            self.rows.append(self.buf[:L].astype(self.dtype)[None])
+            self.buf = self.buf[L:]
+            self.n_rows += 1
+            if len(self.rows) == self.rows_per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows or self.out is None:
+            return
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        chunk = np.concatenate(self.rows)
+        chunk.tofile(self.out / name)
+        self.shards.append(
+            {"file": name, "num_sequences": int(len(chunk)), "sha256": _sha256(self.out / name)}
+        )
+        self.rows = []
+
+    def finish(self) -> dict:
+        self._flush()
+        dropped_tail = len(self.buf)
+        spans = np.array([s for s in self.spans if s[0] < self.n_rows], dtype=np.int64).reshape(-1, 4)
+        triples = np.array(
+            sorted(set(t for t in self.triples if t[0] < self.n_rows)), dtype=np.int64
+        ).reshape(-1, 2)
+        self.counts["spans_dropped_tail"] = len(self.spans) - len(spans)
+        np.save(self.out / f"{self.split}_spans.npy", spans)
+        np.save(self.out / f"{self.split}_triples.npy", triples)
+        return {
+            "shards": self.shards,
+            "rows": self.n_rows,
+            "tokens": self.n_rows * self.L,
+            "tokens_dropped_tail": dropped_tail,
+            "spans": int(len(spans)),
+            "row_triples": int(len(triples)),
+            **self.counts,
+            "rows_with_entity": int(len(np.unique(spans[:, 0]))) if len(spans) else 0,
+        }
+
+
+def _progress(stage: str, done: int, t0: float, unit: str = "docs") -> None:
+    rate = done / max(time.time() - t0, 1e-9)
+    print(f"\rdata_prep {stage}: {done:,} {unit} ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+
+
+def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
+    """Run every stage; the output folder appears complete or not at all (built aside, then renamed)."""
     import sentencepiece as spm
 
-    cfg = cfg or TextPrepConfig()
-    out_dir = Path(out_dir)
-    paths = [Path(p) for p in corpus]
-    t0 = time.time()
-    docs, rejected, n_in = ingest(paths)
-    if not docs:
-        raise DataError(
-            f"{', '.join(map(str, paths))}: no usable documents ({n_in} read, rejected {dict(rejected)})"
-        )
-    log(f"data_prep: ingested {n_in} documents, kept {len(docs)}, rejected {dict(rejected)}")
+    from data_prep.kg import check_aliases, read_aliases, read_triples
 
+    cfg.validate()
+    out_dir = Path(cfg.output)
+    for p in cfg.corpus:
+        if not Path(p).is_file():
+            raise DataError(f"{p}: no such corpus file; check the path")
+    triples, aliases, missing_alias = [], None, 0
+    if cfg.kg:
+        triples = read_triples(cfg.kg)
+        entities = {t.head for t in triples} | {t.tail for t in triples}
+        aliases = read_aliases(cfg.aliases, entities)
+        triples, missing_alias = check_aliases(triples, aliases, Path(cfg.kg), cfg.on_error)
+    if dry_run:
+        log(f"data_prep: inputs are valid ({len(cfg.corpus)} corpus files, {len(triples)} triples)")
+        return {}
+
+    t0 = time.time()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model_path = train_tokenizer(docs, work / "tokenizer.model", cfg)
-        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        # Stage tokenizer (a first pass over the ingested documents).
+        probe_counts, probe_rejected = Counter(), Counter()
+        if next(iter_docs(cfg, probe_counts, probe_rejected), None) is None:
+            raise DataError(
+                f"{', '.join(cfg.corpus)}: no usable documents ({documents_in(probe_counts, probe_rejected)} read, "
+                f"rejected {dict(probe_rejected)})"
+            )
+        if cfg.tokenizer:
+            shutil.copyfile(cfg.tokenizer, work / "tokenizer.model")
+        else:
+            train_tokenizer(
+                (d.text for d in iter_docs(cfg, Counter(), Counter())), work / "tokenizer.model", cfg
+            )
+        sp = spm.SentencePieceProcessor(model_file=str(work / "tokenizer.model"))
         vocab = sp.get_piece_size()
         dtype = np.dtype(np.uint16 if vocab < 2**16 else np.uint32)
-        ids = sp.encode(docs, num_threads=cfg.threads)
-        split_of = [("valid" if _is_valid(d, cfg.valid_fraction) else "train") for d in docs]
-        manifest_splits, tokens, dropped = {}, 0, 0
-        for split in ("train", "valid"):
-            lists = [x for x, s in zip(ids, split_of) if s == split]
-            rows, tail = pack(lists, cfg.seq_len, dtype)
-            tokens += int(rows.size)
-            dropped += tail
-            manifest_splits[split] = {
-                "documents": len(lists),
-                "shards": _write_split(rows, work, split, cfg.rows_per_shard),
-            }
-        if not manifest_splits["train"]["shards"]:
+
+        # Vocabularies: KG entities sorted; entities first met in wiki links appended in order.
+        entity_index = {
+            e: i for i, e in enumerate(sorted({t.head for t in triples} | {t.tail for t in triples}))
+        }
+        relations = sorted({t.relation for t in triples})
+        triple_list = sorted(set(triples), key=lambda t: (t.head, t.relation, t.tail))
+        pair_index: dict[tuple[str, str], list[int]] = {}
+        for i, t in enumerate(triple_list):
+            pair_index.setdefault((t.head, t.tail), []).append(i)
+
+        counts, rejected = Counter(), Counter()
+        packers = {s: _Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard) for s in ("train", "valid")}
+        triple_hits = Counter()
+        mentions = 0
+
+        def chunks() -> Iterator[list[Doc]]:
+            chunk = []
+            for doc in iter_docs(cfg, counts, rejected):
+                chunk.append(doc)
+                if len(chunk) == cfg.chunk_docs:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        init = (str(work / "tokenizer.model"), aliases, cfg.case, pair_index)
+        pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, init) if cfg.workers > 1 else None
+        if pool is None:
+            _init_worker(*init)
+        t1, n_done = time.time(), 0
+        try:
+            results = pool.imap(_process_chunk, chunks()) if pool else map(_process_chunk, chunks())
+            for chunk_result in results:
+                for r in chunk_result:
+                    split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
+                    spans = [
+                        (ts, te, entity_index.setdefault(ent, len(entity_index)))
+                        for ts, te, ent in r["spans"]
+                    ]
+                    packers[split].add(r["ids"], spans, r["triples"])
+                    counts[f"documents_{split}"] += 1
+                    mentions += r["n_mentions"]
+                    triple_hits.update(t for _, _, t in r["triples"])
+                n_done += len(chunk_result)
+                _progress("join+pack", n_done, t1)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        print(file=sys.stderr)
+        splits = {s: {"documents": counts[f"documents_{s}"], **p.finish()} for s, p in packers.items()}
+        written = counts["documents_train"] + counts["documents_valid"]
+        if not splits["train"]["shards"]:
             raise DataError(
-                f"{paths[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens"
+                f"{cfg.corpus[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens"
             )
+
+        names = [None] * len(entity_index)
+        for e, i in entity_index.items():
+            names[i] = e
+        (work / "entities.tsv").write_text(
+            "".join(f"{i}\t{e}\n" for i, e in enumerate(names)), encoding="utf-8"
+        )
+        (work / "relations.tsv").write_text(
+            "".join(f"{i}\t{r}\n" for i, r in enumerate(relations)), encoding="utf-8"
+        )
+        (work / "triples.tsv").write_text(
+            "".join(
+                f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\n"
+                for i, t in enumerate(triple_list)
+                if triple_hits[i]
+            ),
+            encoding="utf-8",
+        )
+        per_relation = Counter()
+        for i, n in triple_hits.items():
+            per_relation[triple_list[i].relation] += n
+        tokens = sum(s["tokens"] for s in splits.values())
+        rows = sum(s["rows"] for s in splits.values())
+        stats = {
+            "documents": written,
+            "tokens": tokens,
+            "mentions": mentions,
+            "mentions_per_1000_tokens": 1000 * sum(s["spans"] for s in splits.values()) / max(tokens, 1),
+            "share_of_rows_with_entity": sum(s["rows_with_entity"] for s in splits.values()) / max(rows, 1),
+            "triples_per_row": sum(s["row_triples"] for s in splits.values()) / max(rows, 1),
+            "top_relations": per_relation.most_common(10),
+            "documents_rejected": dict(rejected),
+        }
+        (work / "stats.json").write_text(json.dumps(stats, indent=2))
         manifest = {
             "format": FORMAT,
             "config": asdict(cfg),
-            "inputs": [{"path": str(p), "sha256": _sha256(p)} for p in paths],
+            "inputs": [
+                {"path": str(p), "sha256": _sha256(Path(p))}
+                for p in [*cfg.corpus, *(x for x in (cfg.kg, cfg.aliases) if x)]
+            ],
             "tokenizer": {
                 "file": "tokenizer.model",
                 "type": "sentencepiece",
@@ -196,41 +512,69 @@ def prepare_text(
                 "bos_id": BOS_ID,
                 "unk_id": UNK_ID,
                 "mask_id": sp.piece_to_id("<mask>"),
-                "sha256": _sha256(model_path),
+                "sha256": _sha256(work / "tokenizer.model"),
             },
             "seq_len": cfg.seq_len,
             "dtype": dtype.name,
-            "documents_in": n_in,
-            "documents_written": len(docs),
+            "documents_in": documents_in(counts, rejected),
+            "documents_written": written,
             "documents_rejected": dict(rejected),
             "tokens": tokens,
-            "tokens_dropped_tail": dropped,
-            "splits": manifest_splits,
+            "tokens_dropped_tail": sum(s["tokens_dropped_tail"] for s in splits.values()),
+            "mentions": mentions,
+            "spans": sum(s["spans"] for s in splits.values()),
+            "spans_clipped": sum(s.get("spans_clipped", 0) for s in splits.values()),
+            "spans_dropped_tail": sum(s.get("spans_dropped_tail", 0) for s in splits.values()),
+            "entities": len(entity_index),
+            "relations": len(relations),
+            "kg_triples": len(triple_list),
+            "kg_triples_without_alias": missing_alias,
+            "triples_attached": sum(triple_hits.values()),
+            "distinct_triples_attached": len(triple_hits),
+            "triples_per_relation": dict(sorted(per_relation.items())),
+            "splits": splits,
         }
         tmp = work / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.rename(work / MANIFEST)
-        if (out_dir / MANIFEST).is_file():
-            log(f"data_prep: {out_dir} was completed meanwhile by another process; keeping it")
-        else:
-            if out_dir.exists():  # an earlier run died before writing its manifest
-                shutil.rmtree(out_dir)
-            work.rename(out_dir)
+        if out_dir.exists():  # an earlier dataset (or one that died before its manifest) is replaced
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
     finally:
         if work.exists():
             shutil.rmtree(work)
     log(
-        f"data_prep: {tokens} tokens in {sum(len(s['shards']) for s in manifest_splits.values())} shards "
-        f"-> {out_dir} ({time.time() - t0:.1f}s)"
+        f"data_prep: {manifest['documents_in']} documents in, {written} written, rejected {dict(rejected)}; {tokens} tokens, "
+        f"{mentions} mentions, {manifest['triples_attached']} triples attached -> {out_dir} ({time.time() - t0:.1f}s)"
     )
     return manifest
 
 
-def prepare_example(out_dir: str | Path, cfg: TextPrepConfig | None = None, log=print) -> dict:
-    """Generate the built-in knowledge world and prepare it into shards in out_dir."""
+def prepare_text(
+    corpus: list[str | Path], out_dir: str | Path, cfg: PrepConfig | None = None, log=print
+) -> dict:
+    """Text only: corpus files to shards in out_dir (the fields of cfg other than corpus/output apply)."""
+    cfg = PrepConfig(
+        **{**asdict(cfg or PrepConfig()), "corpus": [str(p) for p in corpus], "output": str(out_dir)}
+    )
+    return prepare(cfg, log=log)
+
+
+def prepare_example(out_dir: str | Path, cfg: PrepConfig | None = None, log=print) -> dict:
+    """Generate the built-in knowledge world and prepare it, KG-joined, into out_dir."""
     from data_prep.example_world import write_world
 
     out_dir = Path(out_dir)
     raw = out_dir.parent / f"{out_dir.name}_raw"
     paths = write_world(raw)
-    return prepare_text([paths["corpus"]], out_dir, cfg, log=log)
+    cfg = PrepConfig(
+        **{
+            **asdict(cfg or PrepConfig()),
+            "corpus": [str(paths["corpus"])],
+            "output": str(out_dir),
+            "kg": str(paths["kg"]),
+            "aliases": str(paths["aliases"]),
+            "case": "exact",
+        }
+    )
+    return prepare(cfg, log=log)

@@ -107,35 +107,3 @@ def test_ranks_and_accumulation_steps_cover_the_global_batch():
     # One epoch of the stream visits every row once.
     stream = np.concatenate([one.rows(g, m) for g in range(20) for m in range(2)])
     assert sorted(stream[:n].tolist()) == list(range(n))
-
-
-def test_cli_prepares_real_news_and_reports(tmp_path, shared_data):
-    import subprocess
-    import sys
-
-    news = shared_data / "news" / "lee_background.txt"
-    out = tmp_path / "news"
-    cmd = [
-        sys.executable,
-        "-m",
-        "data_prep",
-        "text",
-        "--corpus",
-        str(news),
-        "--output",
-        str(out),
-        "--vocab-size",
-        "2000",
-        "--seq-len",
-        "64",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["documents_in"] == 300 and m["inputs"][0]["path"] == str(news)
-    assert f"documents in 300, written {m['documents_written']}" in proc.stdout
-    assert len(PackedDataset(out, "train")) > 100
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"ok\n\xff\n")
-    proc = subprocess.run([*cmd[:5], str(bad), *cmd[6:]], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "bad.txt:2: invalid UTF-8" in proc.stderr

@@ -1,0 +1,170 @@
+"""Knowledge graph input: triples (TSV, N-Triples, JSONL), aliases, and the entity linker.
+
+- `read_triples(path)`: `head<TAB>relation<TAB>tail` lines, N-Triples (`<h> <r> <t> .`), or JSONL
+  objects with `head`, `relation`, `tail`. A bad line raises `DataError` with file:line.
+- `read_aliases(path)`: `entity_id<TAB>surface form` lines; without a file, entity names serve as aliases.
+- `Linker`: an Aho-Corasick automaton (pyahocorasick) over every alias; finds the longest
+  non-overlapping matches that start and end on word boundaries, with a case policy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.readers import DataError
+
+_NT = re.compile(r'^\s*(<[^>]*>|_:\S+)\s+(<[^>]*>)\s+(<[^>]*>|_:\S+|"(?:[^"\\]|\\.)*"(?:\S*))\s*\.\s*$')
+
+
+@dataclass(frozen=True)
+class Triple:
+    head: str
+    relation: str
+    tail: str
+
+
+def _nt_term(term: str) -> str:
+    if term.startswith("<") and term.endswith(">"):
+        term = term[1:-1]
+        return term.rsplit("/", 1)[-1].rsplit("#", 1)[-1] if "://" in term else term
+    return term
+
+
+def read_triples(path: str | Path) -> list[Triple]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such knowledge-graph file; check --kg")
+    name = path.name.lower()
+    triples = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip() or line.startswith("#"):
+                    continue
+                where = f"{path}:{lineno}"
+                if name.endswith(".nt"):
+                    m = _NT.match(line)
+                    if not m:
+                        raise DataError(
+                            f"{where}: not an N-Triples statement (<h> <r> <t> .); fix or remove the line"
+                        )
+                    triples.append(Triple(*(_nt_term(t) for t in m.groups())))
+                elif name.endswith((".jsonl", ".json")):
+                    try:
+                        rec = json.loads(line)
+                        triples.append(Triple(str(rec["head"]), str(rec["relation"]), str(rec["tail"])))
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise DataError(
+                            f"{where}: expected a JSON object with head, relation, tail ({e})"
+                        ) from e
+                else:
+                    cols = line.rstrip("\n").split("\t")
+                    if len(cols) != 3 or not all(c.strip() for c in cols):
+                        raise DataError(
+                            f"{where}: expected 3 tab-separated columns head, relation, tail; "
+                            f"found {len(cols)}"
+                        )
+                    triples.append(Triple(*(c.strip() for c in cols)))
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}: invalid UTF-8 ({e.reason} at byte {e.start}); re-encode as UTF-8"
+            ) from e
+    if not triples:
+        raise DataError(f"{path}: no triples; is this the right file?")
+    return triples
+
+
+def read_aliases(path: str | Path | None, entities: set[str]) -> dict[str, list[str]]:
+    """entity id -> surface forms. Without a file, each entity's name (underscores as spaces) is its alias.
+    An alias file line for an entity the KG does not have is an error naming the line."""
+    if path is None:
+        return {e: [e.replace("_", " ")] for e in sorted(entities)}
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such alias file; check --aliases")
+    aliases: dict[str, list[str]] = defaultdict(list)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 2 or not cols[1].strip():
+                raise DataError(
+                    f"{path}:{lineno}: expected entity_id<TAB>surface form; found {len(cols)} columns"
+                )
+            aliases[cols[0]].append(cols[1].strip())
+    return dict(aliases)
+
+
+def check_aliases(
+    triples: list[Triple], aliases: dict[str, list[str]], kg_path: Path, on_error: str
+) -> tuple[list[Triple], int]:
+    """Triples whose head or tail has no alias cannot be found in text: error, or skip and count."""
+    kept, missing = [], 0
+    for i, t in enumerate(triples):
+        if t.head in aliases and t.tail in aliases:
+            kept.append(t)
+            continue
+        if on_error != "skip":
+            who = t.head if t.head not in aliases else t.tail
+            raise DataError(
+                f"{kg_path}: triple {i + 1} ({t.head}, {t.relation}, {t.tail}) names entity {who!r} "
+                "with no alias; add it to the alias file or pass --on-error skip"
+            )
+        missing += 1
+    return kept, missing
+
+
+@dataclass(frozen=True)
+class Mention:
+    start: int
+    end: int
+    entity: str
+
+
+class Linker:
+    """Longest-match, word-bounded alias matching. case: "exact" or "ignore"."""
+
+    def __init__(self, aliases: dict[str, list[str]], case: str = "ignore"):
+        import ahocorasick
+
+        if case not in ("exact", "ignore"):
+            raise DataError(f"case={case!r}: use 'exact' or 'ignore'")
+        self.case = case
+        self.automaton = ahocorasick.Automaton()
+        owners: dict[str, str] = {}
+        for entity in sorted(aliases):
+            for alias in aliases[entity]:
+                key = alias.lower() if case == "ignore" else alias
+                owners.setdefault(key, entity)  # an alias shared by several entities goes to the first id
+        for key, entity in owners.items():
+            self.automaton.add_word(key, (len(key), entity))
+        self.automaton.make_automaton()
+        self.empty = not owners
+
+    @staticmethod
+    def _boundary(text: str, i: int) -> bool:
+        return i <= 0 or i >= len(text) or not (text[i - 1].isalnum() and text[i].isalnum())
+
+    def find(self, text: str) -> list[Mention]:
+        if self.empty:
+            return []
+        hay = text.lower() if self.case == "ignore" else text
+        candidates = []
+        for end_idx, (length, entity) in self.automaton.iter(hay):
+            start, end = end_idx - length + 1, end_idx + 1
+            if self._boundary(text, start) and self._boundary(text, end):
+                candidates.append((start, -(end - start), entity))
+        candidates.sort()
+        out, taken_until = [], 0
+        # Leftmost-longest: scan by start, take the longest at each start, skip overlaps.
+        for start, neg_len, entity in candidates:
+            if start < taken_until:
+                continue
+            out.append(Mention(start, start - neg_len, entity))
+            taken_until = start - neg_len
+        return out

@@ -1,0 +1,161 @@
+"""Corpus readers: each yields `RawDoc`s, streaming, with the file and line (or page) they came from.
+
+Formats: plain text (one document a line), JSONL (a configurable text field), Parquet (a text
+column) and MediaWiki XML dumps (`.xml`, `.xml.bz2`), whose `[[links]]` become entity mentions.
+A malformed record raises `DataError` naming the file and line and what to do, or, with
+`on_error="skip"`, is counted under its reason and skipped.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import unicodedata
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep.wikitext import WikiLink, strip_wikitext
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the line and what to do."""
+
+
+@dataclass
+class RawDoc:
+    text: str
+    source: str
+    """file:line (or file:page title) of the record."""
+    links: list[WikiLink] = field(default_factory=list)
+    """Wiki links as character spans of `text` (MediaWiki dumps only)."""
+
+
+def corpus_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".xml", ".xml.bz2")):
+        return "mediawiki"
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _bad(rejected: Counter | None, reason: str, message: str) -> None:
+    if rejected is None:
+        raise DataError(message)
+    rejected[reason] += 1
+
+
+def read_text(path: Path, rejected: Counter | None) -> Iterator[RawDoc]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _bad(
+                    rejected,
+                    "invalid_utf8",
+                    f"{path}:{lineno}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8 "
+                    "or pass --on-error skip",
+                )
+                continue
+            yield RawDoc(line, f"{path}:{lineno}")
+
+
+def read_jsonl(path: Path, text_field: str, rejected: Counter | None) -> Iterator[RawDoc]:
+    for doc in read_text(path, rejected):
+        if not doc.text.strip():
+            yield doc  # counted as empty by ingest
+            continue
+        try:
+            record = json.loads(doc.text)
+        except json.JSONDecodeError as e:
+            _bad(
+                rejected,
+                "malformed_json",
+                f"{doc.source}: malformed JSON ({e.msg} at column {e.colno}); "
+                "fix the line or pass --on-error skip",
+            )
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            _bad(
+                rejected,
+                "missing_text_field",
+                f"{doc.source}: no string field {text_field!r}; set --text-field "
+                "to the field holding the text, or pass --on-error skip",
+            )
+            continue
+        yield RawDoc(text, doc.source)
+
+
+def read_parquet(path: Path, text_field: str, rejected: Counter | None) -> Iterator[RawDoc]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_field!r} (have {pf.schema_arrow.names}); set --text-field")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                _bad(rejected, "missing_text_field", f"{path}:row {row}: {text_field!r} is not a string")
+                continue
+            yield RawDoc(text, f"{path}:row {row}")
+
+
+def read_mediawiki(path: Path, filtered: Counter) -> Iterator[RawDoc]:
+    """Stream <page>s of a dump; articles (namespace 0) that are not redirects become documents.
+    Other pages are not errors: they are counted in `filtered` by reason."""
+    opener = bz2.open if path.name.lower().endswith(".bz2") else open
+    with opener(path, "rb") as f:
+        title = ns = None
+        redirect = False
+        try:
+            for _, elem in ET.iterparse(f, events=("end",)):
+                tag = elem.tag.rsplit("}", 1)[-1]
+                if tag == "title":
+                    title = elem.text or ""
+                elif tag == "ns":
+                    ns = elem.text
+                elif tag == "redirect":
+                    redirect = True
+                elif tag == "text":
+                    markup = elem.text or ""
+                    if ns != "0":
+                        filtered["not_an_article"] += 1
+                    elif redirect:
+                        filtered["redirect"] += 1
+                    else:
+                        text, links = strip_wikitext(unicodedata.normalize("NFC", markup))
+                        yield RawDoc(text, f"{path}:{title}", links)
+                elif tag == "page":
+                    title, ns, redirect = None, None, False
+                    elem.clear()
+        except ET.ParseError as e:
+            raise DataError(
+                f"{path}:{e.position[0]}: malformed XML ({e}); is this a complete MediaWiki dump?"
+            ) from e
+
+
+def read_corpus(path: Path, text_field: str, rejected: Counter, on_error: str) -> Iterator[RawDoc]:
+    """Documents of one corpus file; what is filtered or skipped is added to `rejected`."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such corpus file; check the path")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; remove it from the inputs")
+    errors = rejected if on_error == "skip" else None
+    fmt = corpus_format(path)
+    if fmt == "mediawiki":
+        yield from read_mediawiki(path, rejected)
+    elif fmt == "jsonl":
+        yield from read_jsonl(path, text_field, errors)
+    elif fmt == "parquet":
+        yield from read_parquet(path, text_field, errors)
+    else:
+        yield from read_text(path, errors)

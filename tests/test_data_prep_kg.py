@@ -1,0 +1,236 @@
+"""data_prep with knowledge: wiki links, alias linking, distant supervision, join and pack, on real data."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data_prep.kg import Linker, Triple, check_aliases, read_aliases, read_triples
+from data_prep.pipeline import EOS_ID, PrepConfig, _Packer, prepare, prepare_example
+from data_prep.readers import DataError, read_corpus, read_mediawiki
+from data_prep.wikitext import strip_wikitext
+from sparsexpert.data import PackedDataset
+
+REPO = Path(__file__).resolve().parents[1]
+NATIONS_ALIASES = REPO / "data_prep" / "examples" / "nations_aliases.tsv"
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_wikitext_keeps_exact_link_spans():
+    markup = (
+        "{{Infobox|name=x {{nested}} }}'''Anarchism''' is a [[political philosophy]] that advocates "
+        "[[self-governance|self-governed]] societies.<ref>cite [[Ignored]]</ref> See [[bus]]es, "
+        "[[File:x.png|thumb|a [[link]] in a caption]] and [http://example.org an external label].\n"
+        "== History ==\n[[Category:Political ideologies]]Text [[Peter Kropotkin|Kropotkin ]] wrote."
+    )
+    text, links = strip_wikitext(markup)
+    got = [(text[link.start : link.end], link.target) for link in links]
+    assert got == [
+        ("political philosophy", "Political philosophy"),
+        ("self-governed", "Self-governance"),
+        ("buses", "Bus"),
+        ("Kropotkin", "Peter Kropotkin"),
+    ]
+    assert text.startswith(
+        "Anarchism is a political philosophy that advocates self-governed societies. See buses"
+    )
+    assert "an external label" in text and "History" in text and "Infobox" not in text and "cite" not in text
+
+
+def test_real_wiki_dump_links_become_exact_mentions(shared_data):
+    filtered = Counter()
+    docs = {
+        d.source.split(":", 1)[1].rsplit(":", 1)[-1]: d
+        for d in read_mediawiki(shared_data / "wiki" / "enwiki-sample.xml.bz2", filtered)
+    }
+    assert len(docs) == 106 and filtered == {"redirect": 99, "not_an_article": 1}
+    autism = docs["Autism"]
+    spans = [(autism.text[link.start : link.end], link.target) for link in autism.links[:4]]
+    assert spans == [
+        ("neurodevelopmental disorder", "Neurodevelopmental disorder"),
+        ("social interaction", "Interpersonal relationship"),
+        ("verbal", "Language acquisition"),
+        ("non-verbal communication", "Non-verbal communication"),
+    ]
+    assert autism.text.startswith("Autism is a neurodevelopmental disorder characterized by impaired social")
+    total = sum(len(d.links) for d in docs.values())
+    assert total > 20000
+    for d in docs.values():
+        for link in d.links:
+            surface = d.text[link.start : link.end]
+            assert surface and surface == surface.strip() and "[[" not in surface and "|" not in surface
+
+
+def test_wiki_dump_to_shards_spans_decode_to_their_mentions(shared_data, tmp_path):
+    cfg = PrepConfig(
+        corpus=[str(shared_data / "wiki" / "enwiki-sample.xml.bz2")],
+        output=str(tmp_path / "wiki"),
+        vocab_size=4000,
+        seq_len=256,
+        workers=2,
+    )
+    m = prepare(cfg, log=lambda *_: None)
+    assert m["documents_in"] == 206 and m["documents_written"] == 106
+    assert m["documents_rejected"] == {"redirect": 99, "not_an_article": 1}
+    assert m["documents_in"] == m["documents_written"] + sum(m["documents_rejected"].values())
+    assert m["mentions"] > 20000 and m["spans"] > 15000
+    ds = PackedDataset(tmp_path / "wiki", "train")
+    spans = np.load(tmp_path / "wiki" / "train_spans.npy")
+    names = dict(line.split("\t") for line in (tmp_path / "wiki" / "entities.tsv").read_text().splitlines())
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "wiki" / "tokenizer.model"))
+    rows = ds[spans[:300, 0]]
+    exact = 0
+    for (_row, s, e, ent), tokens in zip(spans[:300], rows):
+        surface = sp.decode(tokens[s:e].tolist())
+        assert 0 <= s < e <= ds.seq_len and surface.strip()
+        exact += surface.lower() in names[str(ent)].lower() or names[str(ent)].lower() in surface.lower()
+    assert exact > 150  # many surfaces are their target's title (the rest are anchor texts like "verbal")
+
+
+def test_linker_longest_match_word_boundaries_and_case():
+    aliases = {"nyc": ["New York City"], "ny": ["New York"], "york": ["York"], "us": ["US"], "uk": ["UK"]}
+    text = "From New York City to York, not USA; the US and the uk."
+    exact = [(text[m.start : m.end], m.entity) for m in Linker(aliases, "exact").find(text)]
+    assert exact == [("New York City", "nyc"), ("York", "york"), ("US", "us")]
+    ignore = [(text[m.start : m.end], m.entity) for m in Linker(aliases, "ignore").find(text)]
+    assert ignore == [("New York City", "nyc"), ("York", "york"), ("US", "us"), ("uk", "uk")]
+
+
+def test_kg_readers_and_their_errors(tmp_path):
+    tsv = tmp_path / "kg.tsv"
+    tsv.write_text("a\tr1\tb\nb\tr2\tc\n")
+    nt = tmp_path / "kg.nt"
+    nt.write_text("<http://x.org/a> <http://x.org/r1> <http://x.org/b> .\n")
+    jl = tmp_path / "kg.jsonl"
+    jl.write_text('{"head": "a", "relation": "r1", "tail": "b"}\n')
+    assert read_triples(tsv) == [Triple("a", "r1", "b"), Triple("b", "r2", "c")]
+    assert read_triples(nt) == [Triple("a", "r1", "b")] == read_triples(jl)
+    tsv.write_text("a\tr1\tb\na\tr1\n")
+    with pytest.raises(DataError, match=r"kg.tsv:2: expected 3 tab-separated columns .* found 2"):
+        read_triples(tsv)
+    nt.write_text("not a triple\n")
+    with pytest.raises(DataError, match=r"kg.nt:1: not an N-Triples statement"):
+        read_triples(nt)
+    aliases = tmp_path / "aliases.tsv"
+    aliases.write_text("a\tAlpha\nb\tBeta\n")
+    triples = [Triple("a", "r1", "b"), Triple("b", "r2", "c")]
+    with pytest.raises(DataError, match=r"triple 2 \(b, r2, c\) names entity 'c' with no alias"):
+        check_aliases(triples, read_aliases(aliases, {"a", "b", "c"}), tsv, "fail")
+    kept, missing = check_aliases(triples, read_aliases(aliases, {"a", "b", "c"}), tsv, "skip")
+    assert kept == triples[:1] and missing == 1
+
+
+def test_jsonl_bad_lines_fail_or_are_counted(tmp_path):
+    jl = tmp_path / "c.jsonl"
+    jl.write_text('{"text": "one"}\n{"text": \n{"body": "x"}\n{"text": "two"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: malformed JSON"):
+        list(read_corpus(jl, "text", Counter(), "fail"))
+    rejected = Counter()
+    docs = [d.text for d in read_corpus(jl, "text", rejected, "skip")]
+    assert docs == ["one", "two"] and rejected == {"malformed_json": 1, "missing_text_field": 1}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: the file is empty"):
+        list(read_corpus(empty, "text", Counter(), "fail"))
+
+
+def test_span_crossing_a_row_boundary_is_clipped_and_counted(tmp_path):
+    p = _Packer(tmp_path, "train", seq_len=4, dtype=np.dtype(np.uint16), rows_per_shard=100)
+    p.add(np.array([10, 11, 12, 13, 14, 15]), spans=[(0, 2, 7), (2, 5, 8)], triples=[(0, 6, 3)])
+    out = p.finish()
+    spans = np.load(tmp_path / "train_spans.npy").tolist()
+    assert spans == [[0, 0, 2, 7], [0, 2, 4, 8]] and out["spans_clipped"] == 1
+    assert np.load(tmp_path / "train_triples.npy").tolist() == [
+        [0, 3]
+    ]  # row 1 (tokens 15, EOS) is incomplete
+    assert np.fromfile(tmp_path / "train_00000.bin", dtype=np.uint16).tolist() == [10, 11, 12, 13]
+    assert out["tokens_dropped_tail"] == 3 and EOS_ID == 2
+
+
+def test_news_with_nations_distant_supervision(shared_data, tmp_path):
+    out = tmp_path / "news"
+    proc = _run_cli(
+        "run",
+        "--corpus",
+        str(shared_data / "news" / "lee_background.txt"),
+        "--kg",
+        str(shared_data / "kg" / "nations" / "train.tsv"),
+        "--aliases",
+        str(NATIONS_ALIASES),
+        "--case",
+        "exact",
+        "--output",
+        str(out),
+        "--vocab-size",
+        "2000",
+        "--seq-len",
+        "128",
+        "--workers",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["documents_in"] == 300 and m["documents_in"] == m["documents_written"] + sum(
+        m["documents_rejected"].values()
+    )
+    assert m["mentions"] > 200 and m["triples_attached"] > 300 and m["relations"] == 55
+    assert f"triples attached {m['triples_attached']}" in proc.stdout
+    attached = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
+    assert sum(int(row[4]) for row in attached) == m["triples_attached"]
+    assert ["usa", "uk"] in [[h, t] for _, h, _, t, _ in attached]  # "A United States ... a British man"
+    assert sum(m["triples_per_relation"].values()) == m["triples_attached"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["mentions_per_1000_tokens"] > 0 and stats["top_relations"]
+    assert _run_cli("stats", str(out)).stdout.strip().startswith("{")
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("usa\tally\n")
+    proc = _run_cli(
+        "run",
+        "--corpus",
+        str(shared_data / "news" / "lee_background.txt"),
+        "--kg",
+        str(bad),
+        "--output",
+        str(tmp_path / "x"),
+        "--dry-run",
+    )
+    assert proc.returncode == 2 and "bad.tsv:1: expected 3 tab-separated columns" in proc.stderr
+
+
+def test_output_does_not_depend_on_workers(tmp_path):
+    digests = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare_example(
+            out, PrepConfig(vocab_size=300, seq_len=64, workers=workers, chunk_docs=100), log=lambda *_: None
+        )
+        files = sorted(p for p in out.iterdir() if p.name != "manifest.json")
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+    assert digests[0] == digests[1]
+    m = json.loads((tmp_path / "w2" / "manifest.json").read_text())
+    assert m["triples_attached"] > 1000 and m["spans"] > 5000 and m["entities"] > 200
+
+
+def test_parquet_reader(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"body": ["first doc", None, "second doc"]}), path)
+    with pytest.raises(DataError, match=r"c.parquet: no column 'text'"):
+        list(read_corpus(path, "text", Counter(), "fail"))
+    rejected = Counter()
+    assert [d.text for d in read_corpus(path, "body", rejected, "skip")] == ["first doc", "second doc"]
+    assert rejected == {"missing_text_field": 1}
