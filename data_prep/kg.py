@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from data_prep.readers import DataError
 
@@ -119,8 +120,7 @@ def check_aliases(
     return kept, missing
 
 
-@dataclass(frozen=True)
-class Mention:
+class Mention(NamedTuple):
     start: int
     end: int
     entity: str
@@ -153,7 +153,11 @@ class Linker:
     def find(self, text: str) -> list[Mention]:
         if self.empty:
             return []
-        hay = text.lower() if self.case == "ignore" else text
+        hay = text
+        if self.case == "ignore":
+            hay = text.lower()
+            if len(hay) != len(text):  # a few characters lower-case to two; keep offsets aligned
+                hay = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
         candidates = []
         for end_idx, (length, entity) in self.automaton.iter(hay):
             start, end = end_idx - length + 1, end_idx + 1

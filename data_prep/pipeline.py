@@ -165,6 +165,8 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
             vocab_size=cfg.vocab_size,
             model_type=cfg.tokenizer_type,
             character_coverage=1.0,
+            normalization_rule_name="identity",  # ingest already NFC-normalizes; keeps offsets exact
+            remove_extra_whitespaces=False,
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
@@ -174,7 +176,7 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
             minloglevel=2,
             input_sentence_size=2_000_000,
             shuffle_input_sentence=True,
-            max_sentence_length=1 << 16,
+            max_sentence_length=1 << 24,
         )
     except RuntimeError as e:
         if errors:
@@ -200,14 +202,45 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
 _WORKER: dict = {}
 
 
+def piece_char_lengths(sp) -> np.ndarray | None:
+    """Characters each piece covers, when that is exact: identity normalization, no whitespace
+    squeezing, no byte fallback. Then token offsets are a cumulative sum, with no per-token Python.
+    Returns None for other tokenizers (offsets then come from SentencePiece's proto, slower)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    norm = proto.normalizer_spec
+    if norm.name != "identity" or norm.remove_extra_whitespaces or proto.trainer_spec.byte_fallback:
+        return None
+    lengths = np.array([len(sp.id_to_piece(i)) for i in range(sp.get_piece_size())], dtype=np.int64)
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+            lengths[i] = -1  # covers an unknown number of characters: that document takes the slow path
+    return lengths
+
+
 def _init_worker(model_file: str, aliases: dict | None, case: str, pair_index: dict | None) -> None:
     import sentencepiece as spm
 
     from data_prep.kg import Linker
 
-    _WORKER["sp"] = spm.SentencePieceProcessor(model_file=model_file)
-    _WORKER["linker"] = Linker(aliases, case) if aliases else None
-    _WORKER["pairs"] = pair_index or {}
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    _WORKER.update(
+        sp=sp,
+        lengths=piece_char_lengths(sp),
+        linker=Linker(aliases, case) if aliases else None,
+        pairs=pair_index or {},
+        dummy_prefix=_dummy_prefix(sp),
+    )
+
+
+def _dummy_prefix(sp) -> int:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    return int(proto.normalizer_spec.add_dummy_prefix)
 
 
 def _sentences(text: str) -> list[tuple[int, int]]:
@@ -219,50 +252,70 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return [(s, e) for s, e in spans if e > s]
 
 
+def _token_char_bounds(
+    sp, lengths: np.ndarray | None, dummy: int, text: str, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Character [begin, end) of every token of `text`."""
+    if lengths is not None:
+        piece = lengths[ids]
+        if (piece >= 0).all():
+            end = np.cumsum(piece) - dummy
+            return np.maximum(end - piece, 0), end
+    proto = sp.encode(text, return_type="proto")  # byte offsets: convert to characters
+    begin_b = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
+    end_b = np.fromiter((p.end for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    char_end_b = np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))
+    return (
+        np.searchsorted(char_end_b, begin_b, side="right"),
+        np.searchsorted(char_end_b, end_b, side="left") + 1,
+    )
+
+
 def _process_chunk(docs: list[Doc]) -> list[dict]:
     sp, linker, pairs = _WORKER["sp"], _WORKER["linker"], _WORKER["pairs"]
-    protos = sp.encode([d.text for d in docs], return_type="proto")
+    all_ids = sp.encode([d.text for d in docs])
     out = []
-    for doc, proto in zip(docs, protos):
-        ids = np.fromiter((p.id for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
-        begin = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
-        end = np.fromiter((p.end for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
+    for doc, id_list in zip(docs, all_ids):
+        ids = np.asarray(id_list, dtype=np.int64)
         # Mentions: wiki links first; alias matches only where no link is.
-        mentions = [(link.start, link.end, link.target, "wiki") for link in doc.links]
+        mentions = [(link.start, link.end, link.target) for link in doc.links]
         if linker is not None:
             taken = np.zeros(len(doc.text) + 1, dtype=bool)
-            for s, e, _, _ in mentions:
+            for s, e, _ in mentions:
                 taken[s:e] = True
             mentions += [
-                (m.start, m.end, m.entity, "alias")
-                for m in linker.find(doc.text)
-                if not taken[m.start : m.end].any()
+                (m.start, m.end, m.entity) for m in linker.find(doc.text) if not taken[m.start : m.end].any()
             ]
             mentions.sort()
-        # Character -> UTF-8 byte offsets (SentencePiece reports bytes).
-        char_bytes = np.zeros(len(doc.text) + 1, dtype=np.int64)
-        if mentions or pairs:
-            cp = np.frombuffer(doc.text.encode("utf-32-le"), dtype=np.uint32)
-            char_bytes[1:] = np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))
-
-        def tok_span(cs: int, ce: int, char_bytes=char_bytes, begin=begin, end=end) -> tuple[int, int]:
-            """Tokens overlapping characters [cs, ce): the first ending after cs to the last beginning before ce."""
-            bs, be = char_bytes[cs], char_bytes[ce]
-            return int(np.searchsorted(end, bs, side="right")), int(np.searchsorted(begin, be, side="left"))
-
-        spans = []
-        for cs, ce, entity, _ in mentions:
-            ts, te = tok_span(cs, ce)
-            if te > ts:
-                spans.append((ts, te, entity))
-        attached = []
-        if pairs and mentions:
-            for ss, se in _sentences(doc.text):
-                ents = sorted({m[2] for m in mentions if m[0] >= ss and m[1] <= se})
-                found = [t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())]
-                if found:
-                    ts, te = tok_span(ss, se)
-                    attached.extend((ts, te, t) for t in sorted(set(found)))
+        spans, attached = [], []
+        if mentions:
+            begin, end = _token_char_bounds(sp, _WORKER["lengths"], _WORKER["dummy_prefix"], doc.text, ids)
+            m_start = np.fromiter((m[0] for m in mentions), dtype=np.int64, count=len(mentions))
+            m_end = np.fromiter((m[1] for m in mentions), dtype=np.int64, count=len(mentions))
+            # Tokens overlapping characters [start, end): first ending after start, up to the last beginning before end.
+            t_start, t_end = (
+                np.searchsorted(end, m_start, side="right"),
+                np.searchsorted(begin, m_end, side="left"),
+            )
+            spans = [(int(a), int(b), m[2]) for a, b, m in zip(t_start, t_end, mentions) if b > a]
+            if pairs and len({m[2] for m in mentions}) > 1:
+                sents = _sentences(doc.text)
+                s_start = np.array([a for a, _ in sents], dtype=np.int64)
+                s_end = np.array([b for _, b in sents], dtype=np.int64)
+                sent_of = np.searchsorted(s_start, m_start, side="right") - 1
+                by_sentence: dict[int, set[str]] = {}
+                for k, m in enumerate(mentions):
+                    if m_end[k] <= s_end[sent_of[k]]:  # mentions across a sentence end belong to none
+                        by_sentence.setdefault(int(sent_of[k]), set()).add(m[2])
+                for k, ents in sorted(by_sentence.items()):
+                    if len(ents) < 2:
+                        continue
+                    found = {t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())}
+                    if found:
+                        ts = int(np.searchsorted(end, s_start[k], side="right"))
+                        te = int(np.searchsorted(begin, s_end[k], side="left"))
+                        attached.extend((ts, te, t) for t in sorted(found))
         out.append(
             {
                 "ids": ids,

@@ -234,3 +234,19 @@ def test_parquet_reader(tmp_path):
     rejected = Counter()
     assert [d.text for d in read_corpus(path, "body", rejected, "skip")] == ["first doc", "second doc"]
     assert rejected == {"missing_text_field": 1}
+
+
+def test_fast_token_offsets_equal_sentencepiece_offsets(tmp_path):
+    """Offsets from the piece-length table (identity tokenizer) equal those SentencePiece reports."""
+    from data_prep.pipeline import _dummy_prefix, _token_char_bounds, piece_char_lengths, train_tokenizer
+
+    docs = [f"Ünïcode façade №{i}:  two  spaces, a tab\\there, and 東京 at the end." for i in range(200)]
+    model = train_tokenizer(iter(docs), tmp_path / "t.model", PrepConfig(vocab_size=200))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    lengths = piece_char_lengths(sp)
+    assert lengths is not None
+    for text in (docs[7], " leading space and Ü", "unseen ☃ snowman"):
+        ids = np.asarray(sp.encode(text))
+        fast = _token_char_bounds(sp, lengths, _dummy_prefix(sp), text, ids)
+        slow = _token_char_bounds(sp, None, _dummy_prefix(sp), text, ids)
+        assert fast[0].tolist() == slow[0].tolist() and fast[1].tolist() == slow[1].tolist(), text
