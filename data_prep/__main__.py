@@ -7,6 +7,15 @@
     python -m data_prep example --output data/example     # the built-in synthetic knowledge world
     python -m data_prep stats data/news                   # print a prepared dataset's stats
 
+Stages one by one (same flags as `run`): `tokenizer` trains the tokenizer, `join` links, extracts
+and joins (the part given by --num-shards/--shard-index), `merge` packs all joined chunks into the
+output. Finished work is kept in <output>.parts, so an interrupted run continues where it stopped.
+Scale-out over K machines sharing a filesystem:
+
+    python -m data_prep tokenizer --corpus ... --output data/big            # once
+    python -m data_prep join --corpus ... --output data/big --num-shards K --shard-index i   # machine i
+    python -m data_prep merge --corpus ... --output data/big                # once, after all K
+
 Writes tokenizer.model, {train,valid}_*.bin, *_spans.npy, *_triples.npy, entities.tsv,
 relations.tsv, triples.tsv, stats.json and, last, manifest.json into --output.
 """
@@ -19,7 +28,16 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from data_prep.pipeline import DataError, PrepConfig, prepare, prepare_example
+from data_prep.pipeline import (
+    DataError,
+    PrepConfig,
+    load_inputs,
+    prepare,
+    prepare_example,
+    stage_join,
+    stage_pack,
+    stage_tokenizer,
+)
 
 DEFAULTS = PrepConfig()
 
@@ -35,12 +53,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="corpus (+ KG) to shards")
+def _add_run_args(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common(run)
     run.add_argument("--config", help="JSON file with PrepConfig fields; flags given override it")
     run.add_argument(
@@ -54,7 +67,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--case", choices=["ignore", "exact"], default=DEFAULTS.case, help="alias matching")
     run.add_argument("--on-error", choices=["fail", "skip"], default=DEFAULTS.on_error)
+    run.add_argument("--chunk-docs", type=int, default=DEFAULTS.chunk_docs, help="documents per unit of work")
+    run.add_argument(
+        "--num-shards", type=int, default=DEFAULTS.num_shards, help="machines sharing the join stage"
+    )
+    run.add_argument("--shard-index", type=int, default=DEFAULTS.shard_index, help="this machine's share")
     run.add_argument("--dry-run", action="store_true", help="validate the inputs and stop")
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    stage_parsers = {}
+    for name, help_ in (
+        ("run", "corpus (+ KG) to shards: every stage"),
+        ("tokenizer", "stage: train the tokenizer"),
+        ("join", "stage: link, extract, join (this shard's chunks)"),
+        ("merge", "stage: pack every joined chunk into the output"),
+    ):
+        stage_parsers[name] = _add_run_args(sub.add_parser(name, help=help_))
     example = sub.add_parser("example", help="the built-in synthetic knowledge world")
     _add_common(example)
     stats = sub.add_parser("stats", help="print the stats of a prepared dataset")
@@ -79,9 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PrepConfig(**base)
         if args.command == "example":
             manifest = prepare_example(cfg.output, cfg)
+        elif args.command == "tokenizer":
+            load_inputs(cfg)
+            print(f"tokenizer: {stage_tokenizer(cfg)}")
+            return 0
+        elif args.command == "join":
+            stage_join(cfg, load_inputs(cfg))
+            return 0
+        elif args.command == "merge":
+            manifest = stage_pack(cfg, load_inputs(cfg))
         else:
             manifest = prepare(cfg, dry_run=args.dry_run)
-            if args.dry_run:
+            if not manifest:  # a dry run, or one shard of several
                 return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import pickle
 import re
 import shutil
 import sys
 import tempfile
 import time
 import unicodedata
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -86,7 +88,11 @@ class PrepConfig:
     on_error: str = "fail"
     """Bad input records: "fail" with file:line, or "skip" and count them."""
     chunk_docs: int = 256
-    """Documents per unit of parallel work."""
+    """Documents per unit of work: the grain of parallelism, of resuming and of scale-out."""
+    num_shards: int = 1
+    """Machines sharing the join stage (a Slurm array, or one process per node)."""
+    shard_index: int = 0
+    """This machine's share: the chunks c with c % num_shards == shard_index."""
 
     def validate(self) -> None:
         if not self.corpus:
@@ -95,6 +101,8 @@ class PrepConfig:
             raise DataError("no output folder: pass --output DIR")
         if self.on_error not in ("fail", "skip"):
             raise DataError(f"on_error={self.on_error!r}: use 'fail' or 'skip'")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise DataError(f"shard_index={self.shard_index}: must be in [0, num_shards={self.num_shards})")
         if self.seq_len < 2 or self.workers < 1 or self.vocab_size < 16:
             raise DataError("seq_len must be >= 2, workers >= 1, vocab_size >= 16")
 
@@ -417,190 +425,355 @@ def _progress(stage: str, done: int, t0: float, unit: str = "docs") -> None:
     print(f"\rdata_prep {stage}: {done:,} {unit} ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
 
 
-def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
-    """Run every stage; the output folder appears complete or not at all (built aside, then renamed)."""
-    import sentencepiece as spm
+@dataclass
+class Knowledge:
+    """The KG side of a run, shared by every stage."""
 
+    triples: list  # sorted distinct Triples; a triple's index is its position
+    aliases: dict[str, list[str]] | None
+    relations: list[str]
+    missing_alias: int
+    pair_index: dict[tuple[str, str], list[int]]
+
+
+def load_inputs(cfg: PrepConfig) -> Knowledge:
+    """Check every input file and read the KG (the --dry-run stops after this)."""
     from data_prep.kg import check_aliases, read_aliases, read_triples
 
     cfg.validate()
-    out_dir = Path(cfg.output)
     for p in cfg.corpus:
         if not Path(p).is_file():
             raise DataError(f"{p}: no such corpus file; check the path")
-    triples, aliases, missing_alias = [], None, 0
+    triples, aliases, missing = [], None, 0
     if cfg.kg:
         triples = read_triples(cfg.kg)
-        entities = {t.head for t in triples} | {t.tail for t in triples}
-        aliases = read_aliases(cfg.aliases, entities)
-        triples, missing_alias = check_aliases(triples, aliases, Path(cfg.kg), cfg.on_error)
-    if dry_run:
-        log(f"data_prep: inputs are valid ({len(cfg.corpus)} corpus files, {len(triples)} triples)")
-        return {}
+        aliases = read_aliases(cfg.aliases, {t.head for t in triples} | {t.tail for t in triples})
+        triples, missing = check_aliases(triples, aliases, Path(cfg.kg), cfg.on_error)
+    triple_list = sorted(set(triples), key=lambda t: (t.head, t.relation, t.tail))
+    pair_index: dict[tuple[str, str], list[int]] = {}
+    for i, t in enumerate(triple_list):
+        pair_index.setdefault((t.head, t.tail), []).append(i)
+    return Knowledge(triple_list, aliases, sorted({t.relation for t in triple_list}), missing, pair_index)
 
+
+# Fields that do not change the output: they may differ between the machines or runs sharing a parts folder.
+_RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output")
+
+
+def parts_dir(cfg: PrepConfig) -> Path:
+    out = Path(cfg.output)
+    return out.parent / f"{out.name}.parts"
+
+
+def _open_parts(cfg: PrepConfig) -> Path:
+    """The folder of finished work units, reused by a resumed run and shared by scale-out machines."""
+    parts = parts_dir(cfg)
+    (parts / "chunks").mkdir(parents=True, exist_ok=True)
+    fingerprint = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS}
+    fp_file = parts / "config.json"
+    started = (parts / "tokenizer.model").is_file() or any((parts / "chunks").iterdir())
+    if fp_file.is_file() and started:
+        if json.loads(fp_file.read_text()) != fingerprint:
+            raise DataError(
+                f"{parts}: holds work of a run with a different config; use the same config to resume, "
+                "or delete the folder to start over"
+            )
+    else:
+        _atomic_write(fp_file, json.dumps(fingerprint, indent=1).encode())
+    return parts
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
+    """Train (or copy) the tokenizer into the parts folder, once."""
+    parts = _open_parts(cfg)
+    model = parts / "tokenizer.model"
+    if model.is_file():
+        return model
+    probe_counts, probe_rejected = Counter(), Counter()
+    if next(iter_docs(cfg, probe_counts, probe_rejected), None) is None:
+        raise DataError(
+            f"{', '.join(cfg.corpus)}: no usable documents ({documents_in(probe_counts, probe_rejected)} "
+            f"read, rejected {dict(probe_rejected)})"
+        )
+    tmp = parts / f".tokenizer.{uuid.uuid4().hex}.model"
+    if cfg.tokenizer:
+        shutil.copyfile(cfg.tokenizer, tmp)
+    else:
+        log(f"data_prep tokenizer: training SentencePiece {cfg.tokenizer_type}, vocabulary {cfg.vocab_size}")
+        train_tokenizer((d.text for d in iter_docs(cfg, Counter(), Counter())), tmp, cfg)
+    tmp.replace(model)
+    return model
+
+
+def _chunks(cfg: PrepConfig) -> Iterator[tuple[int, list[Doc], int, Counter]]:
+    """(chunk index, documents, records read, rejections) in input order; what is read after the
+    last document is counted in the last chunk."""
+    counts, rejected = Counter(), Counter()
+    seen_in, seen_rej = 0, Counter()
+    chunk: list[Doc] = []
+    index = 0
+    for doc in iter_docs(cfg, counts, rejected):
+        chunk.append(doc)
+        if len(chunk) == cfg.chunk_docs:
+            n_in = documents_in(counts, rejected)
+            yield index, chunk, n_in - seen_in, rejected - seen_rej
+            seen_in, seen_rej, chunk, index = n_in, rejected.copy(), [], index + 1
+    n_in = documents_in(counts, rejected)
+    if chunk or n_in > seen_in:
+        yield index, chunk, n_in - seen_in, rejected - seen_rej
+
+
+def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
+    """Link, extract and join this machine's chunks (c % num_shards == shard_index) in a pool of
+    cfg.workers processes, skipping chunks already done. Returns the number of chunks of the input."""
+    parts = _open_parts(cfg)
+    model = parts / "tokenizer.model"
+    if not model.is_file():
+        raise DataError(
+            f"{model}: no tokenizer yet; run `python -m data_prep tokenizer` with the same config first"
+        )
+    chunk_dir = parts / "chunks"
+    todo_meta: dict[int, tuple[int, Counter]] = {}
+    skipped = 0
+
+    def mine() -> Iterator[list[Doc]]:
+        nonlocal skipped
+        for c, docs, n_in, rej in _chunks(cfg):
+            total[0] = c + 1
+            if c % cfg.num_shards != cfg.shard_index:
+                continue
+            if (chunk_dir / f"chunk_{c:07d}.pkl").is_file():
+                skipped += 1
+                continue
+            todo_meta[c] = (n_in, rej)
+            order.append(c)
+            yield docs
+
+    total, order = [0], []
+    init = (str(model), know.aliases, cfg.case, know.pair_index)
+    pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, init) if cfg.workers > 1 else None
+    if pool is None:
+        _init_worker(*init)
+    t0, done = time.time(), 0
+    try:
+        results = pool.imap(_process_chunk, mine()) if pool else map(_process_chunk, mine())
+        for k, result in enumerate(results):
+            c = order[k]
+            n_in, rej = todo_meta.pop(c)
+            payload = {"docs": result, "records": n_in, "rejected": dict(rej)}
+            _atomic_write(chunk_dir / f"chunk_{c:07d}.pkl", pickle.dumps(payload, protocol=4))
+            done += len(result)
+            _progress("join", done, t0)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    print(file=sys.stderr)
+    _atomic_write(parts / "num_chunks", str(total[0]).encode())
+    if skipped:
+        log(f"data_prep join: resumed, {skipped} chunks were already done")
+    return total[0]
+
+
+def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
+    """Pack every chunk, in input order, into the output folder (complete or not at all), then
+    remove the parts folder. On several machines this is the merge step, run once."""
+    import sentencepiece as spm
+
+    parts = _open_parts(cfg)
+    n_file = parts / "num_chunks"
+    if not n_file.is_file():
+        raise DataError(f"{parts}: the join stage has not run yet")
+    n_chunks = int(n_file.read_text())
+    missing = [c for c in range(n_chunks) if not (parts / "chunks" / f"chunk_{c:07d}.pkl").is_file()]
+    if missing:
+        raise DataError(
+            f"{parts}: {len(missing)} of {n_chunks} chunks are not joined yet (first: chunk {missing[0]}, "
+            "which --num-shards K gives to --shard-index chunk % K); run the join stage for them first"
+        )
     t0 = time.time()
+    out_dir = Path(cfg.output)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        # Stage tokenizer (a first pass over the ingested documents).
-        probe_counts, probe_rejected = Counter(), Counter()
-        if next(iter_docs(cfg, probe_counts, probe_rejected), None) is None:
-            raise DataError(
-                f"{', '.join(cfg.corpus)}: no usable documents ({documents_in(probe_counts, probe_rejected)} read, "
-                f"rejected {dict(probe_rejected)})"
-            )
-        if cfg.tokenizer:
-            shutil.copyfile(cfg.tokenizer, work / "tokenizer.model")
-        else:
-            train_tokenizer(
-                (d.text for d in iter_docs(cfg, Counter(), Counter())), work / "tokenizer.model", cfg
-            )
+        shutil.copyfile(parts / "tokenizer.model", work / "tokenizer.model")
         sp = spm.SentencePieceProcessor(model_file=str(work / "tokenizer.model"))
         vocab = sp.get_piece_size()
         dtype = np.dtype(np.uint16 if vocab < 2**16 else np.uint32)
-
-        # Vocabularies: KG entities sorted; entities first met in wiki links appended in order.
+        # Vocabularies: KG entities sorted; entities first met in wiki links appended in input order.
         entity_index = {
-            e: i for i, e in enumerate(sorted({t.head for t in triples} | {t.tail for t in triples}))
+            e: i
+            for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))
         }
-        relations = sorted({t.relation for t in triples})
-        triple_list = sorted(set(triples), key=lambda t: (t.head, t.relation, t.tail))
-        pair_index: dict[tuple[str, str], list[int]] = {}
-        for i, t in enumerate(triple_list):
-            pair_index.setdefault((t.head, t.tail), []).append(i)
-
-        counts, rejected = Counter(), Counter()
         packers = {s: _Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard) for s in ("train", "valid")}
-        triple_hits = Counter()
-        mentions = 0
-
-        def chunks() -> Iterator[list[Doc]]:
-            chunk = []
-            for doc in iter_docs(cfg, counts, rejected):
-                chunk.append(doc)
-                if len(chunk) == cfg.chunk_docs:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
-
-        init = (str(work / "tokenizer.model"), aliases, cfg.case, pair_index)
-        pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, init) if cfg.workers > 1 else None
-        if pool is None:
-            _init_worker(*init)
-        t1, n_done = time.time(), 0
-        try:
-            results = pool.imap(_process_chunk, chunks()) if pool else map(_process_chunk, chunks())
-            for chunk_result in results:
-                for r in chunk_result:
-                    split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
-                    spans = [
-                        (ts, te, entity_index.setdefault(ent, len(entity_index)))
-                        for ts, te, ent in r["spans"]
-                    ]
-                    packers[split].add(r["ids"], spans, r["triples"])
-                    counts[f"documents_{split}"] += 1
-                    mentions += r["n_mentions"]
-                    triple_hits.update(t for _, _, t in r["triples"])
-                n_done += len(chunk_result)
-                _progress("join+pack", n_done, t1)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
+        counts, rejected, triple_hits, mentions, records = Counter(), Counter(), Counter(), 0, 0
+        for c in range(n_chunks):
+            payload = pickle.loads((parts / "chunks" / f"chunk_{c:07d}.pkl").read_bytes())
+            records += payload["records"]
+            rejected.update(payload["rejected"])
+            for r in payload["docs"]:
+                split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
+                spans = [
+                    (ts, te, entity_index.setdefault(ent, len(entity_index))) for ts, te, ent in r["spans"]
+                ]
+                packers[split].add(r["ids"], spans, r["triples"])
+                counts[split] += 1
+                mentions += r["n_mentions"]
+                triple_hits.update(t for _, _, t in r["triples"])
+            _progress("pack", c + 1, t0, "chunks")
         print(file=sys.stderr)
-        splits = {s: {"documents": counts[f"documents_{s}"], **p.finish()} for s, p in packers.items()}
-        written = counts["documents_train"] + counts["documents_valid"]
+        splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
+        written = counts["train"] + counts["valid"]
         if not splits["train"]["shards"]:
             raise DataError(
                 f"{cfg.corpus[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens"
             )
-
-        names = [None] * len(entity_index)
-        for e, i in entity_index.items():
-            names[i] = e
-        (work / "entities.tsv").write_text(
-            "".join(f"{i}\t{e}\n" for i, e in enumerate(names)), encoding="utf-8"
+        manifest = _write_metadata(
+            work,
+            cfg,
+            know,
+            entity_index,
+            triple_hits,
+            splits,
+            records,
+            written,
+            rejected,
+            mentions,
+            vocab,
+            dtype,
+            sp,
         )
-        (work / "relations.tsv").write_text(
-            "".join(f"{i}\t{r}\n" for i, r in enumerate(relations)), encoding="utf-8"
-        )
-        (work / "triples.tsv").write_text(
-            "".join(
-                f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\n"
-                for i, t in enumerate(triple_list)
-                if triple_hits[i]
-            ),
-            encoding="utf-8",
-        )
-        per_relation = Counter()
-        for i, n in triple_hits.items():
-            per_relation[triple_list[i].relation] += n
-        tokens = sum(s["tokens"] for s in splits.values())
-        rows = sum(s["rows"] for s in splits.values())
-        stats = {
-            "documents": written,
-            "tokens": tokens,
-            "mentions": mentions,
-            "mentions_per_1000_tokens": 1000 * sum(s["spans"] for s in splits.values()) / max(tokens, 1),
-            "share_of_rows_with_entity": sum(s["rows_with_entity"] for s in splits.values()) / max(rows, 1),
-            "triples_per_row": sum(s["row_triples"] for s in splits.values()) / max(rows, 1),
-            "top_relations": per_relation.most_common(10),
-            "documents_rejected": dict(rejected),
-        }
-        (work / "stats.json").write_text(json.dumps(stats, indent=2))
-        manifest = {
-            "format": FORMAT,
-            "config": asdict(cfg),
-            "inputs": [
-                {"path": str(p), "sha256": _sha256(Path(p))}
-                for p in [*cfg.corpus, *(x for x in (cfg.kg, cfg.aliases) if x)]
-            ],
-            "tokenizer": {
-                "file": "tokenizer.model",
-                "type": "sentencepiece",
-                "vocab_size": vocab,
-                "pad_id": PAD_ID,
-                "eos_id": EOS_ID,
-                "bos_id": BOS_ID,
-                "unk_id": UNK_ID,
-                "mask_id": sp.piece_to_id("<mask>"),
-                "sha256": _sha256(work / "tokenizer.model"),
-            },
-            "seq_len": cfg.seq_len,
-            "dtype": dtype.name,
-            "documents_in": documents_in(counts, rejected),
-            "documents_written": written,
-            "documents_rejected": dict(rejected),
-            "tokens": tokens,
-            "tokens_dropped_tail": sum(s["tokens_dropped_tail"] for s in splits.values()),
-            "mentions": mentions,
-            "spans": sum(s["spans"] for s in splits.values()),
-            "spans_clipped": sum(s.get("spans_clipped", 0) for s in splits.values()),
-            "spans_dropped_tail": sum(s.get("spans_dropped_tail", 0) for s in splits.values()),
-            "entities": len(entity_index),
-            "relations": len(relations),
-            "kg_triples": len(triple_list),
-            "kg_triples_without_alias": missing_alias,
-            "triples_attached": sum(triple_hits.values()),
-            "distinct_triples_attached": len(triple_hits),
-            "triples_per_relation": dict(sorted(per_relation.items())),
-            "splits": splits,
-        }
-        tmp = work / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.rename(work / MANIFEST)
         if out_dir.exists():  # an earlier dataset (or one that died before its manifest) is replaced
             shutil.rmtree(out_dir)
         work.rename(out_dir)
     finally:
         if work.exists():
             shutil.rmtree(work)
+    shutil.rmtree(parts, ignore_errors=True)
     log(
-        f"data_prep: {manifest['documents_in']} documents in, {written} written, rejected {dict(rejected)}; {tokens} tokens, "
-        f"{mentions} mentions, {manifest['triples_attached']} triples attached -> {out_dir} ({time.time() - t0:.1f}s)"
+        f"data_prep: {manifest['documents_in']} documents in, {written} written, rejected {dict(rejected)}; "
+        f"{manifest['tokens']} tokens, {mentions} mentions, {manifest['triples_attached']} triples attached -> "
+        f"{out_dir} ({time.time() - t0:.1f}s packing)"
     )
     return manifest
+
+
+def _write_metadata(
+    work: Path,
+    cfg: PrepConfig,
+    know: Knowledge,
+    entity_index: dict,
+    triple_hits: Counter,
+    splits: dict,
+    records: int,
+    written: int,
+    rejected: Counter,
+    mentions: int,
+    vocab: int,
+    dtype: np.dtype,
+    sp,
+) -> dict:
+    names = [""] * len(entity_index)
+    for e, i in entity_index.items():
+        names[i] = e
+    (work / "entities.tsv").write_text("".join(f"{i}\t{e}\n" for i, e in enumerate(names)), encoding="utf-8")
+    (work / "relations.tsv").write_text(
+        "".join(f"{i}\t{r}\n" for i, r in enumerate(know.relations)), encoding="utf-8"
+    )
+    (work / "triples.tsv").write_text(
+        "".join(
+            f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\n"
+            for i, t in enumerate(know.triples)
+            if triple_hits[i]
+        ),
+        encoding="utf-8",
+    )
+    per_relation = Counter()
+    for i, n in triple_hits.items():
+        per_relation[know.triples[i].relation] += n
+    tokens = sum(s["tokens"] for s in splits.values())
+    rows = sum(s["rows"] for s in splits.values())
+    stats = {
+        "documents": written,
+        "tokens": tokens,
+        "mentions": mentions,
+        "mentions_per_1000_tokens": 1000 * sum(s["spans"] for s in splits.values()) / max(tokens, 1),
+        "share_of_rows_with_entity": sum(s["rows_with_entity"] for s in splits.values()) / max(rows, 1),
+        "triples_per_row": sum(s["row_triples"] for s in splits.values()) / max(rows, 1),
+        "top_relations": per_relation.most_common(10),
+        "documents_rejected": dict(rejected),
+    }
+    (work / "stats.json").write_text(json.dumps(stats, indent=2))
+    inputs = [*cfg.corpus, *(x for x in (cfg.kg, cfg.aliases) if x)]
+    manifest = {
+        "format": FORMAT,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS},
+        "inputs": [{"path": str(p), "sha256": _sha256(Path(p))} for p in inputs],
+        "tokenizer": {
+            "file": "tokenizer.model",
+            "type": "sentencepiece",
+            "vocab_size": vocab,
+            "pad_id": PAD_ID,
+            "eos_id": EOS_ID,
+            "bos_id": BOS_ID,
+            "unk_id": UNK_ID,
+            "mask_id": sp.piece_to_id("<mask>"),
+            "sha256": _sha256(work / "tokenizer.model"),
+        },
+        "seq_len": cfg.seq_len,
+        "dtype": dtype.name,
+        "documents_in": records,
+        "documents_written": written,
+        "documents_rejected": dict(rejected),
+        "tokens": tokens,
+        "tokens_dropped_tail": sum(s["tokens_dropped_tail"] for s in splits.values()),
+        "mentions": mentions,
+        "spans": sum(s["spans"] for s in splits.values()),
+        "spans_clipped": sum(s.get("spans_clipped", 0) for s in splits.values()),
+        "spans_dropped_tail": sum(s.get("spans_dropped_tail", 0) for s in splits.values()),
+        "entities": len(entity_index),
+        "relations": len(know.relations),
+        "kg_triples": len(know.triples),
+        "kg_triples_without_alias": know.missing_alias,
+        "triples_attached": sum(triple_hits.values()),
+        "distinct_triples_attached": len(triple_hits),
+        "triples_per_relation": dict(sorted(per_relation.items())),
+        "splits": splits,
+    }
+    tmp = work / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.rename(work / MANIFEST)
+    return manifest
+
+
+def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
+    """Every stage: inputs, tokenizer, join (link, extract, join), pack. Resumes finished work found
+    in <output>.parts; with --num-shards > 1 it stops after this machine's share of the join
+    (run `merge` once all shards are done). Returns the manifest ({} when not packing)."""
+    know = load_inputs(cfg)
+    if dry_run:
+        log(f"data_prep: inputs are valid ({len(cfg.corpus)} corpus files, {len(know.triples)} triples)")
+        return {}
+    if cfg.num_shards > 1 and not cfg.tokenizer and not (parts_dir(cfg) / "tokenizer.model").is_file():
+        raise DataError(
+            "with --num-shards > 1 every machine must use the same tokenizer: run "
+            "`python -m data_prep tokenizer` with the same config once first, or pass --tokenizer"
+        )
+    stage_tokenizer(cfg, log)
+    stage_join(cfg, know, log)
+    if cfg.num_shards > 1:
+        log(
+            f"data_prep: shard {cfg.shard_index} of {cfg.num_shards} done in {parts_dir(cfg)}; "
+            "run `python -m data_prep merge` with the same config when all are"
+        )
+        return {}
+    return stage_pack(cfg, know, log)
 
 
 def prepare_text(

@@ -250,3 +250,89 @@ def test_fast_token_offsets_equal_sentencepiece_offsets(tmp_path):
         fast = _token_char_bounds(sp, lengths, _dummy_prefix(sp), text, ids)
         slow = _token_char_bounds(sp, None, _dummy_prefix(sp), text, ids)
         assert fast[0].tolist() == slow[0].tolist() and fast[1].tolist() == slow[1].tolist(), text
+
+
+def _dataset_digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def test_scale_out_then_merge_equals_one_machine(tmp_path):
+    from data_prep.example_world import WorldSpec, write_world
+    from data_prep.pipeline import load_inputs, stage_join, stage_pack, stage_tokenizer
+
+    world = write_world(tmp_path / "raw", WorldSpec(documents=600))
+    base = dict(
+        corpus=[str(world["corpus"])],
+        kg=str(world["kg"]),
+        aliases=str(world["aliases"]),
+        case="exact",
+        vocab_size=300,
+        seq_len=64,
+        chunk_docs=50,
+    )
+    one = prepare(PrepConfig(output=str(tmp_path / "one"), **base), log=lambda *_: None)
+    cfg = PrepConfig(output=str(tmp_path / "many"), **base)
+    with pytest.raises(DataError, match="every machine must use the same tokenizer"):
+        prepare(PrepConfig(output=str(tmp_path / "many"), num_shards=3, **base), log=lambda *_: None)
+    stage_tokenizer(cfg, log=lambda *_: None)
+    for i in (2, 0):  # shard 1 is late
+        assert (
+            prepare(
+                PrepConfig(output=str(tmp_path / "many"), num_shards=3, shard_index=i, **base),
+                log=lambda *_: None,
+            )
+            == {}
+        )
+    with pytest.raises(DataError, match=r"4 of 12 chunks are not joined yet \(first: chunk 1,"):
+        stage_pack(cfg, load_inputs(cfg), log=lambda *_: None)
+    stage_join(
+        PrepConfig(output=str(tmp_path / "many"), num_shards=3, shard_index=1, workers=2, **base),
+        load_inputs(cfg),
+        log=lambda *_: None,
+    )
+    merged = stage_pack(cfg, load_inputs(cfg), log=lambda *_: None)
+    assert merged == one
+    assert _dataset_digest(tmp_path / "many") == _dataset_digest(tmp_path / "one")
+    assert not (tmp_path / "many.parts").exists()
+
+
+def test_interrupted_run_resumes_without_redoing_or_losing_documents(tmp_path, shared_data):
+    import os
+    import signal
+    import time
+
+    args = [
+        "run",
+        "--corpus",
+        str(shared_data / "wiki" / "enwiki-sample.xml.bz2"),
+        "--vocab-size",
+        "2000",
+        "--seq-len",
+        "256",
+        "--chunk-docs",
+        "2",
+    ]
+    clean = _run_cli(*args, "--output", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *args, "--output", str(out)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    chunks = tmp_path / "killed.parts" / "chunks"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if chunks.is_dir() and len(list(chunks.glob("chunk_*.pkl"))) >= 10:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(chunks.glob("chunk_*.pkl")))
+    assert 10 <= done < 53, "the run was not interrupted mid-way; the test proves nothing"
+    resumed = _run_cli(*args, "--output", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed, {done} chunks were already done" in resumed.stdout
+    assert _dataset_digest(out) == _dataset_digest(tmp_path / "clean")
