@@ -67,6 +67,8 @@ def _add_run_args(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     run.add_argument("--case", choices=["ignore", "exact"], default=DEFAULTS.case, help="alias matching")
     run.add_argument("--on-error", choices=["fail", "skip"], default=DEFAULTS.on_error)
+    run.add_argument("--extractor", help="module:Class adding mentions and triples (data_prep/extractors.py)")
+    run.add_argument("--extractor-args", help="JSON file of the extractor's keyword arguments")
     run.add_argument("--chunk-docs", type=int, default=DEFAULTS.chunk_docs, help="documents per unit of work")
     run.add_argument(
         "--num-shards", type=int, default=DEFAULTS.num_shards, help="machines sharing the join stage"

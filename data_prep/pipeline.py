@@ -89,6 +89,10 @@ class PrepConfig:
     """Bad input records: "fail" with file:line, or "skip" and count them."""
     chunk_docs: int = 256
     """Documents per unit of work: the grain of parallelism, of resuming and of scale-out."""
+    extractor: str | None = None
+    """A pluggable extractor `module:Class` adding mentions and triples (see data_prep/extractors.py)."""
+    extractor_args: str | None = None
+    """JSON file of keyword arguments for the extractor."""
     num_shards: int = 1
     """Machines sharing the join stage (a Slurm array, or one process per node)."""
     shard_index: int = 0
@@ -228,9 +232,16 @@ def piece_char_lengths(sp) -> np.ndarray | None:
     return lengths
 
 
-def _init_worker(model_file: str, aliases: dict | None, case: str, pair_index: dict | None) -> None:
+def _init_worker(
+    model_file: str,
+    aliases: dict | None,
+    case: str,
+    pair_index: dict | None,
+    extractor: tuple[str, str | None] | None = None,
+) -> None:
     import sentencepiece as spm
 
+    from data_prep.extractors import load_extractor
     from data_prep.kg import Linker
 
     sp = spm.SentencePieceProcessor(model_file=model_file)
@@ -240,6 +251,7 @@ def _init_worker(model_file: str, aliases: dict | None, case: str, pair_index: d
         linker=Linker(aliases, case) if aliases else None,
         pairs=pair_index or {},
         dummy_prefix=_dummy_prefix(sp),
+        extractor=load_extractor(*extractor) if extractor else None,
     )
 
 
@@ -296,6 +308,18 @@ def _process_chunk(docs: list[Doc]) -> list[dict]:
                 (m.start, m.end, m.entity) for m in linker.find(doc.text) if not taken[m.start : m.end].any()
             ]
             mentions.sort()
+        extracted = []
+        if _WORKER["extractor"] is not None:
+            from data_prep.kg import Mention
+
+            found = _WORKER["extractor"].extract(doc.text, [Mention(*m) for m in mentions])
+            taken = np.zeros(len(doc.text) + 1, dtype=bool)
+            for s, e, _ in mentions:
+                taken[s:e] = True
+            mentions = sorted(
+                mentions + [tuple(m) for m in found.mentions if not taken[m.start : m.end].any()]
+            )
+            extracted = found.triples
         spans, attached = [], []
         if mentions:
             begin, end = _token_char_bounds(sp, _WORKER["lengths"], _WORKER["dummy_prefix"], doc.text, ids)
@@ -324,6 +348,15 @@ def _process_chunk(docs: list[Doc]) -> list[dict]:
                         ts = int(np.searchsorted(end, s_start[k], side="right"))
                         te = int(np.searchsorted(begin, s_end[k], side="left"))
                         attached.extend((ts, te, t) for t in sorted(found))
+        if extracted:  # (char start, char end, Triple): the main process gives new triples an index
+            if not mentions:
+                begin, end = _token_char_bounds(
+                    sp, _WORKER["lengths"], _WORKER["dummy_prefix"], doc.text, ids
+                )
+            for cs, ce, triple in extracted:
+                ts = int(np.searchsorted(end, cs, side="right"))
+                te = int(np.searchsorted(begin, ce, side="left"))
+                attached.append((ts, max(te, ts + 1), triple))
         out.append(
             {
                 "ids": ids,
@@ -449,6 +482,10 @@ def load_inputs(cfg: PrepConfig) -> Knowledge:
         triples = read_triples(cfg.kg)
         aliases = read_aliases(cfg.aliases, {t.head for t in triples} | {t.tail for t in triples})
         triples, missing = check_aliases(triples, aliases, Path(cfg.kg), cfg.on_error)
+    if cfg.extractor:  # fail here, not inside a pool initializer
+        from data_prep.extractors import load_extractor
+
+        load_extractor(cfg.extractor, cfg.extractor_args)
     triple_list = sorted(set(triples), key=lambda t: (t.head, t.relation, t.tail))
     pair_index: dict[tuple[str, str], list[int]] = {}
     for i, t in enumerate(triple_list):
@@ -556,7 +593,8 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
             yield docs
 
     total, order = [0], []
-    init = (str(model), know.aliases, cfg.case, know.pair_index)
+    extractor = (cfg.extractor, cfg.extractor_args) if cfg.extractor else None
+    init = (str(model), know.aliases, cfg.case, know.pair_index, extractor)
     pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, init) if cfg.workers > 1 else None
     if pool is None:
         _init_worker(*init)
@@ -613,6 +651,9 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
         }
         packers = {s: _Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard) for s in ("train", "valid")}
         counts, rejected, triple_hits, mentions, records = Counter(), Counter(), Counter(), 0, 0
+        # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
+        triple_index = {t: i for i, t in enumerate(know.triples)}
+        triples = list(know.triples)
         for c in range(n_chunks):
             payload = pickle.loads((parts / "chunks" / f"chunk_{c:07d}.pkl").read_bytes())
             records += payload["records"]
@@ -622,10 +663,19 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
                 spans = [
                     (ts, te, entity_index.setdefault(ent, len(entity_index))) for ts, te, ent in r["spans"]
                 ]
-                packers[split].add(r["ids"], spans, r["triples"])
+                row_triples = []
+                for ts, te, t in r["triples"]:
+                    if not isinstance(t, int):
+                        counts["triples_extracted"] += 1
+                        if t not in triple_index:
+                            triple_index[t] = len(triples)
+                            triples.append(t)
+                        t = triple_index[t]
+                    row_triples.append((ts, te, t))
+                packers[split].add(r["ids"], spans, row_triples)
                 counts[split] += 1
                 mentions += r["n_mentions"]
-                triple_hits.update(t for _, _, t in r["triples"])
+                triple_hits.update(t for _, _, t in row_triples)
             _progress("pack", c + 1, t0, "chunks")
         print(file=sys.stderr)
         splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
@@ -648,6 +698,8 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
             vocab,
             dtype,
             sp,
+            triples,
+            counts["triples_extracted"],
         )
         if out_dir.exists():  # an earlier dataset (or one that died before its manifest) is replaced
             shutil.rmtree(out_dir)
@@ -678,25 +730,29 @@ def _write_metadata(
     vocab: int,
     dtype: np.dtype,
     sp,
+    triples: list,
+    n_extracted: int,
 ) -> dict:
     names = [""] * len(entity_index)
     for e, i in entity_index.items():
         names[i] = e
     (work / "entities.tsv").write_text("".join(f"{i}\t{e}\n" for i, e in enumerate(names)), encoding="utf-8")
+    relations = list(dict.fromkeys([*know.relations, *(t.relation for t in triples[len(know.triples) :])]))
     (work / "relations.tsv").write_text(
-        "".join(f"{i}\t{r}\n" for i, r in enumerate(know.relations)), encoding="utf-8"
+        "".join(f"{i}\t{r}\n" for i, r in enumerate(relations)), encoding="utf-8"
     )
+    n_kg = len(know.triples)
     (work / "triples.tsv").write_text(
         "".join(
-            f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\n"
-            for i, t in enumerate(know.triples)
+            f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\t{'kg' if i < n_kg else 'extracted'}\n"
+            for i, t in enumerate(triples)
             if triple_hits[i]
         ),
         encoding="utf-8",
     )
     per_relation = Counter()
     for i, n in triple_hits.items():
-        per_relation[know.triples[i].relation] += n
+        per_relation[triples[i].relation] += n
     tokens = sum(s["tokens"] for s in splits.values())
     rows = sum(s["rows"] for s in splits.values())
     stats = {
@@ -738,10 +794,12 @@ def _write_metadata(
         "spans_clipped": sum(s.get("spans_clipped", 0) for s in splits.values()),
         "spans_dropped_tail": sum(s.get("spans_dropped_tail", 0) for s in splits.values()),
         "entities": len(entity_index),
-        "relations": len(know.relations),
+        "relations": len(relations),
         "kg_triples": len(know.triples),
         "kg_triples_without_alias": know.missing_alias,
         "triples_attached": sum(triple_hits.values()),
+        "triples_attached_by_extractor": n_extracted,
+        "triples_new_from_extractor": len(triples) - n_kg,
         "distinct_triples_attached": len(triple_hits),
         "triples_per_relation": dict(sorted(per_relation.items())),
         "splits": splits,

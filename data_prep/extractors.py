@@ -1,0 +1,71 @@
+"""Pluggable knowledge extractors: code that adds entity mentions and triples the KG does not have.
+
+An extractor is any class with `extract(text, mentions) -> Extraction`, constructed from keyword
+arguments (`--extractor module:Class --extractor-args args.json`). It runs in the join stage's
+worker processes, after alias linking, on every document. Its mentions are added where no mention
+is yet; its triples are attached to the rows covering their evidence span and written to
+`triples.tsv` with source "extracted" (new ones are appended to the triple vocabulary in input order).
+
+`InfixExtractor` is the reference implementation: a relation holds between two mentions of one
+sentence when the text between them is one of the relation's connecting phrases.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from data_prep.kg import Mention, Triple
+from data_prep.readers import DataError
+
+
+@dataclass
+class Extraction:
+    mentions: list[Mention] = field(default_factory=list)
+    """New entity mentions (character spans of the text)."""
+    triples: list[tuple[int, int, Triple]] = field(default_factory=list)
+    """(start, end, triple): a triple and the character span of its evidence."""
+
+
+class Extractor(Protocol):
+    def extract(self, text: str, mentions: list[Mention]) -> Extraction: ...
+
+
+def load_extractor(spec: str, args_file: str | None = None) -> Extractor:
+    """`module:Class` (importable), built with the JSON object in args_file as keyword arguments."""
+    module_name, _, class_name = spec.partition(":")
+    if not class_name:
+        raise DataError(
+            f"extractor={spec!r}: expected module:Class, e.g. data_prep.extractors:InfixExtractor"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"extractor={spec!r}: cannot import it ({e})") from e
+    kwargs = json.loads(Path(args_file).read_text()) if args_file else {}
+    return cls(**kwargs)
+
+
+class InfixExtractor:
+    """relation -> connecting phrases: "A <phrase> B" in one sentence gives (A, relation, B)."""
+
+    def __init__(self, patterns: dict[str, list[str]], max_gap: int = 40):
+        if not patterns:
+            raise DataError("InfixExtractor needs patterns: {relation: [connecting phrase, ...]}")
+        self.phrases = {p.strip().lower(): rel for rel, phrases in patterns.items() for p in phrases}
+        self.max_gap = max_gap
+
+    def extract(self, text: str, mentions: list[Mention]) -> Extraction:
+        out = Extraction()
+        ordered = sorted(mentions)
+        for a, b in zip(ordered, ordered[1:]):
+            gap = text[a.end : b.start]
+            if len(gap) > self.max_gap or "." in gap:
+                continue
+            rel = self.phrases.get(gap.strip().lower())
+            if rel is not None and a.entity != b.entity:
+                out.triples.append((a.start, b.end, Triple(a.entity, rel, b.entity)))
+        return out
