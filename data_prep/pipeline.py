@@ -453,9 +453,30 @@ class _Packer:
         }
 
 
-def _progress(stage: str, done: int, t0: float, unit: str = "docs") -> None:
-    rate = done / max(time.time() - t0, 1e-9)
-    print(f"\rdata_prep {stage}: {done:,} {unit} ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+class Progress:
+    """Counts and rate of a long stage on stderr, at most once a second (a line each in logs)."""
+
+    def __init__(self, stage: str, unit: str = "docs", every: float = 1.0):
+        self.stage, self.unit, self.every = stage, unit, every
+        self.done, self.t0 = 0, time.time()
+        self.last = self.t0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if time.time() - self.last >= self.every:
+            self._print()
+
+    def _print(self, end: str = "") -> None:
+        self.last = time.time()
+        rate = self.done / max(self.last - self.t0, 1e-9)
+        line = (
+            f"data_prep {self.stage}: {self.done:,} {self.unit} ({rate:,.0f}/s, {self.last - self.t0:.0f}s)"
+        )
+        print(("\r" + line) if self.tty else line, end=end if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._print(end="\n")
 
 
 @dataclass
@@ -543,7 +564,15 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
         shutil.copyfile(cfg.tokenizer, tmp)
     else:
         log(f"data_prep tokenizer: training SentencePiece {cfg.tokenizer_type}, vocabulary {cfg.vocab_size}")
-        train_tokenizer((d.text for d in iter_docs(cfg, Counter(), Counter())), tmp, cfg)
+        progress = Progress("tokenizer (reading)")
+
+        def texts() -> Iterator[str]:
+            for d in iter_docs(cfg, Counter(), Counter()):
+                progress.update()
+                yield d.text
+
+        train_tokenizer(texts(), tmp, cfg)
+        progress.close()
     tmp.replace(model)
     return model
 
@@ -598,7 +627,7 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, init) if cfg.workers > 1 else None
     if pool is None:
         _init_worker(*init)
-    t0, done = time.time(), 0
+    progress = Progress("join")
     try:
         results = pool.imap(_process_chunk, mine()) if pool else map(_process_chunk, mine())
         for k, result in enumerate(results):
@@ -606,13 +635,12 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
             n_in, rej = todo_meta.pop(c)
             payload = {"docs": result, "records": n_in, "rejected": dict(rej)}
             _atomic_write(chunk_dir / f"chunk_{c:07d}.pkl", pickle.dumps(payload, protocol=4))
-            done += len(result)
-            _progress("join", done, t0)
+            progress.update(len(result))
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    print(file=sys.stderr)
+    progress.close()
     _atomic_write(parts / "num_chunks", str(total[0]).encode())
     if skipped:
         log(f"data_prep join: resumed, {skipped} chunks were already done")
@@ -651,6 +679,7 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
         }
         packers = {s: _Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard) for s in ("train", "valid")}
         counts, rejected, triple_hits, mentions, records = Counter(), Counter(), Counter(), 0, 0
+        progress = Progress("pack", "chunks")
         # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
         triple_index = {t: i for i, t in enumerate(know.triples)}
         triples = list(know.triples)
@@ -676,8 +705,8 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
                 counts[split] += 1
                 mentions += r["n_mentions"]
                 triple_hits.update(t for _, _, t in row_triples)
-            _progress("pack", c + 1, t0, "chunks")
-        print(file=sys.stderr)
+            progress.update()
+        progress.close()
         splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
         written = counts["train"] + counts["valid"]
         if not splits["train"]["shards"]:
