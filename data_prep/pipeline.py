@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.readers import DataError, read_corpus
+from data_prep.tokenizer import find_tokenizer, load_tokenizer
 
 __all__ = ["DataError", "PrepConfig", "TextPrepConfig", "prepare", "prepare_example", "prepare_text", "pack"]
 
@@ -112,6 +113,16 @@ class PrepConfig:
 
 
 TextPrepConfig = PrepConfig  # the text-only use of the same config
+
+
+def _tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    if path.is_file():
+        return _sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + _sha256(f).encode())
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -214,53 +225,22 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
 _WORKER: dict = {}
 
 
-def piece_char_lengths(sp) -> np.ndarray | None:
-    """Characters each piece covers, when that is exact: identity normalization, no whitespace
-    squeezing, no byte fallback. Then token offsets are a cumulative sum, with no per-token Python.
-    Returns None for other tokenizers (offsets then come from SentencePiece's proto, slower)."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    norm = proto.normalizer_spec
-    if norm.name != "identity" or norm.remove_extra_whitespaces or proto.trainer_spec.byte_fallback:
-        return None
-    lengths = np.array([len(sp.id_to_piece(i)) for i in range(sp.get_piece_size())], dtype=np.int64)
-    for i in range(sp.get_piece_size()):
-        if sp.is_control(i) or sp.is_unknown(i):
-            lengths[i] = -1  # covers an unknown number of characters: that document takes the slow path
-    return lengths
-
-
 def _init_worker(
-    model_file: str,
+    tokenizer: str,
     aliases: dict | None,
     case: str,
     pair_index: dict | None,
     extractor: tuple[str, str | None] | None = None,
 ) -> None:
-    import sentencepiece as spm
-
     from data_prep.extractors import load_extractor
     from data_prep.kg import Linker
 
-    sp = spm.SentencePieceProcessor(model_file=model_file)
     _WORKER.update(
-        sp=sp,
-        lengths=piece_char_lengths(sp),
+        tok=load_tokenizer(tokenizer),
         linker=Linker(aliases, case) if aliases else None,
         pairs=pair_index or {},
-        dummy_prefix=_dummy_prefix(sp),
         extractor=load_extractor(*extractor) if extractor else None,
     )
-
-
-def _dummy_prefix(sp) -> int:
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    return int(proto.normalizer_spec.add_dummy_prefix)
 
 
 def _sentences(text: str) -> list[tuple[int, int]]:
@@ -272,32 +252,11 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return [(s, e) for s, e in spans if e > s]
 
 
-def _token_char_bounds(
-    sp, lengths: np.ndarray | None, dummy: int, text: str, ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Character [begin, end) of every token of `text`."""
-    if lengths is not None:
-        piece = lengths[ids]
-        if (piece >= 0).all():
-            end = np.cumsum(piece) - dummy
-            return np.maximum(end - piece, 0), end
-    proto = sp.encode(text, return_type="proto")  # byte offsets: convert to characters
-    begin_b = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
-    end_b = np.fromiter((p.end for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
-    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    char_end_b = np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))
-    return (
-        np.searchsorted(char_end_b, begin_b, side="right"),
-        np.searchsorted(char_end_b, end_b, side="left") + 1,
-    )
-
-
 def _process_chunk(docs: list[Doc]) -> list[dict]:
-    sp, linker, pairs = _WORKER["sp"], _WORKER["linker"], _WORKER["pairs"]
-    all_ids = sp.encode([d.text for d in docs])
+    tok, linker, pairs = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"]
+    texts = [d.text for d in docs]
     out = []
-    for doc, id_list in zip(docs, all_ids):
-        ids = np.asarray(id_list, dtype=np.int64)
+    for doc, text, ids in zip(docs, texts, tok.encode(texts)):
         # Mentions: wiki links first; alias matches only where no link is.
         mentions = [(link.start, link.end, link.target) for link in doc.links]
         if linker is not None:
@@ -322,7 +281,7 @@ def _process_chunk(docs: list[Doc]) -> list[dict]:
             extracted = found.triples
         spans, attached = [], []
         if mentions:
-            begin, end = _token_char_bounds(sp, _WORKER["lengths"], _WORKER["dummy_prefix"], doc.text, ids)
+            begin, end = tok.char_bounds(text, ids)
             m_start = np.fromiter((m[0] for m in mentions), dtype=np.int64, count=len(mentions))
             m_end = np.fromiter((m[1] for m in mentions), dtype=np.int64, count=len(mentions))
             # Tokens overlapping characters [start, end): first ending after start, up to the last beginning before end.
@@ -350,9 +309,7 @@ def _process_chunk(docs: list[Doc]) -> list[dict]:
                         attached.extend((ts, te, t) for t in sorted(found))
         if extracted:  # (char start, char end, Triple): the main process gives new triples an index
             if not mentions:
-                begin, end = _token_char_bounds(
-                    sp, _WORKER["lengths"], _WORKER["dummy_prefix"], doc.text, ids
-                )
+                begin, end = tok.char_bounds(text, ids)
             for cs, ce, triple in extracted:
                 ts = int(np.searchsorted(end, cs, side="right"))
                 te = int(np.searchsorted(begin, ce, side="left"))
@@ -383,14 +340,17 @@ def pack(token_lists: list[list[int]], seq_len: int, dtype: np.dtype) -> tuple[n
 class _Packer:
     """Appends documents to a token stream and writes full rows to shard files as they fill."""
 
-    def __init__(self, out: Path | None, split: str, seq_len: int, dtype: np.dtype, rows_per_shard: int):
-        self.out, self.split, self.L, self.dtype, self.rows_per_shard = (
-            out,
-            split,
-            seq_len,
-            dtype,
-            rows_per_shard,
-        )
+    def __init__(
+        self,
+        out: Path | None,
+        split: str,
+        seq_len: int,
+        dtype: np.dtype,
+        rows_per_shard: int,
+        eos_id: int = EOS_ID,
+    ):
+        self.out, self.split, self.L, self.dtype = out, split, seq_len, dtype
+        self.rows_per_shard, self.eos_id = rows_per_shard, eos_id
         self.buf = np.zeros(0, dtype=np.int64)
         self.rows: list[np.ndarray] = []  # pending rows of the open shard
         self.n_rows = 0
@@ -401,7 +361,7 @@ class _Packer:
 
     def add(self, ids: np.ndarray, spans: list, triples: list) -> None:
         base = self.n_rows * self.L + len(self.buf)  # global position of this document's first token
-        self.buf = np.concatenate([self.buf, ids, [EOS_ID]])
+        self.buf = np.concatenate([self.buf, ids, [self.eos_id]])
         L = self.L
         for ts, te, ent in spans:
             s, e = base + ts, base + te
@@ -529,7 +489,7 @@ def _open_parts(cfg: PrepConfig) -> Path:
     (parts / "chunks").mkdir(parents=True, exist_ok=True)
     fingerprint = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS}
     fp_file = parts / "config.json"
-    started = (parts / "tokenizer.model").is_file() or any((parts / "chunks").iterdir())
+    started = find_tokenizer(parts) is not None or any((parts / "chunks").iterdir())
     if fp_file.is_file() and started:
         if json.loads(fp_file.read_text()) != fingerprint:
             raise DataError(
@@ -550,19 +510,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
     """Train (or copy) the tokenizer into the parts folder, once."""
     parts = _open_parts(cfg)
-    model = parts / "tokenizer.model"
-    if model.is_file():
-        return model
+    existing = find_tokenizer(parts)
+    if existing is not None:
+        return existing
     probe_counts, probe_rejected = Counter(), Counter()
     if next(iter_docs(cfg, probe_counts, probe_rejected), None) is None:
         raise DataError(
             f"{', '.join(cfg.corpus)}: no usable documents ({documents_in(probe_counts, probe_rejected)} "
             f"read, rejected {dict(probe_rejected)})"
         )
-    tmp = parts / f".tokenizer.{uuid.uuid4().hex}.model"
-    if cfg.tokenizer:
-        shutil.copyfile(cfg.tokenizer, tmp)
+    if cfg.tokenizer:  # a SentencePiece .model file, or a Hugging Face folder
+        given = load_tokenizer(cfg.tokenizer)
+        model = parts / given.name
+        tmp = parts / f".{given.name}.{uuid.uuid4().hex}"
+        (shutil.copytree if Path(cfg.tokenizer).is_dir() else shutil.copyfile)(cfg.tokenizer, tmp)
     else:
+        model = parts / "tokenizer.model"
+        tmp = parts / f".tokenizer.{uuid.uuid4().hex}.model"
         log(f"data_prep tokenizer: training SentencePiece {cfg.tokenizer_type}, vocabulary {cfg.vocab_size}")
         progress = Progress("tokenizer (reading)")
 
@@ -599,8 +563,8 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     """Link, extract and join this machine's chunks (c % num_shards == shard_index) in a pool of
     cfg.workers processes, skipping chunks already done. Returns the number of chunks of the input."""
     parts = _open_parts(cfg)
-    model = parts / "tokenizer.model"
-    if not model.is_file():
+    model = find_tokenizer(parts)
+    if model is None:
         raise DataError(
             f"{model}: no tokenizer yet; run `python -m data_prep tokenizer` with the same config first"
         )
@@ -650,7 +614,6 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
 def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
     """Pack every chunk, in input order, into the output folder (complete or not at all), then
     remove the parts folder. On several machines this is the merge step, run once."""
-    import sentencepiece as spm
 
     parts = _open_parts(cfg)
     n_file = parts / "num_chunks"
@@ -668,16 +631,20 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        shutil.copyfile(parts / "tokenizer.model", work / "tokenizer.model")
-        sp = spm.SentencePieceProcessor(model_file=str(work / "tokenizer.model"))
-        vocab = sp.get_piece_size()
+        src = find_tokenizer(parts)
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, work / src.name)
+        tok = load_tokenizer(work / src.name)
+        vocab = tok.vocab_size
         dtype = np.dtype(np.uint16 if vocab < 2**16 else np.uint32)
         # Vocabularies: KG entities sorted; entities first met in wiki links appended in input order.
         entity_index = {
             e: i
             for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))
         }
-        packers = {s: _Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard) for s in ("train", "valid")}
+        packers = {
+            s: _Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id)
+            for s in ("train", "valid")
+        }
         counts, rejected, triple_hits, mentions, records = Counter(), Counter(), Counter(), 0, 0
         progress = Progress("pack", "chunks")
         # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
@@ -726,7 +693,7 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
             mentions,
             vocab,
             dtype,
-            sp,
+            tok,
             triples,
             counts["triples_extracted"],
         )
@@ -758,7 +725,7 @@ def _write_metadata(
     mentions: int,
     vocab: int,
     dtype: np.dtype,
-    sp,
+    tok,
     triples: list,
     n_extracted: int,
 ) -> dict:
@@ -801,15 +768,15 @@ def _write_metadata(
         "config": {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS},
         "inputs": [{"path": str(p), "sha256": _sha256(Path(p))} for p in inputs],
         "tokenizer": {
-            "file": "tokenizer.model",
-            "type": "sentencepiece",
+            "file": tok.name,
+            "type": tok.kind,
             "vocab_size": vocab,
-            "pad_id": PAD_ID,
-            "eos_id": EOS_ID,
-            "bos_id": BOS_ID,
-            "unk_id": UNK_ID,
-            "mask_id": sp.piece_to_id("<mask>"),
-            "sha256": _sha256(work / "tokenizer.model"),
+            "pad_id": tok.pad_id,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+            "unk_id": tok.unk_id,
+            "mask_id": tok.mask_id,
+            "sha256": _tree_sha256(work / tok.name),
         },
         "seq_len": cfg.seq_len,
         "dtype": dtype.name,
@@ -847,7 +814,7 @@ def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
     if dry_run:
         log(f"data_prep: inputs are valid ({len(cfg.corpus)} corpus files, {len(know.triples)} triples)")
         return {}
-    if cfg.num_shards > 1 and not cfg.tokenizer and not (parts_dir(cfg) / "tokenizer.model").is_file():
+    if cfg.num_shards > 1 and not cfg.tokenizer and find_tokenizer(parts_dir(cfg)) is None:
         raise DataError(
             "with --num-shards > 1 every machine must use the same tokenizer: run "
             "`python -m data_prep tokenizer` with the same config once first, or pass --tokenizer"

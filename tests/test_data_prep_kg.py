@@ -239,18 +239,79 @@ def test_parquet_reader(tmp_path):
 
 def test_fast_token_offsets_equal_sentencepiece_offsets(tmp_path):
     """Offsets from the piece-length table (identity tokenizer) equal those SentencePiece reports."""
-    from data_prep.pipeline import _dummy_prefix, _token_char_bounds, piece_char_lengths, train_tokenizer
+    from data_prep.pipeline import train_tokenizer
+    from data_prep.tokenizer import SentencePieceTokenizer
 
-    docs = [f"Ünïcode façade №{i}:  two  spaces, a tab\\there, and 東京 at the end." for i in range(200)]
-    model = train_tokenizer(iter(docs), tmp_path / "t.model", PrepConfig(vocab_size=200))
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    lengths = piece_char_lengths(sp)
-    assert lengths is not None
+    docs = [f"Ünïcode façade №{i}:  two  spaces, a tab\there, and 東京 at the end." for i in range(200)]
+    tok = SentencePieceTokenizer(
+        train_tokenizer(iter(docs), tmp_path / "t.model", PrepConfig(vocab_size=200))
+    )
+    assert tok.lengths is not None
     for text in (docs[7], " leading space and Ü", "unseen ☃ snowman"):
-        ids = np.asarray(sp.encode(text))
-        fast = _token_char_bounds(sp, lengths, _dummy_prefix(sp), text, ids)
-        slow = _token_char_bounds(sp, None, _dummy_prefix(sp), text, ids)
+        (ids,) = tok.encode([text])
+        fast = tok.char_bounds(text, ids)
+        table, tok.lengths = tok.lengths, None
+        slow = tok.char_bounds(text, ids)
+        tok.lengths = table
         assert fast[0].tolist() == slow[0].tolist() and fast[1].tolist() == slow[1].tolist(), text
+
+
+def test_hugging_face_tokenizer_folder(tmp_path, shared_data):
+    """A local Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json) instead of
+    SentencePiece: its EOS separates documents and the spans still decode to their mentions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    news = shared_data / "news" / "lee_background.txt"
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train(
+        [str(news)], trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<pad>", "<|endoftext|>"])
+    )
+    folder = tmp_path / "hf_tok"
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<pad>"})
+    )
+    out = tmp_path / "news_hf"
+    m = prepare(
+        PrepConfig(
+            corpus=[str(news)],
+            output=str(out),
+            tokenizer=str(folder),
+            kg=str(shared_data / "kg" / "nations" / "train.tsv"),
+            aliases=str(NATIONS_ALIASES),
+            case="exact",
+            seq_len=128,
+        ),
+        log=lambda *_: None,
+    )
+    eos = hf.token_to_id("<|endoftext|>")
+    assert (
+        m["tokenizer"]["type"] == "huggingface"
+        and m["tokenizer"]["eos_id"] == eos
+        and m["tokenizer"]["pad_id"] == 1
+    )
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and m["triples_attached"] > 300
+    ds = PackedDataset(out, "train")
+    assert (ds[np.arange(len(ds))] == eos).sum() > 200  # document boundaries
+    spans = np.load(out / "train_spans.npy")
+    names = dict(line.split("\t") for line in (out / "entities.tsv").read_text().splitlines())
+    aliases = {}
+    for line in NATIONS_ALIASES.read_text().splitlines():
+        entity, alias = line.split("\t")
+        aliases.setdefault(entity, set()).add(alias)
+    for (_row, s, e, ent), tokens in zip(spans[:100], ds[spans[:100, 0]]):
+        assert hf.decode(tokens[s:e].tolist()).strip() in aliases[names[str(ent)]]
+    bad = tmp_path / "no_eos"
+    bad.mkdir()
+    Tokenizer(models.BPE(unk_token="<unk>")).save(str(bad / "tokenizer.json"))
+    with pytest.raises(DataError, match="no end-of-sequence token"):
+        prepare(
+            PrepConfig(corpus=[str(news)], output=str(tmp_path / "x"), tokenizer=str(bad)),
+            log=lambda *_: None,
+        )
 
 
 def _dataset_digest(path: Path) -> dict[str, str]:

@@ -5,7 +5,7 @@ Layout of `<output_dir>/checkpoints/`:
     step_00000100/                 one tag
         (DeepSpeed's model and optimizer files, per rank)
         rng_rank00000.pt ...       each rank's RNG states
-        tokenizer.model            the tokenizer the run used
+        tokenizer.model            the tokenizer the run used (or tokenizer/, a Hugging Face folder)
         sparsexpert.json           run config, DeepSpeed config, step, data position, world/ep size
         COMPLETE.json              written last: every file of the tag with its size
     latest                         the newest complete tag, replaced atomically
@@ -104,8 +104,9 @@ def save(
     torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tag_dir / "tokenizer.model")
+        if tokenizer_file is not None:  # a SentencePiece file or a Hugging Face tokenizer folder
+            src = Path(tokenizer_file)
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, tag_dir / src.name)
         (tag_dir / META).write_text(json.dumps(meta, indent=2, default=str))
         files = {
             str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()

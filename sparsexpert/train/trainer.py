@@ -159,7 +159,7 @@ class Pretrainer:
             **self._describe(),
             "step": self.step,
             "data_position": {"global_batches_consumed": self.step},
-            "tokenizer": "tokenizer.model",
+            "tokenizer": self.tokenizer_file.name,
             "torch": torch.__version__,
             "deepspeed": __import__("deepspeed").__version__,
         }
