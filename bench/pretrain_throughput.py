@@ -59,12 +59,12 @@ def main() -> None:
     p.add_argument("--skip_hf", action="store_true")
     args = p.parse_args()
 
-    from data_prep.pipeline import TextPrepConfig, prepare_example
+    from data_prep.pipeline import PrepConfig, prepare_example
     from sparsexpert.model import ModelConfig, MoEConfig, build_model
 
     work = Path(tempfile.mkdtemp(prefix="sparsexpert-bench-"))
     data = work / "data"
-    prepare_example(data, TextPrepConfig(vocab_size=1024, seq_len=128), log=lambda *_: None)
+    prepare_example(data, PrepConfig(vocab_size=1024, seq_len=128), log=lambda *_: None)
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     D, L, F, E, K = args.d_model, args.n_layers, args.d_expert, args.experts, args.top_k
     common = [

@@ -10,12 +10,12 @@ write shards and, last, manifest.json.
 
 Output folder, read by `sparsexpert.data.shards.PackedDataset`:
 
-    tokenizer.model              SentencePiece model
+    tokenizer.model              SentencePiece model (or tokenizer/, a Hugging Face tokenizer folder)
     {split}_00000.bin ...        uint16/uint32 rows of seq_len token ids (split: train, valid)
     {split}_spans.npy            int64 [n, 4]: row, first token, end token (exclusive), entity index
     {split}_triples.npy          int64 [n, 2]: row, triple index (triples attached to the row's sentences)
     entities.tsv relations.tsv   index<TAB>id vocabularies
-    triples.tsv                  the attached triples: index, head, relation, tail, times attached
+    triples.tsv                  attached triples: index, head, relation, tail, times attached, source (kg|extracted)
     stats.json                   the stats stage's figures
     manifest.json                written last: config, inputs and hashes, counts, shard checksums
 
@@ -29,14 +29,12 @@ import hashlib
 import json
 import multiprocessing as mp
 import pickle
-import re
 import shutil
 import sys
 import tempfile
 import time
 import unicodedata
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,16 +42,17 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.readers import DataError, read_corpus
+from data_prep.join import init_worker, process_chunk
+from data_prep.pack import EOS_ID, Packer, pack, sha256_file
+from data_prep.readers import DataError, RawDoc, read_corpus
 from data_prep.tokenizer import find_tokenizer, load_tokenizer
 
-__all__ = ["DataError", "PrepConfig", "TextPrepConfig", "prepare", "prepare_example", "prepare_text", "pack"]
+__all__ = ["EOS_ID", "DataError", "PrepConfig", "pack", "prepare", "prepare_example", "prepare_text"]
 
 MANIFEST = "manifest.json"
 FORMAT = "sparsexpert-packed/2"
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 3, 0, 1, 2
+PAD_ID, UNK_ID, BOS_ID = 3, 0, 1  # and EOS_ID = 2 (data_prep.pack): the ids of the tokenizers we train
 SPECIAL_SYMBOLS = ["<mask>"]
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass
@@ -69,7 +68,7 @@ class PrepConfig:
     aliases: str | None = None
     """entity_id<TAB>surface form file. None: entity names (underscores as spaces) are the aliases."""
     tokenizer: str | None = None
-    """An existing SentencePiece .model to use instead of training one."""
+    """An existing tokenizer instead of training one: a SentencePiece .model or a Hugging Face folder."""
     vocab_size: int = 1024
     """SentencePiece vocabulary size when training."""
     tokenizer_type: str = "bpe"
@@ -112,31 +111,14 @@ class PrepConfig:
             raise DataError("seq_len must be >= 2, workers >= 1, vocab_size >= 16")
 
 
-TextPrepConfig = PrepConfig  # the text-only use of the same config
-
-
-def _tree_sha256(path: Path) -> str:
+def _treesha256_file(path: Path) -> str:
     """sha256 of a file, or of a folder's files (names and contents, in sorted order)."""
     if path.is_file():
-        return _sha256(path)
+        return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + _sha256(f).encode())
+        h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass
-class Doc:
-    text: str
-    links: list  # WikiLink
 
 
 INGEST_REASONS = ("empty", "duplicate")
@@ -147,7 +129,7 @@ def documents_in(counts: Counter, rejected: Counter) -> int:
     return counts["in"] + sum(n for reason, n in rejected.items() if reason not in INGEST_REASONS)
 
 
-def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[Doc]:
+def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[RawDoc]:
     """Stage ingest: records the readers pass on are counted in counts["in"]; rejections by reason
     (readers count what they filter or skip, ingest counts empty and duplicate documents)."""
     seen: set[bytes] = set()
@@ -163,7 +145,7 @@ def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[D
                 rejected["duplicate"] += 1
                 continue
             seen.add(key)
-            yield Doc(text, raw.links)
+            yield RawDoc(text, raw.source, raw.links)
 
 
 def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Path:
@@ -218,199 +200,6 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
     proto.trainer_spec.num_threads = 1
     out_file.write_bytes(proto.SerializeToString())
     return out_file
-
-
-# --- per-document work, run in the pool -------------------------------------------------------
-
-_WORKER: dict = {}
-
-
-def _init_worker(
-    tokenizer: str,
-    aliases: dict | None,
-    case: str,
-    pair_index: dict | None,
-    extractor: tuple[str, str | None] | None = None,
-) -> None:
-    from data_prep.extractors import load_extractor
-    from data_prep.kg import Linker
-
-    _WORKER.update(
-        tok=load_tokenizer(tokenizer),
-        linker=Linker(aliases, case) if aliases else None,
-        pairs=pair_index or {},
-        extractor=load_extractor(*extractor) if extractor else None,
-    )
-
-
-def _sentences(text: str) -> list[tuple[int, int]]:
-    spans, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        spans.append((start, m.start()))
-        start = m.end()
-    spans.append((start, len(text)))
-    return [(s, e) for s, e in spans if e > s]
-
-
-def _process_chunk(docs: list[Doc]) -> list[dict]:
-    tok, linker, pairs = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"]
-    texts = [d.text for d in docs]
-    out = []
-    for doc, text, ids in zip(docs, texts, tok.encode(texts)):
-        # Mentions: wiki links first; alias matches only where no link is.
-        mentions = [(link.start, link.end, link.target) for link in doc.links]
-        if linker is not None:
-            taken = np.zeros(len(doc.text) + 1, dtype=bool)
-            for s, e, _ in mentions:
-                taken[s:e] = True
-            mentions += [
-                (m.start, m.end, m.entity) for m in linker.find(doc.text) if not taken[m.start : m.end].any()
-            ]
-            mentions.sort()
-        extracted = []
-        if _WORKER["extractor"] is not None:
-            from data_prep.kg import Mention
-
-            found = _WORKER["extractor"].extract(doc.text, [Mention(*m) for m in mentions])
-            taken = np.zeros(len(doc.text) + 1, dtype=bool)
-            for s, e, _ in mentions:
-                taken[s:e] = True
-            mentions = sorted(
-                mentions + [tuple(m) for m in found.mentions if not taken[m.start : m.end].any()]
-            )
-            extracted = found.triples
-        spans, attached = [], []
-        if mentions:
-            begin, end = tok.char_bounds(text, ids)
-            m_start = np.fromiter((m[0] for m in mentions), dtype=np.int64, count=len(mentions))
-            m_end = np.fromiter((m[1] for m in mentions), dtype=np.int64, count=len(mentions))
-            # Tokens overlapping characters [start, end): first ending after start, up to the last beginning before end.
-            t_start, t_end = (
-                np.searchsorted(end, m_start, side="right"),
-                np.searchsorted(begin, m_end, side="left"),
-            )
-            spans = [(int(a), int(b), m[2]) for a, b, m in zip(t_start, t_end, mentions) if b > a]
-            if pairs and len({m[2] for m in mentions}) > 1:
-                sents = _sentences(doc.text)
-                s_start = np.array([a for a, _ in sents], dtype=np.int64)
-                s_end = np.array([b for _, b in sents], dtype=np.int64)
-                sent_of = np.searchsorted(s_start, m_start, side="right") - 1
-                by_sentence: dict[int, set[str]] = {}
-                for k, m in enumerate(mentions):
-                    if m_end[k] <= s_end[sent_of[k]]:  # mentions across a sentence end belong to none
-                        by_sentence.setdefault(int(sent_of[k]), set()).add(m[2])
-                for k, ents in sorted(by_sentence.items()):
-                    if len(ents) < 2:
-                        continue
-                    found = {t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())}
-                    if found:
-                        ts = int(np.searchsorted(end, s_start[k], side="right"))
-                        te = int(np.searchsorted(begin, s_end[k], side="left"))
-                        attached.extend((ts, te, t) for t in sorted(found))
-        if extracted:  # (char start, char end, Triple): the main process gives new triples an index
-            if not mentions:
-                begin, end = tok.char_bounds(text, ids)
-            for cs, ce, triple in extracted:
-                ts = int(np.searchsorted(end, cs, side="right"))
-                te = int(np.searchsorted(begin, ce, side="left"))
-                attached.append((ts, max(te, ts + 1), triple))
-        out.append(
-            {
-                "ids": ids,
-                "spans": spans,
-                "triples": attached,
-                "n_mentions": len(mentions),
-                "valid_key": zlib.crc32(doc.text.encode()),
-            }
-        )
-    return out
-
-
-# --- packing ------------------------------------------------------------------------------------
-
-
-def pack(token_lists: list[list[int]], seq_len: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
-    """Concatenate documents (each + EOS) and cut into rows; returns rows and dropped tail tokens."""
-    packer = _Packer(None, "x", seq_len, dtype, 1 << 30)
-    for ids in token_lists:
-        packer.add(np.asarray(ids, dtype=np.int64), [], [])
-    return np.concatenate(packer.rows) if packer.rows else np.zeros((0, seq_len), dtype), len(packer.buf)
-
-
-class _Packer:
-    """Appends documents to a token stream and writes full rows to shard files as they fill."""
-
-    def __init__(
-        self,
-        out: Path | None,
-        split: str,
-        seq_len: int,
-        dtype: np.dtype,
-        rows_per_shard: int,
-        eos_id: int = EOS_ID,
-    ):
-        self.out, self.split, self.L, self.dtype = out, split, seq_len, dtype
-        self.rows_per_shard, self.eos_id = rows_per_shard, eos_id
-        self.buf = np.zeros(0, dtype=np.int64)
-        self.rows: list[np.ndarray] = []  # pending rows of the open shard
-        self.n_rows = 0
-        self.shards: list[dict] = []
-        self.spans: list[tuple[int, int, int, int]] = []
-        self.triples: list[tuple[int, int]] = []
-        self.counts = Counter()
-
-    def add(self, ids: np.ndarray, spans: list, triples: list) -> None:
-        base = self.n_rows * self.L + len(self.buf)  # global position of this document's first token
-        self.buf = np.concatenate([self.buf, ids, [self.eos_id]])
-        L = self.L
-        for ts, te, ent in spans:
-            s, e = base + ts, base + te
-            row = s // L
-            if (e - 1) // L != row:
-                e = (row + 1) * L
-                self.counts["spans_clipped"] += 1
-            self.spans.append((row, s - row * L, e - row * L, ent))
-        for ts, te, t in triples:
-            for row in range((base + ts) // L, (base + max(te, ts + 1) - 1) // L + 1):
-                self.triples.append((row, t))
-        while len(self.buf) >= L:
-            self.rows.append(self.buf[:L].astype(self.dtype)[None])
-            self.buf = self.buf[L:]
-            self.n_rows += 1
-            if len(self.rows) == self.rows_per_shard:
-                self._flush()
-
-    def _flush(self) -> None:
-        if not self.rows or self.out is None:
-            return
-        name = f"{self.split}_{len(self.shards):05d}.bin"
-        chunk = np.concatenate(self.rows)
-        chunk.tofile(self.out / name)
-        self.shards.append(
-            {"file": name, "num_sequences": int(len(chunk)), "sha256": _sha256(self.out / name)}
-        )
-        self.rows = []
-
-    def finish(self) -> dict:
-        self._flush()
-        dropped_tail = len(self.buf)
-        spans = np.array([s for s in self.spans if s[0] < self.n_rows], dtype=np.int64).reshape(-1, 4)
-        triples = np.array(
-            sorted(set(t for t in self.triples if t[0] < self.n_rows)), dtype=np.int64
-        ).reshape(-1, 2)
-        self.counts["spans_dropped_tail"] = len(self.spans) - len(spans)
-        np.save(self.out / f"{self.split}_spans.npy", spans)
-        np.save(self.out / f"{self.split}_triples.npy", triples)
-        return {
-            "shards": self.shards,
-            "rows": self.n_rows,
-            "tokens": self.n_rows * self.L,
-            "tokens_dropped_tail": dropped_tail,
-            "spans": int(len(spans)),
-            "row_triples": int(len(triples)),
-            **self.counts,
-            "rows_with_entity": int(len(np.unique(spans[:, 0]))) if len(spans) else 0,
-        }
 
 
 class Progress:
@@ -541,12 +330,12 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
     return model
 
 
-def _chunks(cfg: PrepConfig) -> Iterator[tuple[int, list[Doc], int, Counter]]:
+def _chunks(cfg: PrepConfig) -> Iterator[tuple[int, list[RawDoc], int, Counter]]:
     """(chunk index, documents, records read, rejections) in input order; what is read after the
     last document is counted in the last chunk."""
     counts, rejected = Counter(), Counter()
     seen_in, seen_rej = 0, Counter()
-    chunk: list[Doc] = []
+    chunk: list[RawDoc] = []
     index = 0
     for doc in iter_docs(cfg, counts, rejected):
         chunk.append(doc)
@@ -572,7 +361,7 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     todo_meta: dict[int, tuple[int, Counter]] = {}
     skipped = 0
 
-    def mine() -> Iterator[list[Doc]]:
+    def mine() -> Iterator[list[RawDoc]]:
         nonlocal skipped
         for c, docs, n_in, rej in _chunks(cfg):
             total[0] = c + 1
@@ -588,12 +377,12 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     total, order = [0], []
     extractor = (cfg.extractor, cfg.extractor_args) if cfg.extractor else None
     init = (str(model), know.aliases, cfg.case, know.pair_index, extractor)
-    pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, init) if cfg.workers > 1 else None
+    pool = mp.get_context("spawn").Pool(cfg.workers, init_worker, init) if cfg.workers > 1 else None
     if pool is None:
-        _init_worker(*init)
+        init_worker(*init)
     progress = Progress("join")
     try:
-        results = pool.imap(_process_chunk, mine()) if pool else map(_process_chunk, mine())
+        results = pool.imap(process_chunk, mine()) if pool else map(process_chunk, mine())
         for k, result in enumerate(results):
             c = order[k]
             n_in, rej = todo_meta.pop(c)
@@ -609,6 +398,21 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     if skipped:
         log(f"data_prep join: resumed, {skipped} chunks were already done")
     return total[0]
+
+
+@dataclass
+class Packed:
+    """What the pack stage counted, for the manifest and stats."""
+
+    entity_index: dict[str, int]
+    triples: list  # the KG's triples, then the extractor's new ones
+    triple_hits: Counter  # triple index -> times attached
+    splits: dict
+    records: int
+    rejected: Counter
+    mentions: int = 0
+    written: int = 0
+    attached_by_extractor: int = 0
 
 
 def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
@@ -642,18 +446,18 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
             for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))
         }
         packers = {
-            s: _Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id)
-            for s in ("train", "valid")
+            s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in ("train", "valid")
         }
-        counts, rejected, triple_hits, mentions, records = Counter(), Counter(), Counter(), 0, 0
+        res = Packed(entity_index, list(know.triples), Counter(), {}, 0, Counter())
+        counts = Counter()
         progress = Progress("pack", "chunks")
         # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
         triple_index = {t: i for i, t in enumerate(know.triples)}
-        triples = list(know.triples)
+        triples = res.triples
         for c in range(n_chunks):
             payload = pickle.loads((parts / "chunks" / f"chunk_{c:07d}.pkl").read_bytes())
-            records += payload["records"]
-            rejected.update(payload["rejected"])
+            res.records += payload["records"]
+            res.rejected.update(payload["rejected"])
             for r in payload["docs"]:
                 split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
                 spans = [
@@ -662,7 +466,7 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
                 row_triples = []
                 for ts, te, t in r["triples"]:
                     if not isinstance(t, int):
-                        counts["triples_extracted"] += 1
+                        res.attached_by_extractor += 1
                         if t not in triple_index:
                             triple_index[t] = len(triples)
                             triples.append(t)
@@ -670,33 +474,17 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
                     row_triples.append((ts, te, t))
                 packers[split].add(r["ids"], spans, row_triples)
                 counts[split] += 1
-                mentions += r["n_mentions"]
-                triple_hits.update(t for _, _, t in row_triples)
+                res.mentions += r["n_mentions"]
+                res.triple_hits.update(t for _, _, t in row_triples)
             progress.update()
         progress.close()
-        splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
-        written = counts["train"] + counts["valid"]
+        res.splits = splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
+        res.written = counts["train"] + counts["valid"]
         if not splits["train"]["shards"]:
             raise DataError(
                 f"{cfg.corpus[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens"
             )
-        manifest = _write_metadata(
-            work,
-            cfg,
-            know,
-            entity_index,
-            triple_hits,
-            splits,
-            records,
-            written,
-            rejected,
-            mentions,
-            vocab,
-            dtype,
-            tok,
-            triples,
-            counts["triples_extracted"],
-        )
+        manifest = _write_metadata(work, cfg, know, tok, dtype, res)
         if out_dir.exists():  # an earlier dataset (or one that died before its manifest) is replaced
             shutil.rmtree(out_dir)
         work.rename(out_dir)
@@ -705,30 +493,16 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
             shutil.rmtree(work)
     shutil.rmtree(parts, ignore_errors=True)
     log(
-        f"data_prep: {manifest['documents_in']} documents in, {written} written, rejected {dict(rejected)}; "
-        f"{manifest['tokens']} tokens, {mentions} mentions, {manifest['triples_attached']} triples attached -> "
+        f"data_prep: {manifest['documents_in']} documents in, {res.written} written, rejected {dict(res.rejected)}; "
+        f"{manifest['tokens']} tokens, {res.mentions} mentions, {manifest['triples_attached']} triples attached -> "
         f"{out_dir} ({time.time() - t0:.1f}s packing)"
     )
     return manifest
 
 
-def _write_metadata(
-    work: Path,
-    cfg: PrepConfig,
-    know: Knowledge,
-    entity_index: dict,
-    triple_hits: Counter,
-    splits: dict,
-    records: int,
-    written: int,
-    rejected: Counter,
-    mentions: int,
-    vocab: int,
-    dtype: np.dtype,
-    tok,
-    triples: list,
-    n_extracted: int,
-) -> dict:
+def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np.dtype, res: Packed) -> dict:
+    entity_index, triples, triple_hits, splits = res.entity_index, res.triples, res.triple_hits, res.splits
+    written, rejected, mentions = res.written, res.rejected, res.mentions
     names = [""] * len(entity_index)
     for e, i in entity_index.items():
         names[i] = e
@@ -766,21 +540,21 @@ def _write_metadata(
     manifest = {
         "format": FORMAT,
         "config": {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS},
-        "inputs": [{"path": str(p), "sha256": _sha256(Path(p))} for p in inputs],
+        "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in inputs],
         "tokenizer": {
             "file": tok.name,
             "type": tok.kind,
-            "vocab_size": vocab,
+            "vocab_size": tok.vocab_size,
             "pad_id": tok.pad_id,
             "eos_id": tok.eos_id,
             "bos_id": tok.bos_id,
             "unk_id": tok.unk_id,
             "mask_id": tok.mask_id,
-            "sha256": _tree_sha256(work / tok.name),
+            "sha256": _treesha256_file(work / tok.name),
         },
         "seq_len": cfg.seq_len,
         "dtype": dtype.name,
-        "documents_in": records,
+        "documents_in": res.records,
         "documents_written": written,
         "documents_rejected": dict(rejected),
         "tokens": tokens,
@@ -794,7 +568,7 @@ def _write_metadata(
         "kg_triples": len(know.triples),
         "kg_triples_without_alias": know.missing_alias,
         "triples_attached": sum(triple_hits.values()),
-        "triples_attached_by_extractor": n_extracted,
+        "triples_attached_by_extractor": res.attached_by_extractor,
         "triples_new_from_extractor": len(triples) - n_kg,
         "distinct_triples_attached": len(triple_hits),
         "triples_per_relation": dict(sorted(per_relation.items())),

@@ -113,10 +113,10 @@ def write_ds_config(path: Path, base: str = "moe_z2.json", **changes) -> Path:
 @pytest.fixture(scope="session")
 def example_data(tmp_path_factory) -> Path:
     """The built-in example world prepared once, with short rows for fast tests."""
-    from data_prep.pipeline import TextPrepConfig, prepare_example
+    from data_prep.pipeline import PrepConfig, prepare_example
 
     out = tmp_path_factory.mktemp("example") / "data"
-    prepare_example(out, TextPrepConfig(vocab_size=512, seq_len=32), log=lambda *_: None)
+    prepare_example(out, PrepConfig(vocab_size=512, seq_len=32), log=lambda *_: None)
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.example_world import WorldSpec, build_world, write_world
-from data_prep.pipeline import EOS_ID, DataError, TextPrepConfig, pack, prepare_text
+from data_prep.pipeline import EOS_ID, DataError, PrepConfig, pack, prepare_text
 from sparsexpert.data import BatchPlan, PackedDataset
 
 
@@ -33,7 +33,7 @@ def test_pipeline_counts_rejects_and_round_trips(tmp_path):
     m = prepare_text(
         [corpus],
         tmp_path / "out",
-        TextPrepConfig(vocab_size=128, seq_len=16, valid_fraction=0.1),
+        PrepConfig(vocab_size=128, seq_len=16, valid_fraction=0.1),
         log=lambda *_: None,
     )
     assert m["documents_in"] == 303
@@ -55,7 +55,7 @@ def test_pipeline_counts_rejects_and_round_trips(tmp_path):
 
 def test_pipeline_is_deterministic(tmp_path):
     corpus = write_world(tmp_path / "raw", WorldSpec(documents=200))["corpus"]
-    cfg = TextPrepConfig(vocab_size=256, seq_len=32)
+    cfg = PrepConfig(vocab_size=256, seq_len=32)
     a = prepare_text([corpus], tmp_path / "a", cfg, log=lambda *_: None)
     b = prepare_text([corpus], tmp_path / "b", cfg, log=lambda *_: None)
     for split in ("train", "valid"):

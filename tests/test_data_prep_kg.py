@@ -12,7 +12,8 @@ import pytest
 import sentencepiece as spm
 
 from data_prep.kg import Linker, Triple, check_aliases, read_aliases, read_triples
-from data_prep.pipeline import EOS_ID, PrepConfig, _Packer, prepare, prepare_example
+from data_prep.pack import EOS_ID, Packer
+from data_prep.pipeline import PrepConfig, prepare, prepare_example
 from data_prep.readers import DataError, read_corpus, read_mediawiki
 from data_prep.wikitext import strip_wikitext
 from sparsexpert.data import PackedDataset
@@ -146,7 +147,7 @@ def test_jsonl_bad_lines_fail_or_are_counted(tmp_path):
 
 
 def test_span_crossing_a_row_boundary_is_clipped_and_counted(tmp_path):
-    p = _Packer(tmp_path, "train", seq_len=4, dtype=np.dtype(np.uint16), rows_per_shard=100)
+    p = Packer(tmp_path, "train", seq_len=4, dtype=np.dtype(np.uint16), rows_per_shard=100)
     p.add(np.array([10, 11, 12, 13, 14, 15]), spans=[(0, 2, 7), (2, 5, 8)], triples=[(0, 6, 3)])
     out = p.finish()
     spans = np.load(tmp_path / "train_spans.npy").tolist()

@@ -33,10 +33,10 @@ def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
         return Path(cfg.data.path)
     data_dir = output_dir / "data"
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (data_dir / "manifest.json").is_file():
-        from data_prep.pipeline import TextPrepConfig, prepare_example
+        from data_prep.pipeline import PrepConfig, prepare_example
 
         log(f"preparing the built-in example knowledge world into {data_dir}")
-        prep = TextPrepConfig(vocab_size=cfg.data.example_vocab_size, seq_len=cfg.data.example_seq_len)
+        prep = PrepConfig(vocab_size=cfg.data.example_vocab_size, seq_len=cfg.data.example_seq_len)
         prepare_example(data_dir, prep, log=log)
     dist.barrier()
     return data_dir
