@@ -58,8 +58,14 @@ class Run:
         return {r["step"]: r[key] for r in self.metrics() if key in r}
 
 
+def leaked_shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers left in /dev/shm by a job on `port` (there must be none)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def run_cmd(cmd: list[str], output_dir: Path, timeout: float = 300, check: bool = True) -> Run:
-    """Run a command in its own process group; kill the whole group on timeout."""
+    """Run a command in its own process group; kill the whole group on timeout. A `deepspeed`
+    launch must leave no shared-memory buffers behind."""
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -78,6 +84,9 @@ def run_cmd(cmd: list[str], output_dir: Path, timeout: float = 300, check: bool 
     run = Run(proc.returncode, out, output_dir)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
+    if "--master_port" in cmd:
+        port = int(cmd[cmd.index("--master_port") + 1])
+        assert not leaked_shm_buffers(port), leaked_shm_buffers(port)
     return run
 
 
