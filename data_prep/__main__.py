@@ -7,9 +7,12 @@
     python -m data_prep example --output data/example     # the built-in synthetic knowledge world
     python -m data_prep stats data/news                   # print a prepared dataset's stats
 
-Stages one by one (same flags as `run`): `tokenizer` trains the tokenizer, `join` links, extracts
-and joins (the part given by --num-shards/--shard-index), `merge` packs all joined chunks into the
-output. Finished work is kept in <output>.parts, so an interrupted run continues where it stopped.
+Stages one by one (same flags as `run`): `ingest` reads and deduplicates and prints the counts;
+`link` and `extract` write the mentions (mentions.jsonl) and the triples found in the text
+(extracted_kg.tsv, counts per relation) into --output, for inspection; `tokenizer` trains the tokenizer, `join` links, extracts and joins (the part given by
+--num-shards/--shard-index), `merge` packs all joined chunks into the output. Finished work is kept
+in <output>.parts, so an interrupted run continues where it stopped; with --keep-parts it stays,
+and `merge --seq-len N` packs the same joined chunks again at another length.
 Scale-out over K machines sharing a filesystem:
 
     python -m data_prep tokenizer --corpus ... --output data/big            # once
@@ -34,7 +37,9 @@ from data_prep.pipeline import (
     load_inputs,
     prepare,
     prepare_example,
+    stage_ingest,
     stage_join,
+    stage_link_extract,
     stage_pack,
     stage_tokenizer,
 )
@@ -75,6 +80,9 @@ def _add_run_args(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     run.add_argument("--shard-index", type=int, default=DEFAULTS.shard_index, help="this machine's share")
     run.add_argument("--dry-run", action="store_true", help="validate the inputs and stop")
+    run.add_argument(
+        "--keep-parts", action="store_true", help="keep <output>.parts to re-pack with another --seq-len"
+    )
     return run
 
 
@@ -86,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     stage_parsers = {}
     for name, help_ in (
         ("run", "corpus (+ KG) to shards: every stage"),
+        ("ingest", "stage: read, normalize, deduplicate; print the counts, write nothing"),
+        ("link", "stage on its own: mentions of every document to <output>/mentions.jsonl"),
+        ("extract", "stage on its own: triples found in the text to <output>/extracted_kg.tsv"),
         ("tokenizer", "stage: train the tokenizer"),
         ("join", "stage: link, extract, join (this shard's chunks)"),
         ("merge", "stage: pack every joined chunk into the output"),
@@ -115,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PrepConfig(**base)
         if args.command == "example":
             manifest = prepare_example(cfg.output, cfg)
+        elif args.command == "ingest":
+            load_inputs(cfg)
+            stage_ingest(cfg)
+            return 0
+        elif args.command in ("link", "extract"):
+            stage_link_extract(cfg, load_inputs(cfg), extract=args.command == "extract")
+            return 0
         elif args.command == "tokenizer":
             load_inputs(cfg)
             print(f"tokenizer: {stage_tokenizer(cfg)}")

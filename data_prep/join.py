@@ -48,68 +48,79 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return [(s, e) for s, e in spans if e > s]
 
 
+def find_mentions(doc: RawDoc, linker, extractor) -> tuple[list[tuple[int, int, str]], list]:
+    """Stage link: the document's mentions as sorted character spans (start, end, entity) - wiki
+    links first, alias matches where no link is, then an extractor's where neither is - and the
+    extractor's triples as (start, end, Triple)."""
+    mentions = [(link.start, link.end, link.target) for link in doc.links]
+    if linker is None and extractor is None:
+        return mentions, []
+    taken = np.zeros(len(doc.text) + 1, dtype=bool)
+    for s, e, _ in mentions:
+        taken[s:e] = True
+    if linker is not None:
+        for m in linker.find(doc.text):
+            if not taken[m.start : m.end].any():
+                mentions.append((m.start, m.end, m.entity))
+                taken[m.start : m.end] = True
+        mentions.sort()
+    extracted = []
+    if extractor is not None:
+        from data_prep.kg import Mention
+
+        found = extractor.extract(doc.text, [Mention(*m) for m in mentions])
+        mentions = sorted(mentions + [tuple(m) for m in found.mentions if not taken[m.start : m.end].any()])
+        extracted = found.triples
+    return mentions, extracted
+
+
+def distant_supervision(
+    text: str, mentions: list[tuple[int, int, str]], pairs: dict[tuple[str, str], list[int]]
+) -> list[tuple[int, int, int]]:
+    """Stage extract: (sentence start, sentence end, KG triple index) for every KG triple whose head
+    and tail are both mentioned in the sentence."""
+    if not pairs or len({m[2] for m in mentions}) < 2:
+        return []
+    sents = _sentences(text)
+    s_start = np.array([a for a, _ in sents], dtype=np.int64)
+    s_end = np.array([b for _, b in sents], dtype=np.int64)
+    by_sentence: dict[int, set[str]] = {}
+    for start, end, entity in mentions:
+        k = int(np.searchsorted(s_start, start, side="right")) - 1
+        if end <= s_end[k]:  # a mention across a sentence end belongs to none
+            by_sentence.setdefault(k, set()).add(entity)
+    out = []
+    for k, ents in sorted(by_sentence.items()):
+        found = {t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())}
+        out.extend((int(s_start[k]), int(s_end[k]), t) for t in sorted(found))
+    return out
+
+
 def process_chunk(docs: list[RawDoc]) -> list[dict]:
-    tok, linker, pairs = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"]
+    """Stage join for a chunk: token ids, mention token spans, attached triples with token spans."""
+    tok, linker, pairs, extractor = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"], _WORKER["extractor"]
     texts = [d.text for d in docs]
     out = []
     for doc, text, ids in zip(docs, texts, tok.encode(texts)):
-        # Mentions: wiki links first; alias matches only where no link is.
-        mentions = [(link.start, link.end, link.target) for link in doc.links]
-        if linker is not None:
-            taken = np.zeros(len(doc.text) + 1, dtype=bool)
-            for s, e, _ in mentions:
-                taken[s:e] = True
-            mentions += [
-                (m.start, m.end, m.entity) for m in linker.find(doc.text) if not taken[m.start : m.end].any()
-            ]
-            mentions.sort()
-        extracted = []
-        if _WORKER["extractor"] is not None:
-            from data_prep.kg import Mention
-
-            found = _WORKER["extractor"].extract(doc.text, [Mention(*m) for m in mentions])
-            taken = np.zeros(len(doc.text) + 1, dtype=bool)
-            for s, e, _ in mentions:
-                taken[s:e] = True
-            mentions = sorted(
-                mentions + [tuple(m) for m in found.mentions if not taken[m.start : m.end].any()]
-            )
-            extracted = found.triples
+        mentions, extracted = find_mentions(doc, linker, extractor)
+        # (char start, char end, triple): KG triples by index, an extractor's as Triple (the main
+        # process gives new ones an index)
+        evidence = distant_supervision(text, mentions, pairs) + extracted
         spans, attached = [], []
-        if mentions:
+        if mentions or evidence:
             begin, end = tok.char_bounds(text, ids)
-            m_start = np.fromiter((m[0] for m in mentions), dtype=np.int64, count=len(mentions))
-            m_end = np.fromiter((m[1] for m in mentions), dtype=np.int64, count=len(mentions))
             # Tokens overlapping characters [start, end): first ending after start, up to the last beginning before end.
-            t_start, t_end = (
-                np.searchsorted(end, m_start, side="right"),
-                np.searchsorted(begin, m_end, side="left"),
-            )
-            spans = [(int(a), int(b), m[2]) for a, b, m in zip(t_start, t_end, mentions) if b > a]
-            if pairs and len({m[2] for m in mentions}) > 1:
-                sents = _sentences(doc.text)
-                s_start = np.array([a for a, _ in sents], dtype=np.int64)
-                s_end = np.array([b for _, b in sents], dtype=np.int64)
-                sent_of = np.searchsorted(s_start, m_start, side="right") - 1
-                by_sentence: dict[int, set[str]] = {}
-                for k, m in enumerate(mentions):
-                    if m_end[k] <= s_end[sent_of[k]]:  # mentions across a sentence end belong to none
-                        by_sentence.setdefault(int(sent_of[k]), set()).add(m[2])
-                for k, ents in sorted(by_sentence.items()):
-                    if len(ents) < 2:
-                        continue
-                    found = {t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())}
-                    if found:
-                        ts = int(np.searchsorted(end, s_start[k], side="right"))
-                        te = int(np.searchsorted(begin, s_end[k], side="left"))
-                        attached.extend((ts, te, t) for t in sorted(found))
-        if extracted:  # (char start, char end, Triple): the main process gives new triples an index
-            if not mentions:
-                begin, end = tok.char_bounds(text, ids)
-            for cs, ce, triple in extracted:
+            if mentions:
+                m = np.array([(s, e) for s, e, _ in mentions], dtype=np.int64)
+                t_start, t_end = (
+                    np.searchsorted(end, m[:, 0], side="right"),
+                    np.searchsorted(begin, m[:, 1], side="left"),
+                )
+                spans = [(int(a), int(b), x[2]) for a, b, x in zip(t_start, t_end, mentions) if b > a]
+            for cs, ce, t in evidence:
                 ts = int(np.searchsorted(end, cs, side="right"))
                 te = int(np.searchsorted(begin, ce, side="left"))
-                attached.append((ts, max(te, ts + 1), triple))
+                attached.append((ts, max(te, ts + 1), t))
         out.append(
             {
                 "ids": ids,

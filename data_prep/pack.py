@@ -29,7 +29,10 @@ def pack(token_lists: list[list[int]], seq_len: int, dtype: np.dtype) -> tuple[n
 
 
 class Packer:
-    """Appends documents to a token stream and writes full rows to shard files as they fill."""
+    """Appends documents to a token stream and writes full rows to shard files as they fill.
+
+    Memory stays bounded by the largest document: rows, entity spans and row triples go to disk as
+    soon as no later document can touch them (documents only ever move forward in the stream)."""
 
     def __init__(
         self,
@@ -46,30 +49,50 @@ class Packer:
         self.rows: list[np.ndarray] = []  # pending rows of the open shard
         self.n_rows = 0
         self.shards: list[dict] = []
-        self.spans: list[tuple[int, int, int, int]] = []
-        self.triples: list[tuple[int, int]] = []
         self.counts = Counter()
+        self.pending_triples: dict[int, set[int]] = {}  # row -> triples, for rows a later document may reach
+        self.n_triples = 0
+        self.rows_with_entity = 0
+        self._last_entity_row = -1
+        self._spans_file = open(out / f".{split}_spans.tmp", "wb") if out is not None else None
+        self._triples_file = open(out / f".{split}_triples.tmp", "wb") if out is not None else None
 
     def add(self, ids: np.ndarray, spans: list, triples: list) -> None:
         base = self.n_rows * self.L + len(self.buf)  # global position of this document's first token
-        self.buf = np.concatenate([self.buf, ids, [self.eos_id]])
         L = self.L
+        self._flush_triples(before_row=base // L)  # no later document reaches rows before this one
+        self.buf = np.concatenate([self.buf, ids, [self.eos_id]])
+        rows = []
         for ts, te, ent in spans:
             s, e = base + ts, base + te
             row = s // L
             if (e - 1) // L != row:
                 e = (row + 1) * L
                 self.counts["spans_clipped"] += 1
-            self.spans.append((row, s - row * L, e - row * L, ent))
+            rows.append((row, s - row * L, e - row * L, ent))
+        if rows and self._spans_file is not None:
+            np.asarray(rows, dtype=np.int64).tofile(self._spans_file)
+            for row, *_ in rows:  # rows arrive in order: count each row with an entity once
+                if row > self._last_entity_row:
+                    self.rows_with_entity += 1
+                    self._last_entity_row = row
         for ts, te, t in triples:
             for row in range((base + ts) // L, (base + max(te, ts + 1) - 1) // L + 1):
-                self.triples.append((row, t))
+                self.pending_triples.setdefault(row, set()).add(t)
         while len(self.buf) >= L:
             self.rows.append(self.buf[:L].astype(self.dtype)[None])
             self.buf = self.buf[L:]
             self.n_rows += 1
             if len(self.rows) == self.rows_per_shard:
                 self._flush()
+
+    def _flush_triples(self, before_row: int) -> None:
+        done = sorted(r for r in self.pending_triples if r < before_row)
+        if not done or self._triples_file is None:
+            return
+        pairs = [(r, t) for r in done for t in sorted(self.pending_triples.pop(r))]
+        np.asarray(pairs, dtype=np.int64).tofile(self._triples_file)
+        self.n_triples += len(pairs)
 
     def _flush(self) -> None:
         if not self.rows or self.out is None:
@@ -82,23 +105,44 @@ class Packer:
         )
         self.rows = []
 
+    def _finish_array(self, kind: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Move the spilled entries of `kind` that fall in complete rows to {split}_{kind}.npy, in
+        blocks; returns (that array memory-mapped, the few dropped tail entries)."""
+        tmp = self.out / f".{self.split}_{kind}.tmp"
+        n = tmp.stat().st_size // (8 * width)
+        data = (
+            np.memmap(tmp, dtype=np.int64, mode="r", shape=(n, width))
+            if n
+            else np.zeros((0, width), np.int64)
+        )
+        keep = int(np.searchsorted(data[:, 0], self.n_rows, side="left"))  # entries are written in row order
+        final = np.lib.format.open_memmap(
+            self.out / f"{self.split}_{kind}.npy", mode="w+", dtype=np.int64, shape=(keep, width)
+        )
+        for start in range(0, keep, 1 << 20):
+            stop = min(keep, start + (1 << 20))
+            final[start:stop] = data[start:stop]
+        final.flush()
+        tail = np.array(data[keep:])
+        del data
+        tmp.unlink()
+        return final, tail
+
     def finish(self) -> dict:
         self._flush()
-        dropped_tail = len(self.buf)
-        spans = np.array([s for s in self.spans if s[0] < self.n_rows], dtype=np.int64).reshape(-1, 4)
-        triples = np.array(
-            sorted(set(t for t in self.triples if t[0] < self.n_rows)), dtype=np.int64
-        ).reshape(-1, 2)
-        self.counts["spans_dropped_tail"] = len(self.spans) - len(spans)
-        np.save(self.out / f"{self.split}_spans.npy", spans)
-        np.save(self.out / f"{self.split}_triples.npy", triples)
+        self._flush_triples(before_row=1 << 62)
+        self._spans_file.close()
+        self._triples_file.close()
+        spans, spans_tail = self._finish_array("spans", 4)
+        triples, _ = self._finish_array("triples", 2)
+        self.counts["spans_dropped_tail"] = len(spans_tail)
         return {
             "shards": self.shards,
             "rows": self.n_rows,
             "tokens": self.n_rows * self.L,
-            "tokens_dropped_tail": dropped_tail,
+            "tokens_dropped_tail": len(self.buf),
             "spans": int(len(spans)),
             "row_triples": int(len(triples)),
             **self.counts,
-            "rows_with_entity": int(len(np.unique(spans[:, 0]))) if len(spans) else 0,
+            "rows_with_entity": self.rows_with_entity - len(np.unique(spans_tail[:, 0])),
         }

@@ -93,6 +93,8 @@ class PrepConfig:
     """A pluggable extractor `module:Class` adding mentions and triples (see data_prep/extractors.py)."""
     extractor_args: str | None = None
     """JSON file of keyword arguments for the extractor."""
+    keep_parts: bool = False
+    """Keep <output>.parts after packing, so `merge` can pack the joined chunks again (other seq_len)."""
     num_shards: int = 1
     """Machines sharing the join stage (a Slurm array, or one process per node)."""
     shard_index: int = 0
@@ -264,7 +266,9 @@ def load_inputs(cfg: PrepConfig) -> Knowledge:
 
 
 # Fields that do not change the output: they may differ between the machines or runs sharing a parts folder.
-_RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output")
+_RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output", "keep_parts")
+# Fields only the pack stage reads: joined chunks can be packed again with other values.
+_PACK_FIELDS = ("seq_len", "rows_per_shard", "valid_fraction")
 
 
 def parts_dir(cfg: PrepConfig) -> Path:
@@ -276,7 +280,7 @@ def _open_parts(cfg: PrepConfig) -> Path:
     """The folder of finished work units, reused by a resumed run and shared by scale-out machines."""
     parts = parts_dir(cfg)
     (parts / "chunks").mkdir(parents=True, exist_ok=True)
-    fingerprint = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS}
+    fingerprint = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS + _PACK_FIELDS}
     fp_file = parts / "config.json"
     started = find_tokenizer(parts) is not None or any((parts / "chunks").iterdir())
     if fp_file.is_file() and started:
@@ -294,6 +298,86 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def stage_ingest(cfg: PrepConfig, log=print) -> dict:
+    """Read, normalize and deduplicate every document; report the counts and write nothing."""
+    counts, rejected = Counter(), Counter()
+    progress = Progress("ingest")
+    chars = 0
+    for doc in iter_docs(cfg, counts, rejected):
+        chars += len(doc.text)
+        progress.update()
+    progress.close()
+    report = {
+        "documents_in": documents_in(counts, rejected),
+        "documents_written": progress.done,
+        "documents_rejected": dict(rejected),
+        "characters": chars,
+    }
+    log(f"data_prep ingest: {report}")
+    return report
+
+
+def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=print) -> dict:
+    """Stages link and extract on their own, for inspection, in one process: `link` writes
+    <output>/mentions.jsonl (one line a document: its source and [start, end, entity, surface]
+    mentions); `extract` also runs distant supervision and the extractor and writes
+    <output>/extracted_kg.tsv (head, relation, tail, times found, source kg|extracted)."""
+    from data_prep.extractors import load_extractor
+    from data_prep.join import distant_supervision, find_mentions
+    from data_prep.kg import Linker
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    linker = Linker(know.aliases, cfg.case) if know.aliases else None
+    extractor = load_extractor(cfg.extractor, cfg.extractor_args) if cfg.extractor and extract else None
+    found, mentions, docs = Counter(), 0, 0
+    progress = Progress("extract" if extract else "link")
+    with open(out / "mentions.jsonl.tmp", "w", encoding="utf-8") as f:
+        for doc in iter_docs(cfg, Counter(), Counter()):
+            ms, extracted = find_mentions(doc, linker, extractor)
+            mentions += len(ms)
+            docs += 1
+            if extract:
+                found.update(
+                    know.triples[t] for _, _, t in distant_supervision(doc.text, ms, know.pair_index)
+                )
+                found.update(t for _, _, t in extracted)
+            else:
+                f.write(
+                    json.dumps(
+                        {"source": doc.source, "mentions": [[s, e, ent, doc.text[s:e]] for s, e, ent in ms]},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+            progress.update()
+    progress.close()
+    report = {"documents": docs, "mentions": mentions}
+    if extract:
+        (out / "mentions.jsonl.tmp").unlink()
+        kg = set(know.triples)
+        rows = sorted(found.items(), key=lambda kv: (-kv[1], kv[0].head, kv[0].relation, kv[0].tail))
+        (out / "extracted_kg.tsv").write_text(
+            "".join(
+                f"{t.head}\t{t.relation}\t{t.tail}\t{n}\t{'kg' if t in kg else 'extracted'}\n"
+                for t, n in rows
+            ),
+            encoding="utf-8",
+        )
+        per_relation = Counter()
+        for t, n in found.items():
+            per_relation[t.relation] += n
+        report.update(
+            triples=sum(found.values()),
+            distinct_triples=len(found),
+            per_relation=dict(per_relation.most_common()),
+        )
+    else:
+        (out / "mentions.jsonl.tmp").replace(out / "mentions.jsonl")
+    log(f"data_prep {'extract' if extract else 'link'}: {report}")
+    return report
 
 
 def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
@@ -491,7 +575,8 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
     finally:
         if work.exists():
             shutil.rmtree(work)
-    shutil.rmtree(parts, ignore_errors=True)
+    if not cfg.keep_parts:
+        shutil.rmtree(parts, ignore_errors=True)
     log(
         f"data_prep: {manifest['documents_in']} documents in, {res.written} written, rejected {dict(res.rejected)}; "
         f"{manifest['tokens']} tokens, {res.mentions} mentions, {manifest['triples_attached']} triples attached -> "

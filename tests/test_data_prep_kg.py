@@ -196,6 +196,28 @@ def test_news_with_nations_distant_supervision(shared_data, tmp_path):
     assert stats["mentions_per_1000_tokens"] > 0 and stats["top_relations"]
     assert _run_cli("stats", str(out)).stdout.strip().startswith("{")
 
+    # The link and extract stages on their own find exactly what the join attached.
+    inputs = [
+        "--corpus",
+        str(shared_data / "news" / "lee_background.txt"),
+        "--kg",
+        str(shared_data / "kg" / "nations" / "train.tsv"),
+        "--aliases",
+        str(NATIONS_ALIASES),
+        "--case",
+        "exact",
+    ]
+    assert _run_cli("link", *inputs, "--output", str(tmp_path / "link")).returncode == 0
+    lines = [json.loads(x) for x in (tmp_path / "link" / "mentions.jsonl").read_text().splitlines()]
+    assert len(lines) == m["documents_written"] and sum(len(x["mentions"]) for x in lines) == m["mentions"]
+    assert all(s_ in ("Indian", "India") for x in lines for _, _, ent, s_ in x["mentions"] if ent == "india")
+    assert _run_cli("extract", *inputs, "--output", str(tmp_path / "ext")).returncode == 0
+    found = [x.split("\t") for x in (tmp_path / "ext" / "extracted_kg.tsv").read_text().splitlines()]
+    assert (
+        sum(int(x[3]) for x in found) == m["triples_attached"]
+        and len(found) == m["distinct_triples_attached"]
+    )
+
     bad = tmp_path / "bad.tsv"
     bad.write_text("usa\tally\n")
     proc = _run_cli(
@@ -223,6 +245,14 @@ def test_output_does_not_depend_on_workers(tmp_path):
     assert digests[0] == digests[1]
     m = json.loads((tmp_path / "w2" / "manifest.json").read_text())
     assert m["triples_attached"] > 1000 and m["spans"] > 5000 and m["entities"] > 200
+    # Spilled to disk as documents go, the arrays still come out ordered by row, row triples unique.
+    spans = np.load(tmp_path / "w2" / "train_spans.npy")
+    triples = np.load(tmp_path / "w2" / "train_triples.npy")
+    assert (np.diff(spans[:, 0]) >= 0).all() and len(spans) == m["splits"]["train"]["spans"]
+    assert [tuple(t) for t in triples.tolist()] == sorted({tuple(t) for t in triples.tolist()})
+    rows = len(PackedDataset(tmp_path / "w2", "train"))
+    assert spans[:, 0].max() < rows and triples[:, 0].max() < rows
+    assert m["splits"]["train"]["rows_with_entity"] == len(np.unique(spans[:, 0]))
 
 
 def test_parquet_reader(tmp_path):
@@ -444,3 +474,56 @@ def test_pluggable_extractor_adds_triples(tmp_path):
         "run", "--corpus", str(world["corpus"]), "--output", str(tmp_path / "x"), "--extractor", "nope"
     )
     assert bad.returncode == 2 and "expected module:Class" in bad.stderr
+
+
+def test_ingest_stage_counts_and_writes_nothing(tmp_path, shared_data):
+    news = shared_data / "news" / "lee_background.txt"
+    proc = _run_cli("ingest", "--corpus", str(news), "--output", str(tmp_path / "none"))
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "'documents_in': 300, 'documents_written': 293, 'documents_rejected': {'duplicate': 7}" in proc.stdout
+    )
+    assert not (tmp_path / "none").exists() and not (tmp_path / "none.parts").exists()
+
+
+def test_kept_parts_pack_again_at_another_length(tmp_path):
+    """--keep-parts, then `merge --seq-len 96` on the same joined chunks, equals a fresh run at 96."""
+    from data_prep.example_world import WorldSpec, write_world
+
+    world = write_world(tmp_path / "raw", WorldSpec(documents=300))
+    common = [
+        "--corpus",
+        str(world["corpus"]),
+        "--kg",
+        str(world["kg"]),
+        "--aliases",
+        str(world["aliases"]),
+        "--case",
+        "exact",
+        "--vocab-size",
+        "300",
+        "--chunk-docs",
+        "50",
+    ]
+    out = str(tmp_path / "kept")
+    assert _run_cli("run", *common, "--output", out, "--seq-len", "64", "--keep-parts").returncode == 0
+    assert (tmp_path / "kept.parts" / "chunks").is_dir()
+    assert PackedDataset(out, "train").seq_len == 64
+    proc = _run_cli("merge", *common, "--output", out, "--seq-len", "96")
+    assert proc.returncode == 0, proc.stderr
+    assert _run_cli("run", *common, "--output", str(tmp_path / "fresh"), "--seq-len", "96").returncode == 0
+    assert _dataset_digest(tmp_path / "kept") == _dataset_digest(tmp_path / "fresh")
+    assert not (tmp_path / "kept.parts").exists()  # the second merge did not keep them
+
+
+def test_example_configs_run(tmp_path, shared_data):
+    """The shipped example configs (paths relative to the repository root, next to ../shared)."""
+    for name in ("news_nations", "wiki"):
+        cfg = json.loads((REPO / "data_prep" / "examples" / f"{name}.json").read_text())
+        assert all((REPO / p).exists() for p in cfg["corpus"])
+    proc = _run_cli(
+        "run", "--config", "data_prep/examples/news_nations.json", "--output", str(tmp_path / "nn")
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "nn" / "manifest.json").read_text())
+    assert m["config"]["kg"].endswith("nations/train.tsv") and m["triples_attached"] > 300
