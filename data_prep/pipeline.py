@@ -25,6 +25,7 @@ processed in chunks by a pool but consumed in input order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -334,7 +335,8 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
     extractor = load_extractor(cfg.extractor, cfg.extractor_args) if cfg.extractor and extract else None
     found, mentions, docs = Counter(), 0, 0
     progress = Progress("extract" if extract else "link")
-    with open(out / "mentions.jsonl.tmp", "w", encoding="utf-8") as f:
+    tmp = out / f".mentions.{uuid.uuid4().hex}.jsonl"
+    with open(tmp, "w", encoding="utf-8") if not extract else contextlib.nullcontext() as f:
         for doc in iter_docs(cfg, Counter(), Counter()):
             ms, extracted = find_mentions(doc, linker, extractor)
             mentions += len(ms)
@@ -356,7 +358,6 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
     progress.close()
     report = {"documents": docs, "mentions": mentions}
     if extract:
-        (out / "mentions.jsonl.tmp").unlink()
         kg = set(know.triples)
         rows = sorted(found.items(), key=lambda kv: (-kv[1], kv[0].head, kv[0].relation, kv[0].tail))
         (out / "extracted_kg.tsv").write_text(
@@ -375,7 +376,7 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
             per_relation=dict(per_relation.most_common()),
         )
     else:
-        (out / "mentions.jsonl.tmp").replace(out / "mentions.jsonl")
+        tmp.replace(out / "mentions.jsonl")
     log(f"data_prep {'extract' if extract else 'link'}: {report}")
     return report
 
