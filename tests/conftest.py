@@ -3,12 +3,15 @@ that starts real processes (the `deepspeed` launcher, gloo on CPU) with a timeou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +91,29 @@ def run_cmd(cmd: list[str], output_dir: Path, timeout: float = 300, check: bool 
         port = int(cmd[cmd.index("--master_port") + 1])
         assert not leaked_shm_buffers(port), leaked_shm_buffers(port)
     return run
+
+
+def kill_when(
+    cmd: list[str], ready: Callable[[], bool], timeout: float = 240, env: dict | None = None
+) -> None:
+    """Start `cmd` in its own process group and SIGKILL the whole group as soon as `ready()` holds
+    (or when it exits, or at the timeout): an interruption at a moment the caller chose."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env or launch_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.01)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def deepspeed_cmd(nproc: int, script: str, *args: str) -> list[str]:

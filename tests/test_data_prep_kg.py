@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+from conftest import kill_when
 
 from data_prep.kg import Linker, Triple, check_aliases, read_aliases, read_triples
 from data_prep.pack import EOS_ID, Packer
@@ -390,10 +391,6 @@ def test_scale_out_then_merge_equals_one_machine(tmp_path):
 
 
 def test_interrupted_run_resumes_without_redoing_or_losing_documents(tmp_path, shared_data):
-    import os
-    import signal
-    import time
-
     args = [
         "run",
         "--corpus",
@@ -408,21 +405,12 @@ def test_interrupted_run_resumes_without_redoing_or_losing_documents(tmp_path, s
     clean = _run_cli(*args, "--output", str(tmp_path / "clean"))
     assert clean.returncode == 0, clean.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "data_prep", *args, "--output", str(out)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     chunks = tmp_path / "killed.parts" / "chunks"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if chunks.is_dir() and len(list(chunks.glob("chunk_*.pkl"))) >= 10:
-            break
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(
+        [sys.executable, "-m", "data_prep", *args, "--output", str(out)],
+        lambda: chunks.is_dir() and len(list(chunks.glob("chunk_*.pkl"))) >= 10,
+        timeout=120,
+    )
     done = len(list(chunks.glob("chunk_*.pkl")))
     assert 10 <= done < 53, "the run was not interrupted mid-way; the test proves nothing"
     resumed = _run_cli(*args, "--output", str(out))

@@ -1,14 +1,10 @@
 """Real multi-process training (DeepSpeed launcher, gloo on CPU) against single-process references."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_MODEL, deepspeed_cmd, launch_env, pretrain, run_cmd, write_ds_config
+from conftest import TINY_MODEL, deepspeed_cmd, kill_when, pretrain, run_cmd, write_ds_config
 
 STEPS = 4
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
@@ -196,26 +192,13 @@ def test_resume_after_kill_is_bit_identical(tmp_path, example_data):
     full = pretrain(tmp_path / "full", 2, ds, *args)
 
     out = tmp_path / "killed"
-    cmd = deepspeed_cmd(2, "launcher/pretrain.py", "--ds_config", str(ds), "--output_dir", str(out), *args)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=launch_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    kill_when(
+        deepspeed_cmd(2, "launcher/pretrain.py", "--ds_config", str(ds), "--output_dir", str(out), *args),
+        lambda: (
+            (out / "checkpoints" / "latest").is_file()
+            and max(_read_steps(out / "metrics.jsonl"), default=0) >= 15
+        ),
     )
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "checkpoints" / "latest").is_file() and max(
-                _read_steps(out / "metrics.jsonl"), default=0
-            ) >= 15:
-                break
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     killed_at = max(_read_steps(out / "metrics.jsonl"))
     assert killed_at < steps, "the run finished before it could be killed; the test proves nothing"
 
