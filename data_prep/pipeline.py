@@ -333,14 +333,13 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
     out.mkdir(parents=True, exist_ok=True)
     linker = Linker(know.aliases, cfg.case) if know.aliases else None
     extractor = load_extractor(cfg.extractor, cfg.extractor_args) if cfg.extractor and extract else None
-    found, mentions, docs = Counter(), 0, 0
+    found, mentions = Counter(), 0
     progress = Progress("extract" if extract else "link")
     tmp = out / f".mentions.{uuid.uuid4().hex}.jsonl"
     with open(tmp, "w", encoding="utf-8") if not extract else contextlib.nullcontext() as f:
         for doc in iter_docs(cfg, Counter(), Counter()):
             ms, extracted = find_mentions(doc, linker, extractor)
             mentions += len(ms)
-            docs += 1
             if extract:
                 found.update(
                     know.triples[t] for _, _, t in distant_supervision(doc.text, ms, know.pair_index)
@@ -356,7 +355,7 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
                 )
             progress.update()
     progress.close()
-    report = {"documents": docs, "mentions": mentions}
+    report = {"documents": progress.done, "mentions": mentions}
     if extract:
         kg = set(know.triples)
         rows = sorted(found.items(), key=lambda kv: (-kv[1], kv[0].head, kv[0].relation, kv[0].tail))

@@ -219,9 +219,8 @@ def prepare_ds_config(
     seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Check `ds_json` and return the dict handed to deepspeed.initialize."""
-    check_config(model_cfg, ds_json, world_size, tokenizer_vocab, seq_len)
+    triplet = check_config(model_cfg, ds_json, world_size, tokenizer_vocab, seq_len)
     ds = copy.deepcopy(ds_json)
-    triplet = batch_triplet(ds, world_size)
     ds["train_micro_batch_size_per_gpu"] = triplet.micro
     ds["gradient_accumulation_steps"] = triplet.grad_accum
     ds["train_batch_size"] = triplet.global_batch

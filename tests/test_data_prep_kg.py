@@ -23,6 +23,20 @@ REPO = Path(__file__).resolve().parents[1]
 NATIONS_ALIASES = REPO / "data_prep" / "examples" / "nations_aliases.tsv"
 
 
+def _world_args(world: dict[str, Path]) -> list[str]:
+    """CLI inputs of a generated example world: its corpus, KG and aliases, matched case-exact."""
+    return [
+        "--corpus",
+        str(world["corpus"]),
+        "--kg",
+        str(world["kg"]),
+        "--aliases",
+        str(world["aliases"]),
+        "--case",
+        "exact",
+    ]
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True, timeout=300
@@ -430,14 +444,7 @@ def test_pluggable_extractor_adds_triples(tmp_path):
     out = tmp_path / "ex"
     proc = _run_cli(
         "run",
-        "--corpus",
-        str(world["corpus"]),
-        "--aliases",
-        str(world["aliases"]),
-        "--kg",
-        str(world["kg"]),
-        "--case",
-        "exact",
+        *_world_args(world),
         "--output",
         str(out),
         "--vocab-size",
@@ -480,14 +487,7 @@ def test_kept_parts_pack_again_at_another_length(tmp_path):
 
     world = write_world(tmp_path / "raw", WorldSpec(documents=300))
     common = [
-        "--corpus",
-        str(world["corpus"]),
-        "--kg",
-        str(world["kg"]),
-        "--aliases",
-        str(world["aliases"]),
-        "--case",
-        "exact",
+        *_world_args(world),
         "--vocab-size",
         "300",
         "--chunk-docs",
