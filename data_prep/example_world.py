@@ -4,15 +4,20 @@ Deterministic for a given seed. It writes what a real corpus plus knowledge grap
 
 - `corpus.txt`: one document a line; each document is about one entity and states some of its
   facts in sentences drawn from several templates per relation.
-- `kg.tsv`: every fact as `head<TAB>relation<TAB>tail` (entity ids).
+- `kg.tsv`: every fact as `head<TAB>relation<TAB>tail` (entity ids), the held-out ones included.
+- `heldout.tsv`: the held-out facts, `head<TAB>relation<TAB>tail`, in the order of kg.tsv: a share
+  (`WorldSpec.heldout_fraction`) of the facts, chosen with the seed, that no document states (and
+  whose two entities no other fact links, so distant supervision attaches them to no sentence).
 - `aliases.tsv`: `entity_id<TAB>surface form` (the name the text uses).
 
-Entities have invented names, so a model can only learn the facts from this corpus.
+Entities have invented names, so a model can only learn the facts from this corpus and its KG; the
+held-out facts only from the KG (the knowledge probe asks about them).
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +104,9 @@ class WorldSpec:
     universities: int = 12
     documents: int = 3000
     seed: int = 1234
+    heldout_fraction: float = 0.1
+    """Share of facts the corpus never states; the KG (kg.tsv) still holds them: they are the
+    knowledge probe's held-out facts, which only the KG can teach."""
 
 
 def _name(rng: random.Random, used: set[str], etype: str) -> str:
@@ -148,15 +156,37 @@ def build_world(spec: WorldSpec) -> tuple[list[Entity], list[tuple[str, str, str
     return [e for t in ents.values() for e in t], triples
 
 
+def heldout_facts(spec: WorldSpec, triples: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The facts no document states: round(heldout_fraction * facts) of them, drawn with the seed,
+    in the order of the triple list. Only facts whose two entities no other fact links are drawn:
+    distant supervision attaches every KG triple between two entities to a sentence naming both, so
+    a capital's located_in would otherwise be attached to the sentences stating its capital_of (and
+    a founder's works_for to those stating founded_by)."""
+    if not 0 <= spec.heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction={spec.heldout_fraction}: must be in [0, 1)")
+    n = round(spec.heldout_fraction * len(triples))
+    pairs = Counter(frozenset((h, t)) for h, _, t in triples)
+    eligible = [i for i, (h, _, t) in enumerate(triples) if pairs[frozenset((h, t))] == 1]
+    if n > len(eligible):
+        raise ValueError(f"heldout_fraction={spec.heldout_fraction}: more facts than can be held out")
+    chosen = set(random.Random(spec.seed + 2).sample(eligible, n))
+    return [t for i, t in enumerate(triples) if i in chosen]
+
+
 def write_world(out_dir: str | Path, spec: WorldSpec | None = None) -> dict[str, Path]:
-    """Write corpus.txt, kg.tsv and aliases.tsv into out_dir; return their paths."""
+    """Write corpus.txt, kg.tsv, heldout.tsv and aliases.tsv into out_dir; return their paths
+    (keys corpus, kg, heldout, aliases)."""
     spec = spec or WorldSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entities, triples = build_world(spec)
+    heldout = heldout_facts(spec, triples)
+    held = set(heldout)
     by_id = {e.id: e for e in entities}
     facts_of: dict[str, list[tuple[str, str, str]]] = {e.id: [] for e in entities}
     for tr in triples:
+        if tr in held:  # in the KG only
+            continue
         facts_of[tr[0]].append(tr)
         facts_of[tr[2]].append(tr)
 
@@ -175,8 +205,14 @@ def write_world(out_dir: str | Path, spec: WorldSpec | None = None) -> dict[str,
                 sents.append(rng.choice(FILLER))
         docs.append(" ".join(sents))
 
-    paths = {"corpus": out / "corpus.txt", "kg": out / "kg.tsv", "aliases": out / "aliases.tsv"}
+    paths = {
+        "corpus": out / "corpus.txt",
+        "kg": out / "kg.tsv",
+        "heldout": out / "heldout.tsv",
+        "aliases": out / "aliases.tsv",
+    }
     paths["corpus"].write_text("\n".join(docs) + "\n", encoding="utf-8")
     paths["kg"].write_text("".join(f"{h}\t{r}\t{t}\n" for h, r, t in triples), encoding="utf-8")
+    paths["heldout"].write_text("".join(f"{h}\t{r}\t{t}\n" for h, r, t in heldout), encoding="utf-8")
     paths["aliases"].write_text("".join(f"{e.id}\t{e.name}\n" for e in entities), encoding="utf-8")
     return paths

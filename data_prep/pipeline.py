@@ -14,8 +14,13 @@ Output folder, read by `sparsexpert.data.shards.PackedDataset`:
     {split}_00000.bin ...        uint16/uint32 rows of seq_len token ids (split: train, valid)
     {split}_spans.npy            int64 [n, 4]: row, first token, end token (exclusive), entity index
     {split}_triples.npy          int64 [n, 2]: row, triple index (triples attached to the row's sentences)
-    entities.tsv relations.tsv   index<TAB>id vocabularies
-    triples.tsv                  attached triples: index, head, relation, tail, times attached, source (kg|extracted)
+    entities.tsv                 index<TAB>id<TAB>surface: the entity's first alias, or where it has
+                                 none (met in wiki links only) its id with underscores as spaces
+    relations.tsv                index<TAB>id
+    triples.tsv                  the whole triple vocabulary (KG triples, then the extractor's new ones),
+                                 attached or not: index, head, relation, tail, times attached (may be
+                                 0), source (kg|extracted): the pretraining triple objective and
+                                 K-BERT-style injection use the whole KG, not only attached triples
     stats.json                   the stats stage's figures
     manifest.json                written last: config, inputs and hashes, counts, shard checksums
 
@@ -51,7 +56,7 @@ from data_prep.tokenizer import find_tokenizer, load_tokenizer
 __all__ = ["EOS_ID", "DataError", "PrepConfig", "pack", "prepare", "prepare_example", "prepare_text"]
 
 MANIFEST = "manifest.json"
-FORMAT = "sparsexpert-packed/2"
+FORMAT = "sparsexpert-packed/3"
 PAD_ID, UNK_ID, BOS_ID = 3, 0, 1  # and EOS_ID = 2 (data_prep.pack): the ids of the tokenizers we train
 SPECIAL_SYMBOLS = ["<mask>"]
 
@@ -585,13 +590,22 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
     return manifest
 
 
+def _surface(entity: str, aliases: dict[str, list[str]]) -> str:
+    """The name entities.tsv gives an entity: its first alias, else its id with underscores as spaces."""
+    forms = aliases.get(entity)
+    return forms[0] if forms else entity.replace("_", " ")
+
+
 def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np.dtype, res: Packed) -> dict:
     entity_index, triples, triple_hits, splits = res.entity_index, res.triples, res.triple_hits, res.splits
     written, rejected, mentions = res.written, res.rejected, res.mentions
     names = [""] * len(entity_index)
     for e, i in entity_index.items():
         names[i] = e
-    (work / "entities.tsv").write_text("".join(f"{i}\t{e}\n" for i, e in enumerate(names)), encoding="utf-8")
+    aliases = know.aliases or {}
+    (work / "entities.tsv").write_text(
+        "".join(f"{i}\t{e}\t{_surface(e, aliases)}\n" for i, e in enumerate(names)), encoding="utf-8"
+    )
     relations = list(dict.fromkeys([*know.relations, *(t.relation for t in triples[len(know.triples) :])]))
     (work / "relations.tsv").write_text(
         "".join(f"{i}\t{r}\n" for i, r in enumerate(relations)), encoding="utf-8"
@@ -601,7 +615,6 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "".join(
             f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\t{'kg' if i < n_kg else 'extracted'}\n"
             for i, t in enumerate(triples)
-            if triple_hits[i]
         ),
         encoding="utf-8",
     )

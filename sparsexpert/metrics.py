@@ -18,6 +18,8 @@ CONSOLE_KEYS = [
     ("lm_loss", "lm", "{:.4f}"),
     ("aux_loss", "aux", "{:.3f}"),
     ("z_loss", "z", "{:.3f}"),
+    ("entity_loss", "entity", "{:.3f}"),
+    ("triple_loss", "triple", "{:.3f}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("lr", "lr", "{:.2e}"),
     ("valid_lm_loss", "valid lm", "{:.4f}"),
@@ -32,11 +34,18 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, enabled: bool, max_steps: int, tensorboard: bool = True):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        max_steps: int,
+        tensorboard: bool = True,
+        write_files: bool = True,
+    ):
         self.enabled, self.max_steps = enabled, max_steps
         self.writer = None
         self._jsonl = None
-        if not enabled:
+        if not enabled or not write_files:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +59,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
                 self._tb(key, value, step)

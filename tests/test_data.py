@@ -2,12 +2,13 @@
 
 import hashlib
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_prep.example_world import WorldSpec, build_world, write_world
+from data_prep.example_world import RELATIONS, WorldSpec, build_world, write_world
 from data_prep.pipeline import EOS_ID, DataError, PrepConfig, pack, prepare_text
 from sparsexpert.data import BatchPlan, PackedDataset
 
@@ -24,6 +25,49 @@ def test_example_world_states_its_facts(tmp_path):
     stated = sum(1 for h, r, t in triples if any(names[h] in s and names[t] in s for s in text.split(".")))
     assert stated > 30
     assert write_world(tmp_path / "again", WorldSpec(documents=50, seed=3))["corpus"].read_text() == text
+
+
+def _stated(text: str, names: dict[str, str], fact: tuple[str, str, str]) -> bool:
+    h, r, t = fact
+    return any(template.format(h=names[h], t=names[t]) in text for template in RELATIONS[r][2])
+
+
+def test_example_world_never_states_its_heldout_facts(tmp_path):
+    """A seeded share of the facts is in kg.tsv and heldout.tsv but in no document: only the KG has them."""
+    spec = WorldSpec(
+        countries=3,
+        cities_per_country=3,
+        people=30,
+        companies=6,
+        universities=4,
+        documents=400,
+        seed=5,
+        heldout_fraction=0.2,
+    )
+    paths = write_world(tmp_path / "small", spec)
+    entities, triples = build_world(spec)
+    names = {e.id: e.name for e in entities}
+    text = paths["corpus"].read_text()
+    heldout = [tuple(line.split("\t")) for line in paths["heldout"].read_text().splitlines()]
+    kg = [tuple(line.split("\t")) for line in paths["kg"].read_text().splitlines()]
+    assert kg == triples and len(heldout) == round(0.2 * len(triples)) > 10
+    assert heldout == [t for t in triples if t in set(heldout)]  # in triple-list order
+    assert not [f for f in heldout if _stated(text, names, f)]
+    # ... nor linked by another fact, which a sentence naming both would get attached to it.
+    linked = Counter(frozenset((h, t)) for h, _, t in triples)
+    assert all(linked[frozenset((h, t))] == 1 for h, _, t in heldout)
+    rest = [f for f in triples if f not in set(heldout)]
+    assert sum(_stated(text, names, f) for f in rest) > 0.9 * len(rest)
+    assert write_world(tmp_path / "again", spec)["heldout"].read_text() == paths["heldout"].read_text()
+    # The default world: a tenth held out, and most of the other facts stated.
+    default = write_world(tmp_path / "default")
+    entities, triples = build_world(WorldSpec())
+    names = {e.id: e.name for e in entities}
+    text = default["corpus"].read_text()
+    heldout = {tuple(line.split("\t")) for line in default["heldout"].read_text().splitlines()}
+    assert len(heldout) == round(0.1 * len(triples)) and not [f for f in heldout if _stated(text, names, f)]
+    rest = [f for f in triples if f not in heldout]
+    assert sum(_stated(text, names, f) for f in rest) > 0.9 * len(rest)
 
 
 def test_pipeline_counts_rejects_and_round_trips(tmp_path):

@@ -43,6 +43,10 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def test_wikitext_keeps_exact_link_spans():
     markup = (
         "{{Infobox|name=x {{nested}} }}'''Anarchism''' is a [[political philosophy]] that advocates "
@@ -103,7 +107,10 @@ def test_wiki_dump_to_shards_spans_decode_to_their_mentions(shared_data, tmp_pat
     assert m["mentions"] > 20000 and m["spans"] > 15000
     ds = PackedDataset(tmp_path / "wiki", "train")
     spans = np.load(tmp_path / "wiki" / "train_spans.npy")
-    names = dict(line.split("\t") for line in (tmp_path / "wiki" / "entities.tsv").read_text().splitlines())
+    entities = [line.split("\t") for line in (tmp_path / "wiki" / "entities.tsv").read_text().splitlines()]
+    # No KG: every entity is a wiki link target; its surface is its id with underscores as spaces.
+    assert all(surface == ent.replace("_", " ") for _, ent, surface in entities)
+    names = {i: surface for i, _, surface in entities}
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "wiki" / "tokenizer.model"))
     rows = ds[spans[:300, 0]]
     exact = 0
@@ -202,7 +209,12 @@ def test_news_with_nations_distant_supervision(shared_data, tmp_path):
     )
     assert m["mentions"] > 200 and m["triples_attached"] > 300 and m["relations"] == 55
     assert f"triples attached {m['triples_attached']}" in proc.stdout
-    attached = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
+    rows = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
+    # Every triple of the vocabulary, attached or not.
+    assert len(rows) == m["kg_triples"] + m["triples_new_from_extractor"] == m["kg_triples"]
+    assert [int(row[0]) for row in rows] == list(range(len(rows)))
+    attached = [row for row in rows if int(row[4]) > 0]
+    assert len(attached) == m["distinct_triples_attached"] < len(rows)
     assert sum(int(row[4]) for row in attached) == m["triples_attached"]
     assert ["usa", "uk"] in [[row[1], row[3]] for row in attached]
     assert {row[5] for row in attached} == {"kg"}  # "A United States ... a British man"
@@ -268,6 +280,19 @@ def test_output_does_not_depend_on_workers(tmp_path):
     rows = len(PackedDataset(tmp_path / "w2", "train"))
     assert spans[:, 0].max() < rows and triples[:, 0].max() < rows
     assert m["splits"]["train"]["rows_with_entity"] == len(np.unique(spans[:, 0]))
+    # entities.tsv names each entity as the text does; triples.tsv lists the whole KG, attached or
+    # not, the held-out facts (in kg.tsv, stated by no document) included.
+    from data_prep.example_world import WorldSpec, build_world, heldout_facts
+
+    entities, facts = build_world(WorldSpec())
+    names = {e.id: e.name for e in entities}
+    surfaces = {ent: surface for _, ent, surface in _tsv(tmp_path / "w2" / "entities.tsv")}
+    assert surfaces["person_0000"] == names["person_0000"] and surfaces == names
+    rows = _tsv(tmp_path / "w2" / "triples.tsv")
+    assert len(rows) == m["kg_triples"] + m["triples_new_from_extractor"] == len(facts)
+    hits = {(h, r, t): int(n) for _, h, r, t, n, _ in rows}
+    heldout = heldout_facts(WorldSpec(), facts)
+    assert len(heldout) == 91 and all(hits[f] == 0 for f in heldout)  # in the KG, attached to no row
 
 
 def test_parquet_reader(tmp_path):
@@ -343,11 +368,14 @@ def test_hugging_face_tokenizer_folder(tmp_path, shared_data):
     ds = PackedDataset(out, "train")
     assert (ds[np.arange(len(ds))] == eos).sum() > 200  # document boundaries
     spans = np.load(out / "train_spans.npy")
-    names = dict(line.split("\t") for line in (out / "entities.tsv").read_text().splitlines())
-    aliases = {}
+    entities = [line.split("\t") for line in (out / "entities.tsv").read_text().splitlines()]
+    names = {i: ent for i, ent, _ in entities}
+    aliases, first = {}, {}
     for line in NATIONS_ALIASES.read_text().splitlines():
         entity, alias = line.split("\t")
         aliases.setdefault(entity, set()).add(alias)
+        first.setdefault(entity, alias)
+    assert all(surface == first[ent] for _, ent, surface in entities)  # the first alias
     for (_row, s, e, ent), tokens in zip(spans[:100], ds[spans[:100, 0]]):
         assert hf.decode(tokens[s:e].tolist()).strip() in aliases[names[str(ent)]]
     bad = tmp_path / "no_eos"
@@ -459,7 +487,9 @@ def test_pluggable_extractor_adds_triples(tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "manifest.json").read_text())
     rows = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
+    assert len(rows) == m["kg_triples"] + m["triples_new_from_extractor"]
     extracted = [r for r in rows if r[5] == "extracted"]
+    assert all(int(r[4]) > 0 for r in extracted)  # new triples only come from attaching them
     kg = {tuple(line.split("\t")) for line in world["kg"].read_text().splitlines()}
     # "X works for Y" restates a KG fact: attached again, under the KG triple; "Y employs X" is a new relation.
     assert m["triples_attached_by_extractor"] > 20 and m["triples_new_from_extractor"] == len(extracted) > 10

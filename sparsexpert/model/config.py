@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sparsexpert.config import ConfigError
+from sparsexpert.knowledge.config import KnowledgeConfig
 
 
 @dataclass
@@ -90,6 +91,8 @@ class ModelConfig:
     """Share the token embedding and the output projection."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """The MoE layers."""
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    """How the model uses the knowledge graph joined to the text (default: not at all)."""
 
     @property
     def head_dim(self) -> int:
@@ -121,3 +124,4 @@ class ModelConfig:
                 "model.n_heads", self.n_heads, "d_model / n_heads must be even for rotary embeddings"
             )
         self.moe.validate(self.d_ff)
+        self.knowledge.validate(self.n_layers)

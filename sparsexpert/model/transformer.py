@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsexpert.knowledge.modules import KnowledgeBatch, KnowledgeEmbeddings
 from sparsexpert.model.config import ModelConfig
 from sparsexpert.model.moe import (
     MoEBlock,
@@ -48,7 +49,8 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x_BHSd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of each head by the position's angle."""
+    """Rotate channel pairs (2i, 2i+1) of each head by the position's angle (tables [S, h] or,
+    for per-row positions, [B, 1, S, h])."""
     x1, x2 = x_BHSd.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack((x1 * cos_Sh - x2 * sin_Sh, x1 * sin_Sh + x2 * cos_Sh), dim=-1).flatten(-2)
     return out.to(x_BHSd.dtype)
@@ -63,14 +65,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_BSS: torch.Tensor | None
+    ) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = (
             w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
             for w in (self.wq, self.wk, self.wv)
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if mask_BSS is None:
+            y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:  # an explicit visibility mask (True = may attend) replaces the causal one
+            y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BSS.unsqueeze(1))
         return self.wo(y_BHSd.transpose(1, 2).reshape(B, S, D))
 
 
@@ -89,8 +96,10 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -99,7 +108,8 @@ class ModelOutput:
     logits: torch.Tensor
     """[B, S, V]."""
     loss: torch.Tensor | None = None
-    """What training minimizes: lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss."""
+    """What training minimizes: lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    (+ entity_loss_coef * entity_loss + triple_loss_coef * triple_loss with knowledge fusion)."""
     lm_loss: torch.Tensor | None = None
     """Mean cross-entropy over the labelled positions."""
     aux_loss: torch.Tensor | None = None
@@ -108,6 +118,10 @@ class ModelOutput:
     """Router z-loss averaged over MoE layers (0 for a dense model)."""
     expert_counts: torch.Tensor | None = None
     """[num_moe_layers, E] token-expert assignments in this forward pass."""
+    entity_loss: torch.Tensor | None = None
+    """Entity prediction cross-entropy over the micro-batch's mentions (knowledge fusion)."""
+    triple_loss: torch.Tensor | None = None
+    """TransE margin loss over the micro-batch's triples (knowledge fusion)."""
 
 
 class Transformer(nn.Module):
@@ -120,6 +134,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.knowledge = KnowledgeEmbeddings(cfg.d_model, cfg.knowledge) if cfg.knowledge.fusion else None
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
@@ -130,9 +145,21 @@ class Transformer(nn.Module):
     def moe_blocks(self) -> list[nn.Module]:
         return [layer.mlp for layer in self.layers if layer.is_moe]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        knowledge: KnowledgeBatch | None = None,
+    ) -> ModelOutput:
         """input_ids [B, S]. labels [B, S] (IGNORE_INDEX where unlabelled): for a causal model,
-        position t is scored on predicting labels[t+1]; for a masked model, on labels[t]."""
+        position t is scored on predicting labels[t+1]; for a masked model, on labels[t].
+        targets [B, S]: instead of labels, the token each position must predict, unshifted.
+        position_ids [B, S] and attn_mask [B, S, S] (True = may attend): K-BERT injected rows.
+        knowledge: the entity inputs and objectives' data (knowledge fusion)."""
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -142,16 +169,25 @@ class Transformer(nn.Module):
         recorder.reset()
 
         h = self.tok_embeddings(input_ids)
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
-        for layer in self.layers:
-            h = layer(h, cos, sin)
-        logits = self.output(self.norm(h))
+        if position_ids is None:
+            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        else:
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        fuse = self.knowledge is not None and knowledge is not None
+        for i, layer in enumerate(self.layers):
+            if fuse and i == self.cfg.knowledge.fusion_layer:
+                h = self.knowledge.fuse(h, knowledge.entity_ids)
+            h = layer(h, cos, sin, attn_mask)
+        h = self.norm(h)
+        logits = self.output(h)
 
         out = ModelOutput(logits=logits)
-        if labels is None:
+        if labels is None and targets is None:
             recorder.reset()
             return out
-        if self.cfg.causal:
+        if targets is not None:
+            logits_flat, labels_flat = logits.flatten(0, 1), targets.flatten()
+        elif self.cfg.causal:
             logits_flat, labels_flat = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
         else:
             logits_flat, labels_flat = logits.flatten(0, 1), labels.flatten()
@@ -169,6 +205,11 @@ class Transformer(nn.Module):
         recorder.reset()
         m = self.cfg.moe
         out.loss = out.lm_loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
+        if fuse:
+            k = self.cfg.knowledge
+            out.entity_loss = self.knowledge.entity_loss(h, knowledge)
+            out.triple_loss = self.knowledge.triple_loss(knowledge)
+            out.loss = out.loss + k.entity_loss_coef * out.entity_loss + k.triple_loss_coef * out.triple_loss
         return out
 
     @torch.no_grad()
@@ -191,12 +232,14 @@ class Transformer(nn.Module):
                 layer.mlp.experts.init_weights(expert_init_seed(seed, i), std, out_std)
 
     def num_params(self) -> dict[str, int]:
-        """Total parameters, and those active for one token (top_k of E experts per MoE layer)."""
+        """Total parameters, those active for one token (top_k of E experts per MoE layer), the
+        experts', and the knowledge components' (entity and relation tables, fusion, entity head)."""
         total = sum(p.numel() for p in self.parameters())
         expert = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
         m = self.cfg.moe
         active = total - expert + (expert * m.top_k // m.num_experts if m.num_experts else 0)
-        return {"total": total, "active": active, "experts": expert}
+        know = sum(p.numel() for n, p in self.named_parameters() if n.startswith("knowledge."))
+        return {"total": total, "active": active, "experts": expert, "knowledge": know}
 
 
 def build_model(cfg: ModelConfig, seed: int) -> Transformer:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from sparsexpert import parallel
 from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader, read_manifest
+from sparsexpert.knowledge.data import KnowledgeLoader
 from sparsexpert.metrics import MetricsLogger, format_duration
 from sparsexpert.model import ModelConfig, build_model
 from sparsexpert.train import checkpoint
@@ -40,6 +41,30 @@ def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
         prepare_example(data_dir, prep, log=log)
     dist.barrier()
     return data_dir
+
+
+def resolve_knowledge_sizes(cfg: ModelConfig, manifest: dict[str, Any], data_dir: Path) -> None:
+    """Size the entity and relation tables from data_prep's vocabularies (fusion mode)."""
+    k = cfg.knowledge
+    if k.mode == "none":
+        return
+    if not manifest.get("entities"):
+        raise ConfigError(
+            "model.knowledge.mode",
+            k.mode,
+            f"the dataset {data_dir} has no linked entities; prepare it with a KG (python -m data_prep "
+            "--kg ...) or set model.knowledge.mode=none",
+        )
+    for field, key in (("num_entities", "entities"), ("num_relations", "relations")):
+        have = manifest[key]
+        if getattr(k, field) == 0:
+            setattr(k, field, max(have, 1))
+        elif getattr(k, field) < have:
+            raise ConfigError(
+                f"model.knowledge.{field}",
+                getattr(k, field),
+                f"the dataset has {have}; use 0 (from the dataset) or more",
+            )
 
 
 def _check_resume_compatible(
@@ -65,13 +90,26 @@ def _check_resume_compatible(
 
 
 class Pretrainer:
-    def __init__(self, cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path, resume: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ds_json: dict[str, Any],
+        output_dir: str | Path,
+        resume: bool = False,
+        evaluate_only: bool = False,
+    ):
+        """evaluate_only: load the latest checkpoint (required) and write nothing into output_dir."""
         cfg.validate()
         parallel.init_distributed(cfg.train.collective_timeout_minutes)
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.ds_json = ds_json
         self.metrics = MetricsLogger(
-            self.output_dir, self.rank == 0, cfg.train.max_steps, cfg.train.tensorboard
+            self.output_dir,
+            self.rank == 0,
+            cfg.train.max_steps,
+            cfg.train.tensorboard,
+            write_files=not evaluate_only,
         )
         log = self.metrics.text
 
@@ -86,11 +124,14 @@ class Pretrainer:
             tokenizer_vocab=manifest["tokenizer"]["vocab_size"],
             seq_len=manifest["seq_len"],
         )
+        resolve_knowledge_sizes(cfg.model, manifest, self.data_dir)
         self.ep_size = self.ds_config.get("expert_parallel", {}).get("autoep_size", 1)
         self.triplet = parallel.batch_triplet(self.ds_config, self.world)
 
         self.ckpt_root = self.output_dir / "checkpoints"
-        tag_dir = checkpoint.find_latest(self.ckpt_root) if resume else None
+        tag_dir = checkpoint.find_latest(self.ckpt_root) if (resume or evaluate_only) else None
+        if evaluate_only and tag_dir is None:
+            raise FileNotFoundError(f"{self.ckpt_root}: no complete checkpoint to evaluate")
         if resume and tag_dir is None:
             log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
         if tag_dir is not None:
@@ -109,25 +150,28 @@ class Pretrainer:
 
         self.train_data = PackedDataset(self.data_dir, "train")
         self.seq_len = self.train_data.seq_len
-        self.loader = ShardLoader(
-            self.train_data,
-            BatchPlan(
-                len(self.train_data),
-                self.triplet.micro,
-                self.triplet.grad_accum,
-                self.world,
-                self.rank,
-                cfg.data.seed,
-            ),
-        )
+        tok = manifest["tokenizer"]
+
+        def batches(split: str, data: PackedDataset, grad_accum: int) -> KnowledgeLoader:
+            plan = BatchPlan(len(data), self.triplet.micro, grad_accum, self.world, self.rank, cfg.data.seed)
+            return KnowledgeLoader(
+                ShardLoader(data, plan),
+                self.data_dir,
+                split,
+                cfg.model.knowledge,
+                cfg.model.causal,
+                tok.get("mask_id"),
+                tok["vocab_size"],
+                self.tokenizer_file,
+            )
+
+        self.loader = batches("train", self.train_data, self.triplet.grad_accum)
         self.valid_loader = None
         if cfg.train.eval_every:
             valid = PackedDataset(self.data_dir, "valid")
             if len(valid):
-                self.valid_loader = ShardLoader(
-                    valid, BatchPlan(len(valid), self.triplet.micro, 1, self.world, self.rank, cfg.data.seed)
-                )
-        if self.rank == 0:
+                self.valid_loader = batches("valid", valid, 1)
+        if self.rank == 0 and not evaluate_only:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2))
         self._log_header()
@@ -136,6 +180,7 @@ class Pretrainer:
         return {
             "run": asdict(self.cfg),
             "ds_config": self.ds_config,
+            "ds_json": self.ds_json,
             "world_size": self.world,
             "ep_size": self.ep_size,
             "global_batch": self.triplet.global_batch,
@@ -179,8 +224,7 @@ class Pretrainer:
         self.engine.eval()
         total = torch.zeros(2)
         for i in range(self.cfg.train.eval_batches):
-            x = self.valid_loader.batch(i, 0)
-            out = self.engine(x, x)
+            out = self.engine(**self.valid_loader.batch(i, 0, knowledge=False))  # the text alone
             total += torch.tensor([out.lm_loss.item(), 1.0])
         self.engine.train()
         dist.all_reduce(total)
@@ -189,7 +233,7 @@ class Pretrainer:
     def train(self) -> dict[str, Any]:
         cfg, engine = self.cfg.train, self.engine
         n_moe, n_exp = len(self.cfg.model.moe_layer_ids), self.cfg.model.moe.num_experts
-        sums = torch.zeros(5)  # loss, lm, aux, z, micro-batches
+        sums = torch.zeros(7)  # loss, lm, aux, z, entity, triple, micro-batches
         counts = torch.zeros(n_moe, n_exp)
         tokens_per_step = self.triplet.global_batch * self.seq_len
         t_interval, steps_in_interval, t_start, start_step = time.time(), 0, time.time(), self.step
@@ -198,14 +242,14 @@ class Pretrainer:
         engine.train()
         while self.step < cfg.max_steps:
             for m in range(self.triplet.grad_accum):
-                x = self.loader.batch(self.step, m)
-                out = engine(x, x)
+                out = engine(**self.loader.batch(self.step, m))
                 engine.backward(out.loss)
                 if self.own_clip is not None and m == self.triplet.grad_accum - 1:
                     grad_norm = parallel.clip_grad_norm(engine.module, self.own_clip)
                 engine.step()
+                extra = [0.0 if v is None else v.item() for v in (out.entity_loss, out.triple_loss)]
                 sums += torch.tensor(
-                    [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item(), 1.0]
+                    [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item(), *extra, 1.0]
                 )
                 if out.expert_counts is not None:
                     counts += out.expert_counts.float()
@@ -217,15 +261,18 @@ class Pretrainer:
                 dist.all_reduce(counts)
                 elapsed = time.time() - t_interval
                 last = {
-                    "loss": (sums[0] / sums[4]).item(),
-                    "lm_loss": (sums[1] / sums[4]).item(),
-                    "aux_loss": (sums[2] / sums[4]).item(),
-                    "z_loss": (sums[3] / sums[4]).item(),
+                    "loss": (sums[0] / sums[6]).item(),
+                    "lm_loss": (sums[1] / sums[6]).item(),
+                    "aux_loss": (sums[2] / sums[6]).item(),
+                    "z_loss": (sums[3] / sums[6]).item(),
                     "lr": float(engine.get_lr()[0]),
                     "tokens_per_s": tokens_per_step * steps_in_interval / max(elapsed, 1e-9),
                     "step_time_s": elapsed / steps_in_interval,
                     "eta_s": (time.time() - t_start) / (self.step - start_step) * (cfg.max_steps - self.step),
                 }
+                if self.cfg.model.knowledge.fusion:
+                    last["entity_loss"] = (sums[4] / sums[6]).item()
+                    last["triple_loss"] = (sums[5] / sums[6]).item()
                 gnorm = grad_norm if self.own_clip is not None else engine.get_global_grad_norm()
                 if gnorm is not None:
                     last["grad_norm"] = float(gnorm)  # of the last step of the interval

@@ -1,0 +1,52 @@
+"""Evaluate a pretraining run's latest checkpoint: perplexity, knowledge probe, link prediction.
+
+Launch it like the pretraining run it evaluates (same number of processes: the checkpoint is
+loaded into the same expert-parallel layout). Results are printed and written to <run>/eval.json.
+
+Built-in knowledge world (the README's main job writes runs/pretrain and runs/pretrain/data_raw):
+    deepspeed launcher/evaluate.py --run runs/pretrain --probe_world runs/pretrain/data_raw
+
+News + Nations: link prediction on the Nations test split, filtered against every known triple:
+    deepspeed launcher/evaluate.py --run runs/nations \\
+        --link_test ../shared/data/kg/nations/test.tsv \\
+        --link_known ../shared/data/kg/nations/train.tsv ../shared/data/kg/nations/valid.tsv
+
+Two processes (a run trained with `deepspeed --num_gpus 2`):
+    deepspeed --num_gpus 2 launcher/evaluate.py --run runs/pretrain2 --probe_world runs/pretrain2/data_raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", required=True, help="a pretraining output folder (with checkpoints/)")
+    parser.add_argument(
+        "--probe_world", help="the built-in world's raw folder (kg.tsv, heldout.tsv, aliases.tsv)"
+    )
+    parser.add_argument(
+        "--max_facts", type=int, default=60, help="probe facts per group (held out, stated); 0 = all"
+    )
+    parser.add_argument("--link_test", help="test triples (head<TAB>relation<TAB>tail) for link prediction")
+    parser.add_argument(
+        "--link_known", nargs="*", default=[], help="other true triples, filtered from rankings"
+    )
+    parser.add_argument("--max_triples", type=int, default=0, help="test triples to rank; 0 = all")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    args = parser.parse_args(argv)
+
+    from sparsexpert.evaluate import evaluate
+
+    evaluate(args.run, args.probe_world, args.link_test, args.link_known, args.max_facts, args.max_triples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Evaluation of a pretrained checkpoint: perplexity, the knowledge probe, link prediction.
+
+- Perplexity: exp(mean next-token loss) over every row of the held-out split, on the text alone.
+- Knowledge probe (the built-in knowledge world): for facts (head, relation, ?) rank the true tail
+  among all entities by the model's text, i.e. the mean over the relation's sentence templates of
+  log p(" tail." | "head <template words>"); with entity fusion, also by the TransE score of the
+  entity and relation embeddings. Facts are reported in two groups: held out (never stated in the
+  corpus; only the KG holds them) and stated. Accuracy@1 and MRR.
+- Link prediction (a KG with a test split, e.g. Nations): rank heads and tails of each test triple
+  among the KG's entities, filtered the standard way (other known true triples are removed from the
+  ranking); MRR and Hits@1/3/10, by text (log-likelihood of the verbalized triple) and, with entity
+  fusion, by the embeddings.
+
+Runs under the DeepSpeed engine with the checkpoint's own configuration and world size, so
+expert-parallel checkpoints evaluate as they were trained; the scoring work is split over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sparsexpert.config import from_dict
+from sparsexpert.knowledge.data import DatasetKG
+from sparsexpert.knowledge.modules import KnowledgeBatch
+from sparsexpert.train import checkpoint
+from sparsexpert.train.config import RunConfig
+
+# ---------------------------------------------------------------- ranking metrics
+
+
+def rank_of(scores: np.ndarray, true_idx: int, exclude: np.ndarray | None = None) -> float:
+    """1-based rank of scores[true_idx] among scores, candidates in `exclude` (other true answers)
+    removed; ties count half (the mean of the optimistic and pessimistic rank)."""
+    keep = np.ones(len(scores), dtype=bool)
+    if exclude is not None and len(exclude):
+        keep[exclude] = False
+    keep[true_idx] = True
+    s, t = scores[keep], scores[true_idx]
+    return 1.0 + float((s > t).sum()) + 0.5 * float((s == t).sum() - 1)
+
+
+def ranking_metrics(ranks: list[float], hits: tuple[int, ...] = (1, 3, 10)) -> dict[str, float]:
+    r = np.asarray(ranks, dtype=np.float64)
+    if not len(r):
+        return {"n": 0}
+    out = {"n": int(len(r)), "mrr": float((1.0 / r).mean())}
+    for k in hits:
+        out[f"hits@{k}"] = float((r <= k).mean())
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_evaluator(run_dir: str | Path):
+    """A Pretrainer holding the latest complete checkpoint of run_dir, in evaluation mode."""
+    from sparsexpert.train.trainer import Pretrainer
+
+    run_dir = Path(run_dir)
+    tag = checkpoint.find_latest(run_dir / "checkpoints")
+    if tag is None:
+        raise FileNotFoundError(
+            f"{run_dir}/checkpoints: no complete checkpoint; is {run_dir} a pretraining output folder?"
+        )
+    meta = json.loads((tag / checkpoint.META).read_text())
+    cfg = from_dict(RunConfig, meta["run"])
+    cfg.data.path = meta["data_dir"]
+    pt = Pretrainer(cfg, meta["ds_json"], run_dir, evaluate_only=True)
+    pt.engine.eval()
+    return pt
+
+
+# ---------------------------------------------------------------- scoring text
+
+
+@dataclass
+class Scorer:
+    """Log-likelihoods of token sequences under the engine's model, work split over ranks."""
+
+    engine: Any
+    eos_id: int
+    batch_size: int = 64
+
+    @torch.no_grad()
+    def logprobs(
+        self,
+        seqs: list[np.ndarray],
+        score_from: list[int],
+        entity_spans: list[tuple[int, int, int]] | None = None,
+    ) -> np.ndarray:
+        """sum_{t >= score_from[i]} log p(seq_i[t] | seq_i[:t]) for every sequence. entity_spans:
+        (start, end, entity) per sequence fed to the entity fusion (None: no entity inputs)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        n = len(seqs)
+        n_batches = math.ceil(n / self.batch_size)
+        n_batches += (-n_batches) % world  # every rank runs the same number of forwards (expert parallelism)
+        out = torch.zeros(n, dtype=torch.float64)
+        for bi in range(rank, n_batches, world):
+            idx = list(range(bi * self.batch_size, min(n, (bi + 1) * self.batch_size)))
+            if not idx:
+                idx = [0]  # a padding forward; its result is not kept
+            L = max(len(seqs[i]) for i in idx)
+            x = torch.full((len(idx), L), self.eos_id, dtype=torch.long)
+            for b, i in enumerate(idx):
+                x[b, : len(seqs[i])] = torch.from_numpy(np.asarray(seqs[i], dtype=np.int64))
+            kwargs: dict[str, Any] = {}
+            if entity_spans is not None:
+                ent = torch.full_like(x, -1)
+                for b, i in enumerate(idx):
+                    s, e, k = entity_spans[i]
+                    ent[b, s:e] = k
+                z = torch.zeros(0, dtype=torch.long)
+                kwargs["knowledge"] = KnowledgeBatch(ent, z, z, z, z, z.view(0, 3), z.view(0, 0, 3))
+            logits = self.engine(x, **kwargs).logits.float()
+            logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+            if bi * self.batch_size >= n:
+                continue
+            for b, i in enumerate(idx):
+                out[i] = logp[b, score_from[i] - 1 : len(seqs[i]) - 1].sum().double()
+        dist.all_reduce(out)
+        return out.numpy()
+
+
+@torch.no_grad()
+def perplexity(pt) -> dict[str, float]:
+    """exp(mean next-token loss) over all rows of the valid split (text only)."""
+    loader = pt.valid_loader
+    if loader is None:
+        return {}
+    plan = loader.loader.plan
+    rows_total = plan.num_rows
+    per_step = plan.micro * plan.dp
+    total = torch.zeros(2, dtype=torch.float64)
+    for g in range(math.ceil(rows_total / per_step)):
+        batch = loader.batch(g, 0, knowledge=False)
+        logits = pt.engine(batch["input_ids"]).logits.float()
+        x = batch["input_ids"]
+        global_pos = g * per_step + plan.rank * plan.micro + torch.arange(plan.micro)
+        keep = global_pos < rows_total  # the last global batch wraps around: count each row once
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(
+            x.shape[0], -1
+        )
+        total += torch.tensor([nll[keep].sum().item(), keep.sum().item() * nll.shape[1]], dtype=torch.float64)
+    dist.all_reduce(total)
+    loss = (total[0] / total[1]).item()
+    return {"valid_lm_loss": loss, "perplexity": math.exp(loss), "valid_tokens_scored": int(total[1].item())}
+
+
+# ---------------------------------------------------------------- knowledge probe and link prediction
+
+
+def _read_facts(path: Path) -> list[tuple[str, str, str]]:
+    return [
+        tuple(line.split("\t")[:3]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def _sample(items: list, n: int, seed: int) -> list:
+    if n <= 0 or len(items) <= n:
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
+    return [items[i] for i in keep]
+
+
+class _Encoder:
+    """Token ids of word-aligned segments: encode(a) + encode(b) equals encode("a b") for the
+    SentencePiece models data_prep trains (pieces never cross a space), so spans are exact."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, text: str) -> np.ndarray:
+        if text not in self.cache:
+            self.cache[text] = self.tok.encode([text])[0] if text else np.zeros(0, np.int64)
+        return self.cache[text]
+
+
+def _rank_all(scores_QC: np.ndarray, truth: list[int], exclude: list[np.ndarray]) -> list[float]:
+    return [rank_of(scores_QC[q], truth[q], exclude[q]) for q in range(len(truth))]
+
+
+def knowledge_probe(
+    pt, scorer: Scorer, world_dir: str | Path, max_facts: int = 60, seed: int = 0
+) -> dict[str, Any]:
+    """The built-in world's probe (see the module docstring)."""
+    from data_prep.example_world import RELATIONS
+    from data_prep.tokenizer import load_tokenizer
+
+    world_dir = Path(world_dir)
+    names = dict(
+        line.split("\t", 1) for line in (world_dir / "aliases.tsv").read_text(encoding="utf-8").splitlines()
+    )
+    all_facts = _read_facts(world_dir / "kg.tsv")
+    heldout = _read_facts(world_dir / "heldout.tsv")
+    held = set(heldout)
+    stated = [f for f in all_facts if f not in held]
+    cand_ids = sorted(names)
+    cand_pos = {e: i for i, e in enumerate(cand_ids)}
+    tails_of: dict[tuple[str, str], set[str]] = {}
+    for h, r, t in all_facts:
+        tails_of.setdefault((h, r), set()).add(t)
+    enc = _Encoder(load_tokenizer(pt.tokenizer_file))
+    kg = DatasetKG.load(pt.data_dir)
+    e_index = {e: i for i, e in enumerate(kg.entities)}
+    r_index = {r: i for i, r in enumerate(kg.relations)}
+    fusion = pt.cfg.model.knowledge.fusion
+    results: dict[str, Any] = {}
+    for group, facts in (
+        ("heldout", _sample(heldout, max_facts, seed)),
+        ("stated", _sample(stated, max_facts, seed)),
+    ):
+        scores = np.zeros((len(facts), len(cand_ids)))
+        for q, (h, r, _t) in enumerate(facts):
+            templates = [tp for tp in RELATIONS[r][2] if tp.endswith("{t}.") and "{h}" in tp]
+            for tp in templates:
+                before, rest = tp.split("{h}")
+                middle = rest[: rest.index("{t}")]
+                pre, head, mid = enc(before.strip()), enc(names[h]), enc(middle.strip())
+                prompt = np.concatenate([pre, head, mid])
+                seqs = [np.concatenate([prompt, enc(names[c] + ".")]) for c in cand_ids]
+                spans = [(len(pre), len(pre) + len(head), e_index.get(h, -1))] * len(seqs) if fusion else None
+                scores[q] += scorer.logprobs(seqs, [len(prompt)] * len(seqs), spans) / len(templates)
+        truth = [cand_pos[t] for _, _, t in facts]
+        exclude = [
+            np.array([cand_pos[x] for x in tails_of[(h, r)] if x != t], dtype=np.int64) for h, r, t in facts
+        ]
+        res = {"text": ranking_metrics(_rank_all(scores, truth, exclude), hits=(1, 10))}
+        if fusion:
+            known = [f for f in facts if f[0] in e_index and f[1] in r_index]
+            emb = _embedding_scores(
+                pt, known, e_index, r_index, [e_index.get(c, -1) for c in cand_ids], tails=True
+            )
+            keep = [facts.index(f) for f in known]
+            res["embeddings"] = ranking_metrics(
+                _rank_all(emb, [truth[i] for i in keep], [exclude[i] for i in keep]), hits=(1, 10)
+            )
+        for m in res.values():
+            m["accuracy@1"] = m.pop("hits@1", 0.0)
+        results[group] = res
+    results["candidates"] = len(cand_ids)
+    return results
+
+
+def _embedding_scores(pt, facts, e_index, r_index, cand_idx: list[int], tails: bool) -> np.ndarray:
+    """[len(facts), len(cand_idx)] TransE scores of the candidates as tails (or heads); candidates
+    the entity table lacks score -inf."""
+    know = pt.engine.module.knowledge
+    h = torch.tensor([e_index[f[0]] for f in facts], dtype=torch.long)
+    r = torch.tensor([r_index[f[1]] for f in facts], dtype=torch.long)
+    t = torch.tensor([e_index[f[2]] for f in facts], dtype=torch.long)
+    full = (know.tail_scores(h, r) if tails else know.head_scores(r, t)).numpy()
+    idx = np.asarray(cand_idx)
+    out = np.full((len(facts), len(idx)), -np.inf)
+    out[:, idx >= 0] = full[:, idx[idx >= 0]]
+    return out
+
+
+def link_prediction(
+    pt, scorer: Scorer, test_path: str | Path, known_paths: list[str | Path], max_triples: int = 0
+) -> dict[str, Any]:
+    """Filtered head and tail ranking of the test triples among the KG's entities."""
+    from data_prep.tokenizer import load_tokenizer
+
+    test = _read_facts(Path(test_path))
+    known = set(test)
+    for p in known_paths:
+        known |= set(_read_facts(Path(p)))
+    kg = DatasetKG.load(pt.data_dir)
+    e_index = {e: i for i, e in enumerate(kg.entities)}
+    r_index = {r: i for i, r in enumerate(kg.relations)}
+    ents = sorted({x for h, _, t in known for x in (h, t)})
+    pos = {e: i for i, e in enumerate(ents)}
+    usable = [f for f in test if f[0] in e_index and f[2] in e_index and f[1] in r_index]
+    skipped = len(test) - len(usable)
+    usable = _sample(usable, max_triples, 0)
+    surface = {e: kg.surfaces[e_index[e]] if e in e_index else e.replace("_", " ") for e in ents}
+    enc = _Encoder(load_tokenizer(pt.tokenizer_file))
+    fusion = pt.cfg.model.knowledge.fusion
+    out: dict[str, Any] = {
+        "test_triples": len(test),
+        "skipped_not_in_vocabulary": skipped,
+        "entities": len(ents),
+    }
+
+    ranks: dict[str, list[float]] = {"text": [], "embeddings": []}
+    for tails in (True, False):
+        truth, exclude, seqs = [], [], []
+        for h, r, t in usable:
+            fixed, answer = (h, t) if tails else (t, h)
+            others = [
+                pos[c] for c in ents if c != answer and ((h, r, c) in known if tails else (c, r, t) in known)
+            ]
+            truth.append(pos[answer])
+            exclude.append(np.asarray(others, dtype=np.int64))
+            rel = enc(r.replace("_", " "))
+            for c in ents:
+                head, tail = (h, c) if tails else (c, t)
+                seqs.append(np.concatenate([enc(surface[head]), rel, enc(surface[tail] + ".")]))
+        if usable:
+            text = scorer.logprobs(seqs, [1] * len(seqs)).reshape(len(usable), len(ents))
+            ranks["text"] += _rank_all(text, truth, exclude)
+            if fusion:
+                emb = _embedding_scores(
+                    pt, usable, e_index, r_index, [e_index.get(c, -1) for c in ents], tails
+                )
+                ranks["embeddings"] += _rank_all(emb, truth, exclude)
+    out["text"] = ranking_metrics(ranks["text"])
+    if fusion:
+        out["embeddings"] = ranking_metrics(ranks["embeddings"])
+    return out
+
+
+def evaluate(
+    run_dir: str | Path,
+    probe_world: str | Path | None = None,
+    link_test: str | Path | None = None,
+    link_known: list[str | Path] | None = None,
+    max_facts: int = 60,
+    max_triples: int = 0,
+) -> dict[str, Any]:
+    """Every evaluation that applies; rank 0 writes <run_dir>/eval.json. Collective: call on every rank."""
+    pt = load_evaluator(run_dir)
+    log = pt.metrics.text
+    res: dict[str, Any] = {
+        "run": str(run_dir),
+        "step": pt.step,
+        "knowledge_mode": pt.cfg.model.knowledge.mode,
+        "params": pt.param_counts,
+    }
+    if not pt.cfg.model.causal:
+        log(
+            "evaluate: a masked LM has no perplexity or left-to-right text scores; only embedding scores apply"
+        )
+    else:
+        res.update(perplexity(pt))
+    scorer = Scorer(
+        pt.engine, int(json.loads((Path(pt.data_dir) / "manifest.json").read_text())["tokenizer"]["eos_id"])
+    )
+    if probe_world and pt.cfg.model.causal:
+        res["knowledge_probe"] = knowledge_probe(pt, scorer, probe_world, max_facts)
+    if link_test and pt.cfg.model.causal:
+        res["link_prediction"] = link_prediction(pt, scorer, link_test, link_known or [], max_triples)
+    if pt.rank == 0:
+        (Path(run_dir) / "eval.json").write_text(json.dumps(res, indent=2))
+        log(json.dumps(res, indent=2))
+    return res

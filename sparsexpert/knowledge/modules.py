@@ -1,0 +1,115 @@
+"""The knowledge components on the model side: entity and relation tables, ERNIE-style fusion,
+entity prediction and the TransE triple objective.
+
+Shape letters: B batch, S sequence, D model width, De entity width, M mentions, P mention tokens,
+C candidate entities, T triples, N negatives per triple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsexpert.knowledge.config import KnowledgeConfig
+
+
+@dataclass
+class KnowledgeBatch:
+    """One micro-batch's knowledge inputs (built on the CPU by `sparsexpert.knowledge.data`)."""
+
+    entity_ids: torch.Tensor
+    """[B, S] entity fed to the fusion at each token (-1: none), after ERNIE's corruption."""
+    mention_tokens: torch.Tensor
+    """[P] flat token index (b * S + s) of every token of every mention."""
+    mention_of_token: torch.Tensor
+    """[P] which mention (0..M-1) each of those tokens belongs to."""
+    candidates: torch.Tensor
+    """[C] entities scored by entity prediction (the batch's own plus sampled negatives; or all)."""
+    mention_labels: torch.Tensor
+    """[M] position in `candidates` of each mention's true entity."""
+    triples: torch.Tensor
+    """[T, 3] positive (head, relation, tail) for the triple objective."""
+    negatives: torch.Tensor
+    """[T, N, 3] the same triples with head or tail replaced by a random entity."""
+
+    @property
+    def num_mentions(self) -> int:
+        return int(self.mention_labels.numel())
+
+
+class KnowledgeEmbeddings(nn.Module):
+    def __init__(self, d_model: int, cfg: KnowledgeConfig):
+        super().__init__()
+        if cfg.num_entities < 1 or cfg.num_relations < 1:
+            raise ValueError(
+                "model.knowledge.num_entities/num_relations must be resolved (> 0) before building"
+            )
+        self.cfg = cfg
+        self.entities = nn.Embedding(cfg.num_entities, cfg.entity_dim)
+        self.relations = nn.Embedding(cfg.num_relations, cfg.entity_dim)
+        self.fuse_proj = nn.Linear(cfg.entity_dim, d_model, bias=False)
+        self.entity_head = nn.Linear(d_model, cfg.entity_dim, bias=False)
+
+    def fuse(self, h_BSD: torch.Tensor, entity_ids_BS: torch.Tensor) -> torch.Tensor:
+        """h + W e(entity) at tokens that carry an entity; other tokens unchanged."""
+        has_BS = entity_ids_BS >= 0
+        e_BSE = self.entities(entity_ids_BS.clamp_min(0)) * has_BS.unsqueeze(-1).to(h_BSD.dtype)
+        return h_BSD + self.fuse_proj(e_BSE.to(h_BSD.dtype))
+
+    def entity_loss(self, h_BSD: torch.Tensor, kb: KnowledgeBatch) -> torch.Tensor:
+        """Cross-entropy of each mention's entity among the candidates, scored by
+        <entity_head(mean of the mention's final hidden states), entity embedding>."""
+        M = kb.num_mentions
+        if M == 0:
+            return self._zero(h_BSD)
+        h_TD = h_BSD.flatten(0, 1)
+        sums_MD = h_TD.new_zeros(M, h_TD.shape[-1]).index_add_(
+            0, kb.mention_of_token, h_TD[kb.mention_tokens]
+        )
+        lens_M = torch.bincount(kb.mention_of_token, minlength=M).clamp_min(1).to(h_TD.dtype)
+        q_ME = self.entity_head(sums_MD / lens_M.unsqueeze(-1))
+        logits_MC = q_ME.float() @ self.entities(kb.candidates).float().t()
+        return F.cross_entropy(logits_MC, kb.mention_labels)
+
+    def triple_distance(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """TransE distance ||e_h + w_r - e_t||_1 on L2-normalized entity embeddings (any shape of ids)."""
+        e_h = F.normalize(self.entities(h).float(), dim=-1)
+        e_t = F.normalize(self.entities(t).float(), dim=-1)
+        return (e_h + self.relations(r).float() - e_t).abs().sum(-1)
+
+    def triple_loss(self, kb: KnowledgeBatch) -> torch.Tensor:
+        if kb.triples.numel() == 0:
+            return self._zero(kb.triples)
+        pos_T = self.triple_distance(*kb.triples.unbind(-1))
+        neg_TN = self.triple_distance(*kb.negatives.unbind(-1))
+        return F.relu(self.cfg.triple_margin + pos_T.unsqueeze(1) - neg_TN).mean()
+
+    def _zero(self, like: torch.Tensor) -> torch.Tensor:
+        # A zero that still reaches every knowledge parameter: under ZeRO each rank must produce a
+        # gradient for the same parameters whether or not its micro-batch had mentions or triples.
+        # Through module calls, so ZeRO-3 gathers the weights.
+        idx = torch.zeros(1, dtype=torch.long, device=like.device)
+        v = self.entities(idx) + self.relations(idx)
+        return self.entity_head(self.fuse_proj(v)).float().sum() * 0.0
+
+    def _all_entities(self, device: torch.device) -> torch.Tensor:
+        return F.normalize(self.entities(torch.arange(self.cfg.num_entities, device=device)).float(), dim=-1)
+
+    @torch.no_grad()
+    def tail_scores(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """[Q, num_entities] minus the TransE distance of (h, r, every entity): higher is better."""
+        e_h = F.normalize(self.entities(h).float(), dim=-1)
+        all_NE = self._all_entities(h.device)
+        q = e_h + self.relations(r).float()
+        return -torch.cdist(q, all_NE, p=1)
+
+    @torch.no_grad()
+    def head_scores(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[Q, num_entities] minus the TransE distance of (every entity, r, t)."""
+        e_t = F.normalize(self.entities(t).float(), dim=-1)
+        all_NE = self._all_entities(t.device)
+        q = e_t - self.relations(r).float()
+        return -torch.cdist(q, all_NE, p=1)
