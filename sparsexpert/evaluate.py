@@ -99,7 +99,7 @@ class Scorer:
     ) -> np.ndarray:
         """sum_{t >= score_from[i]} log p(seq_i[t] | seq_i[:t]) for every sequence. entity_spans:
         (start, end, entity) per sequence fed to the entity fusion (None: no entity inputs)."""
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         n = len(seqs)
         n_batches = math.ceil(n / self.batch_size)
         n_batches += (-n_batches) % world  # every rank runs the same number of forwards (expert parallelism)
@@ -126,7 +126,8 @@ class Scorer:
                 continue
             for b, i in enumerate(idx):
                 out[i] = logp[b, score_from[i] - 1 : len(seqs[i]) - 1].sum().double()
-        dist.all_reduce(out)
+        if dist.is_initialized():
+            dist.all_reduce(out)
         return out.numpy()
 
 
@@ -265,6 +266,21 @@ def _embedding_scores(pt, facts, e_index, r_index, cand_idx: list[int], tails: b
     return out
 
 
+def filtered_targets(
+    queries: list[tuple[str, str, str]], known: set[tuple[str, str, str]], ents: list[str], tails: bool
+) -> tuple[list[int], list[np.ndarray]]:
+    """For each (h, r, t): the position of the answer (t, or h when ranking heads) in `ents`, and
+    the positions of the other entities that also make a known true triple (filtered from the ranking)."""
+    pos = {e: i for i, e in enumerate(ents)}
+    truth, exclude = [], []
+    for h, r, t in queries:
+        answer = t if tails else h
+        others = [pos[c] for c in ents if c != answer and ((h, r, c) if tails else (c, r, t)) in known]
+        truth.append(pos[answer])
+        exclude.append(np.asarray(others, dtype=np.int64))
+    return truth, exclude
+
+
 def link_prediction(
     pt, scorer: Scorer, test_path: str | Path, known_paths: list[str | Path], max_triples: int = 0
 ) -> dict[str, Any]:
@@ -279,7 +295,6 @@ def link_prediction(
     e_index = {e: i for i, e in enumerate(kg.entities)}
     r_index = {r: i for i, r in enumerate(kg.relations)}
     ents = sorted({x for h, _, t in known for x in (h, t)})
-    pos = {e: i for i, e in enumerate(ents)}
     usable = [f for f in test if f[0] in e_index and f[2] in e_index and f[1] in r_index]
     skipped = len(test) - len(usable)
     usable = _sample(usable, max_triples, 0)
@@ -294,14 +309,9 @@ def link_prediction(
 
     ranks: dict[str, list[float]] = {"text": [], "embeddings": []}
     for tails in (True, False):
-        truth, exclude, seqs = [], [], []
+        truth, exclude = filtered_targets(usable, known, ents, tails)
+        seqs = []
         for h, r, t in usable:
-            fixed, answer = (h, t) if tails else (t, h)
-            others = [
-                pos[c] for c in ents if c != answer and ((h, r, c) in known if tails else (c, r, t) in known)
-            ]
-            truth.append(pos[answer])
-            exclude.append(np.asarray(others, dtype=np.int64))
             rel = enc(r.replace("_", " "))
             for c in ents:
                 head, tail = (h, c) if tails else (c, t)

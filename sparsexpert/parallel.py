@@ -255,14 +255,15 @@ def prepare_ds_config(
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices, not norms or embeddings. DeepSpeed splits the expert parameters of these
+    """Decay matrices, not norms or embedding tables (tokens, entities, relations). DeepSpeed splits the expert parameters of these
     groups into their own MoE groups after AutoEP has created them, so ZeRO reduces expert
     gradients over the expert-data-parallel group rather than the whole world."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name or "tok_embeddings" in name else decay).append(p)
+        table = "tok_embeddings" in name or name.startswith(("knowledge.entities", "knowledge.relations"))
+        (no_decay if p.ndim < 2 or "norm" in name or table else decay).append(p)
     return [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

@@ -219,3 +219,40 @@ def test_resume_after_kill_is_bit_identical(tmp_path, example_data):
         resumed_losses[r["step"]] = r["loss"]
     for step in range(resumed_from + 1, steps + 1):
         assert resumed_losses[step] == full_losses[step], step
+
+
+KNOWLEDGE_KEYS = ("entity_loss", "triple_loss")
+
+
+@pytest.mark.parametrize("mode", ["fusion", "inject"])
+def test_knowledge_modes_under_expert_parallelism_match_single_process(tmp_path, example_data, mode):
+    """Entity fusion (tables, corrupted alignments, sampled entity softmax, TransE negatives) and
+    K-BERT injection: 2 processes with ep=2 at ZeRO-2 equal 1 process with gradient accumulation 2."""
+    common = [
+        *TINY_MODEL,
+        f"--model.knowledge.mode={mode}",
+        "--model.knowledge.entity_dim=16",
+        f"--data.path={example_data}",
+        f"--train.max_steps={STEPS}",
+        "--train.log_every=1",
+        "--train.save_every=0",
+    ]
+    ref_ds = write_ds_config(
+        tmp_path / "ref.json",
+        "moe_z2.json",
+        gradient_clipping=1.0,
+        gradient_accumulation_steps=2,
+        train_micro_batch_size_per_gpu=4,
+    )
+    ds = write_ds_config(
+        tmp_path / "ds.json", "moe_z2.json", gradient_clipping=1.0, train_micro_batch_size_per_gpu=4
+    )
+    ref = pretrain(tmp_path / "ref", 1, ref_ds, *common)
+    run = pretrain(tmp_path / "ep2", 2, ds, *common, "--model.moe.ep_size=2")
+    _assert_same_losses(run, ref)
+    if mode == "fusion":
+        for a, b in zip(run.metrics(), ref.metrics()):
+            for key in KNOWLEDGE_KEYS:
+                assert a[key] > 0 and a[key] == pytest.approx(b[key], rel=1e-5), (key, a[key], b[key])
+    else:  # injection only changes the inputs: the loss is the LM loss (plus router terms)
+        assert all("entity_loss" not in r for r in run.metrics())

@@ -226,6 +226,9 @@ class Transformer(nn.Module):
                 continue
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
             is_residual_out = name.endswith(("attn.wo.weight", "mlp.w2.weight", "shared_experts.w2.weight"))
+            if name == "knowledge.relations.weight":  # TransE translations, on the scale of unit entities
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+                continue
             p.normal_(0.0, out_std if is_residual_out else std, generator=gen)
         for i, layer in enumerate(self.layers):
             if layer.is_moe:

@@ -167,7 +167,7 @@ class Pretrainer:
 
         self.loader = batches("train", self.train_data, self.triplet.grad_accum)
         self.valid_loader = None
-        if cfg.train.eval_every:
+        if cfg.train.eval_every or evaluate_only:
             valid = PackedDataset(self.data_dir, "valid")
             if len(valid):
                 self.valid_loader = batches("valid", valid, 1)

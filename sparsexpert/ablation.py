@@ -1,0 +1,160 @@
+"""Text-only versus KG-joined pretraining at equal compute, evaluated side by side.
+
+Every arm pretrains on the same prepared dataset, for the same steps, global batch and sequence
+length (so the same tokens), with the same model (same active parameters; entity fusion adds its
+tables and projections, reported), then is evaluated the same way. An arm is a knowledge mode plus
+optional `model.knowledge` overrides joined by "+": `none`, `inject`, `fusion`,
+`fusion+triple_source=kg`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SPARSEXPERT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def arm_overrides(arm: str) -> list[str]:
+    mode, *extra = arm.split("+")
+    out = [f"--model.knowledge.mode={mode}"]
+    for item in extra:
+        if "=" not in item:
+            raise ValueError(f"arm {arm!r}: {item!r} is not key=value (e.g. fusion+triple_source=kg)")
+        out.append(f"--model.knowledge.{item}")
+    return out
+
+
+def prepare_corpus(corpus: str, out: Path, seq_len: int, log=print) -> dict[str, Any]:
+    """The dataset and what evaluates it: {"data": dir, "eval_args": [...]}."""
+    from data_prep.pipeline import PrepConfig, prepare, prepare_example
+
+    data = out / "data"
+    if corpus == "world":
+        if not (data / "manifest.json").is_file():
+            prepare_example(data, PrepConfig(seq_len=seq_len), log=log)
+        return {"data": data, "eval_args": ["--probe_world", str(out / "data_raw")]}
+    if corpus == "news-nations":
+        nations = SHARED / "kg" / "nations"
+        if not (data / "manifest.json").is_file():
+            cfg = PrepConfig(
+                corpus=[str(SHARED / "news" / "lee_background.txt")],
+                kg=str(nations / "train.tsv"),
+                aliases=str(REPO / "data_prep" / "examples" / "nations_aliases.tsv"),
+                case="exact",
+                output=str(data),
+                vocab_size=2000,
+                seq_len=seq_len,
+            )
+            prepare(cfg, log=log)
+        link = ["--link_test", str(nations / "test.tsv"), "--link_known"]
+        return {"data": data, "eval_args": [*link, str(nations / "train.tsv"), str(nations / "valid.tsv")]}
+    raise ValueError(f"--corpus {corpus!r}: use 'world' or 'news-nations'")
+
+
+def _launch(nproc: int, script: str, args: list[str], log_file: Path) -> None:
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(_free_port()), script, *args]
+    with open(log_file, "a") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log_file}")
+
+
+def rows_of(res: dict[str, Any], train: dict[str, Any]) -> dict[str, str]:
+    """The figures of one arm, flattened for the table."""
+    p = res["params"]
+    rows = {
+        "steps": str(res["step"]),
+        "tokens trained": f"{train['tokens']:,}",
+        "backbone params total / active (M)": f"{(p['total'] - p['knowledge']) / 1e6:.3f} / "
+        f"{(p['active'] - p['knowledge']) / 1e6:.3f}",
+        "knowledge params (M)": f"{p['knowledge'] / 1e6:.3f}",
+        "tokens/s": f"{train['tokens_per_s']:,.0f}",
+    }
+    if "perplexity" in res:
+        rows["valid perplexity"] = f"{res['perplexity']:.3f}"
+    for group, by in res.get("knowledge_probe", {}).items():
+        if not isinstance(by, dict):
+            continue
+        for how, m in by.items():
+            rows[f"probe {group} ({how}) acc@1 / MRR"] = f"{m['accuracy@1']:.3f} / {m['mrr']:.3f}"
+    lp = res.get("link_prediction", {})
+    for how in ("text", "embeddings"):
+        if how in lp:
+            m = lp[how]
+            rows[f"link pred ({how}) MRR / H@1 / H@3 / H@10"] = (
+                f"{m['mrr']:.3f} / {m['hits@1']:.3f} / {m['hits@3']:.3f} / {m['hits@10']:.3f}"
+            )
+    return rows
+
+
+def table(arms: list[str], rows: dict[str, dict[str, str]]) -> str:
+    keys = list(dict.fromkeys(k for a in arms for k in rows[a]))
+    w0 = max(len(k) for k in keys)
+    widths = [max(len(a), *(len(rows[a].get(k, "-")) for k in keys)) for a in arms]
+    lines = [" | ".join([" " * w0, *(a.rjust(w) for a, w in zip(arms, widths))])]
+    lines.append("-" * len(lines[0]))
+    for k in keys:
+        lines.append(" | ".join([k.ljust(w0), *(rows[a].get(k, "-").rjust(w) for a, w in zip(arms, widths))]))
+    return "\n".join(lines)
+
+
+def run_ablation(
+    corpus: str,
+    arms: list[str],
+    output_dir: str | Path,
+    ds_config: str,
+    nproc: int,
+    overrides: list[str],
+    seq_len: int = 128,
+    eval_args: list[str] | None = None,
+) -> str:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    prep = prepare_corpus(corpus, out, seq_len)
+    rows: dict[str, dict[str, str]] = {}
+    for arm in arms:
+        run = out / arm.replace("+", "_").replace("=", "-")
+        print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
+        args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
+        _launch(nproc, "launcher/pretrain.py", [*args, *overrides, *arm_overrides(arm)], Path(f"{run}.log"))
+        print(f"ablation: arm {arm}: evaluating", flush=True)
+        _launch(
+            nproc,
+            "launcher/evaluate.py",
+            ["--run", str(run), *prep["eval_args"], *(eval_args or [])],
+            Path(f"{run}.log"),
+        )
+        res = json.loads((run / "eval.json").read_text())
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((run / "config.json").read_text())
+        steps = res["step"]
+        tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+        manifest = json.loads((Path(prep["data"]) / "manifest.json").read_text())
+        train = {
+            "tokens": steps * config["global_batch"] * manifest["seq_len"],
+            "tokens_per_s": sum(tps) / max(len(tps), 1),
+        }
+        rows[arm] = rows_of(res, train)
+    text = table(arms, rows)
+    (out / "ablation.txt").write_text(text + "\n")
+    print(
+        f"\nablation on {corpus} ({time.time() - t0:.0f}s), written to {out / 'ablation.txt'}:\n{text}",
+        flush=True,
+    )
+    return text
