@@ -10,7 +10,7 @@ Built-in knowledge world (knowledge probe on held-out and stated facts):
         --ds_config ds_configs/moe_z2.json --train.max_steps=400
 
 News + Nations KG (link prediction on the Nations test split, filtered):
-    python launcher/ablate.py --corpus news-nations --arms none fusion+triple_source=kg \\
+    python launcher/ablate.py --corpus news-nations --arms none inject fusion+triple_source=kg+triple_score=distmult \\
         --output_dir runs/ablation_nations --ds_config ds_configs/moe_z2.json --train.max_steps=400
 
 Two processes per arm, experts split over both:
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_gpus", type=int, default=1, help="processes per arm")
     parser.add_argument("--seq_len", type=int, default=128, help="row length of the prepared dataset")
     parser.add_argument("--max_facts", type=int, default=60, help="probe facts per group")
+    parser.add_argument(
+        "--reuse", action="store_true", help="arms already trained in --output_dir are only re-evaluated"
+    )
     args, overrides = parser.parse_known_args(argv)
     for o in overrides:
         if not o.startswith(("--model.", "--train.", "--data.")):
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides,
         args.seq_len,
         ["--max_facts", str(args.max_facts)] if args.corpus == "world" else [],
+        args.reuse,
     )
 
 

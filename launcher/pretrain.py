@@ -18,6 +18,12 @@ Several nodes (hostfile lines: `node1 slots=8`), shared output folder:
     deepspeed --hostfile hostfile launcher/pretrain.py --ds_config ds_configs/moe_z2_bf16.json \\
         --data.path /shared/data/my_corpus --output_dir /shared/runs/moe
 
+Knowledge-enhanced (see README "Knowledge-enhanced pretraining"): ERNIE-style entity fusion with
+entity prediction and TransE, or K-BERT-style injection of verbalized triples:
+    deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --model.knowledge.mode=fusion
+    deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --model.knowledge.mode=inject
+Then evaluate (perplexity, knowledge probe): launcher/evaluate.py; compare arms: launcher/ablate.py.
+
 Resume the latest complete checkpoint in the output folder (same world size and ep_size):
     deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --output_dir runs/pretrain --resume
 

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparsexpert.train import checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPARSEXPERT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -93,7 +95,7 @@ def rows_of(res: dict[str, Any], train: dict[str, Any]) -> dict[str, str]:
         for how, m in by.items():
             rows[f"probe {group} ({how}) acc@1 / MRR"] = f"{m['accuracy@1']:.3f} / {m['mrr']:.3f}"
     lp = res.get("link_prediction", {})
-    for how in ("text", "embeddings"):
+    for how in ("text", "embeddings", "random"):
         if how in lp:
             m = lp[how]
             rows[f"link pred ({how}) MRR / H@1 / H@3 / H@10"] = (
@@ -122,7 +124,9 @@ def run_ablation(
     overrides: list[str],
     seq_len: int = 128,
     eval_args: list[str] | None = None,
+    reuse: bool = False,
 ) -> str:
+    """reuse: an arm that already has a complete checkpoint in output_dir is only evaluated again."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -130,9 +134,14 @@ def run_ablation(
     rows: dict[str, dict[str, str]] = {}
     for arm in arms:
         run = out / arm.replace("+", "_").replace("=", "-")
-        print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
-        args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
-        _launch(nproc, "launcher/pretrain.py", [*args, *overrides, *arm_overrides(arm)], Path(f"{run}.log"))
+        if reuse and checkpoint.find_latest(run / "checkpoints") is not None:
+            print(f"ablation: arm {arm}: reusing {checkpoint.find_latest(run / 'checkpoints')}", flush=True)
+        else:
+            print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
+            args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
+            _launch(
+                nproc, "launcher/pretrain.py", [*args, *overrides, *arm_overrides(arm)], Path(f"{run}.log")
+            )
         print(f"ablation: arm {arm}: evaluating", flush=True)
         _launch(
             nproc,

@@ -58,6 +58,19 @@ def ranking_metrics(ranks: list[float], hits: tuple[int, ...] = (1, 3, 10)) -> d
     return out
 
 
+def random_baseline(n_candidates: list[int], hits: tuple[int, ...] = (1, 3, 10)) -> dict[str, float]:
+    """What uniformly random scores achieve in expectation, for queries with these numbers of
+    candidates left after filtering: MRR = mean(H_n / n), Hits@k = mean(min(k, n) / n)."""
+    n = np.asarray(n_candidates, dtype=np.float64)
+    if not len(n):
+        return {"n": 0}
+    harmonic = np.array([np.sum(1.0 / np.arange(1, int(c) + 1)) for c in n])
+    out = {"n": int(len(n)), "mrr": float((harmonic / n).mean())}
+    for k in hits:
+        out[f"hits@{k}"] = float((np.minimum(k, n) / n).mean())
+    return out
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -235,7 +248,10 @@ def knowledge_probe(
         exclude = [
             np.array([cand_pos[x] for x in tails_of[(h, r)] if x != t], dtype=np.int64) for h, r, t in facts
         ]
-        res = {"text": ranking_metrics(_rank_all(scores, truth, exclude), hits=(1, 10))}
+        res = {
+            "text": ranking_metrics(_rank_all(scores, truth, exclude), hits=(1, 10)),
+            "random": random_baseline([len(cand_ids) - len(e) for e in exclude], hits=(1, 10)),
+        }
         if fusion:
             known = [f for f in facts if f[0] in e_index and f[1] in r_index]
             emb = _embedding_scores(
@@ -308,8 +324,10 @@ def link_prediction(
     }
 
     ranks: dict[str, list[float]] = {"text": [], "embeddings": []}
+    left: list[int] = []  # candidates left after filtering, per query
     for tails in (True, False):
         truth, exclude = filtered_targets(usable, known, ents, tails)
+        left += [len(ents) - len(e) for e in exclude]
         seqs = []
         for h, r, t in usable:
             rel = enc(r.replace("_", " "))
@@ -325,6 +343,7 @@ def link_prediction(
                 )
                 ranks["embeddings"] += _rank_all(emb, truth, exclude)
     out["text"] = ranking_metrics(ranks["text"])
+    out["random"] = random_baseline(left)
     if fusion:
         out["embeddings"] = ranking_metrics(ranks["embeddings"])
     return out

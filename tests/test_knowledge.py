@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsexpert.config import ConfigError
-from sparsexpert.evaluate import Scorer, filtered_targets, rank_of, ranking_metrics
+from sparsexpert.evaluate import Scorer, filtered_targets, random_baseline, rank_of, ranking_metrics
 from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.knowledge.data import DatasetKG, Injector, RowKnowledge, fusion_batch
 from sparsexpert.knowledge.modules import KnowledgeBatch
@@ -149,8 +149,26 @@ def test_entity_and_triple_losses_by_hand():
         pos = d(0, 1, 3)
         want = np.mean([max(0.0, 0.5 + pos - d(0, 1, 4)), max(0.0, 0.5 + pos - d(2, 1, 3))])
         assert know.triple_loss(kb).item() == pytest.approx(want, rel=1e-5)
-        scores = know.tail_scores(torch.tensor([0]), torch.tensor([1]))
-        assert scores[0, 3].item() == pytest.approx(-pos, rel=1e-5)
+        tails = know.tail_scores(torch.tensor([0]), torch.tensor([1]))
+        heads = know.head_scores(torch.tensor([1]), torch.tensor([3]))
+        assert tails[0, 3].item() == pytest.approx(-pos, rel=1e-5) and heads[0, 0].item() == pytest.approx(
+            -pos, rel=1e-5
+        )
+        assert heads[0, 2].item() == pytest.approx(-d(2, 1, 3), rel=1e-5)
+
+        know.cfg.triple_score = "distmult"
+
+        def s(a, r, b):
+            return (E[a] * R[r] * E[b]).sum().item()
+
+        want = np.mean([max(0.0, 0.5 - s(0, 1, 3) + s(0, 1, 4)), max(0.0, 0.5 - s(0, 1, 3) + s(2, 1, 3))])
+        assert know.triple_loss(kb).item() == pytest.approx(want, rel=1e-5)
+        assert know.tail_scores(torch.tensor([0]), torch.tensor([1]))[0, 3].item() == pytest.approx(
+            s(0, 1, 3), rel=1e-5
+        )
+        assert know.head_scores(torch.tensor([1]), torch.tensor([3]))[0, 2].item() == pytest.approx(
+            s(2, 1, 3), rel=1e-5
+        )
 
 
 def test_fusion_batch_corrupts_as_configured(tmp_path):
@@ -231,3 +249,36 @@ def test_link_prediction_filters_other_true_answers():
     assert truth == [0] and exclude[0].tolist() == [3]  # (d, r, c) is true too
     # a candidate scored above the answer but known true does not count against it
     assert rank_of(np.array([0.0, 0.5, 0.9, 0.1]), truth[0] + 1, exclude=np.array([2])) == 1.0
+
+
+def test_masked_lm_batches_mask_like_bert(example_data):
+    from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader
+    from sparsexpert.knowledge.data import KnowledgeLoader
+
+    data = PackedDataset(example_data, "train")
+    plan = BatchPlan(len(data), 64, 1, 1, 0, seed=0)
+    loader = KnowledgeLoader(ShardLoader(data, plan), example_data, "train", KnowledgeConfig(), False, 4, 512)
+    b = loader.batch(0, 0)
+    x = data[plan.rows(0, 0)]
+    chosen = b["labels"] != IGN
+    assert chosen.float().mean().item() == pytest.approx(0.15, abs=0.02)
+    assert torch.equal(b["labels"][chosen], x[chosen])  # targets are the original tokens
+    assert (b["input_ids"][chosen] == 4).float().mean().item() == pytest.approx(0.8, abs=0.05)
+    assert torch.equal(b["input_ids"][~chosen], x[~chosen])  # unchosen tokens are shown as they are
+    with pytest.raises(ConfigError, match="causal"):
+        ModelConfig(causal=False, knowledge=KnowledgeConfig(mode="inject")).validate()
+
+
+def test_injection_mode_is_a_plain_language_model():
+    """K-BERT injection adds no parameters: its weights are exactly a text-only model's."""
+    plain, inject = tiny(), tiny("inject")
+    assert {n: p.shape for n, p in plain.state_dict().items()} == {
+        n: p.shape for n, p in inject.state_dict().items()
+    }
+    assert all(torch.equal(plain.state_dict()[n], p) for n, p in inject.state_dict().items())
+
+
+def test_random_baseline_by_hand():
+    m = random_baseline([1, 4])
+    assert m["mrr"] == pytest.approx((1.0 + (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4) / 2)
+    assert (m["hits@1"], m["hits@3"], m["hits@10"]) == (pytest.approx((1 + 0.25) / 2), (1 + 0.75) / 2, 1.0)

@@ -40,6 +40,7 @@ def test_ablation_on_the_knowledge_world(tmp_path):
     assert rows["knowledge params (M)"][0] == "0.000" and float(rows["knowledge params (M)"][1]) > 0
     assert "probe heldout (text) acc@1 / MRR" in rows and "probe stated (text) acc@1 / MRR" in rows
     assert rows["probe heldout (embeddings) acc@1 / MRR"][0] == "-"  # only the fusion arm has embeddings
+    assert rows["probe heldout (random) acc@1 / MRR"][0].startswith("0.004 / 0.02")  # 1 in 282 candidates
     for arm in ("none", "fusion"):
         res = json.loads((tmp_path / arm / "eval.json").read_text())
         assert res["step"] == 8 and 1 < res["perplexity"] < 2000
@@ -55,6 +56,8 @@ def test_ablation_link_prediction_on_news_and_nations(tmp_path, shared_data):
     text = (tmp_path / "ablation.txt").read_text()
     rows = _table(text)
     assert "link pred (text) MRR / H@1 / H@3 / H@10" in rows
+    # uniformly random scores, filtered, over Nations' 14 countries (computed by hand from the splits)
+    assert rows["link pred (random) MRR / H@1 / H@3 / H@10"][0] == "0.384 / 0.167 / 0.465 / 0.947"
     assert rows["link pred (embeddings) MRR / H@1 / H@3 / H@10"][0] == "-"
     for arm in ("none", "fusion_triple_source-kg"):
         lp = json.loads((tmp_path / arm / "eval.json").read_text())["link_prediction"]

@@ -16,8 +16,8 @@ class KnowledgeConfig:
     - "none": text only.
     - "fusion" (ERNIE): entity and relation embedding tables; at the tokens of a linked mention the
       entity's embedding is projected to d_model and added to the hidden state entering
-      `fusion_layer`. Objectives: entity prediction from the mention's hidden states and a TransE
-      triple loss on the tables.
+      `fusion_layer`. Objectives: entity prediction from the mention's hidden states and a triple
+      ranking loss (TransE or DistMult) on the tables.
     - "inject" (K-BERT): no new parameters. Triples whose head is a mentioned entity are verbalized
       ("relation words" + tail name) and inserted after the mention, with soft positions and a
       visibility mask so the injected tokens only see their anchor mention (and each other) and the
@@ -44,7 +44,7 @@ class KnowledgeConfig:
     """Sampled softmax: the entities of the micro-batch plus this many uniform random entities are the
     candidates. 0 scores all entities (full softmax)."""
     triple_loss_coef: float = 1.0
-    """Weight of the TransE margin loss on the entity and relation tables. 0 disables it."""
+    """Weight of the triple ranking loss on the entity and relation tables. 0 disables it."""
     triple_source: str = "attached"
     """"attached": the triples attached to the micro-batch's rows (distant supervision);
     "kg": `triple_batch` triples drawn from the whole KG (triples.tsv) each micro-batch, KEPLER-style."""
@@ -52,9 +52,11 @@ class KnowledgeConfig:
     """Triples per micro-batch when triple_source is "kg"; the cap when it is "attached"."""
     triple_negatives: int = 4
     """Corrupted triples per positive (head or tail replaced by a uniform random entity)."""
+    triple_score: str = "transe"
+    """Triple scoring on the tables: "transe" (-||e_h + w_r - e_t||_1; cannot hold symmetric
+    relations apart from identity) or "distmult" (sum(e_h * w_r * e_t); symmetric by construction)."""
     triple_margin: float = 1.0
-    """TransE margin: loss = mean(relu(margin + d(positive) - d(negative))), d = L1 distance of
-    normalized embeddings."""
+    """Margin of the ranking loss: mean(relu(margin - score(positive) + score(corrupted)))."""
     inject_per_mention: int = 2
     """Inject mode: triples injected after each mention (chosen at random among its entity's)."""
     inject_prob: float = 1.0
@@ -88,6 +90,8 @@ class KnowledgeConfig:
             raise ConfigError(
                 "model.knowledge.replace_prob", self.replace_prob, "replace_prob + drop_prob must be <= 1"
             )
+        if self.triple_score not in ("transe", "distmult"):
+            raise ConfigError("model.knowledge.triple_score", self.triple_score, 'use "transe" or "distmult"')
         if self.triple_source not in ("attached", "kg"):
             raise ConfigError("model.knowledge.triple_source", self.triple_source, 'use "attached" or "kg"')
         for name in ("entity_loss_coef", "triple_loss_coef", "triple_margin"):

@@ -164,10 +164,10 @@ class Injector:
 
     def __init__(self, kg: DatasetKG, tokenizer, cfg: KnowledgeConfig):
         self.kg, self.tok, self.cfg = kg, tokenizer, cfg
-        self.by_head: dict[int, np.ndarray] = {}  # entity -> indices of the triples it heads
+        heads: dict[int, list[int]] = {}
         for i in np.flatnonzero(kg.triples[:, 0] >= 0):
-            self.by_head.setdefault(int(kg.triples[i, 0]), []).append(i)
-        self.by_head = {h: np.asarray(v) for h, v in self.by_head.items()}
+            heads.setdefault(int(kg.triples[i, 0]), []).append(int(i))
+        self.by_head = {h: np.asarray(v) for h, v in heads.items()}  # entity -> the triples it heads
         self._branch_ids: dict[int, np.ndarray] = {}
 
     def verbalize(self, triple: int) -> str:

@@ -74,18 +74,26 @@ class KnowledgeEmbeddings(nn.Module):
         logits_MC = q_ME.float() @ self.entities(kb.candidates).float().t()
         return F.cross_entropy(logits_MC, kb.mention_labels)
 
-    def triple_distance(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """TransE distance ||e_h + w_r - e_t||_1 on L2-normalized entity embeddings (any shape of ids)."""
+    def _triple_parts(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor):
         e_h = F.normalize(self.entities(h).float(), dim=-1)
         e_t = F.normalize(self.entities(t).float(), dim=-1)
-        return (e_h + self.relations(r).float() - e_t).abs().sum(-1)
+        return e_h, self.relations(r).float(), e_t
+
+    def triple_score(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Plausibility of (h, r, t), higher is better, for ids of any shape: TransE
+        -||e_h + w_r - e_t||_1 or DistMult sum(e_h * w_r * e_t), on L2-normalized entity embeddings."""
+        e_h, w_r, e_t = self._triple_parts(h, r, t)
+        if self.cfg.triple_score == "distmult":
+            return (e_h * w_r * e_t).sum(-1)
+        return -(e_h + w_r - e_t).abs().sum(-1)
 
     def triple_loss(self, kb: KnowledgeBatch) -> torch.Tensor:
+        """Margin ranking: mean(relu(margin - score(positive) + score(corrupted)))."""
         if kb.triples.numel() == 0:
             return self._zero(kb.triples)
-        pos_T = self.triple_distance(*kb.triples.unbind(-1))
-        neg_TN = self.triple_distance(*kb.negatives.unbind(-1))
-        return F.relu(self.cfg.triple_margin + pos_T.unsqueeze(1) - neg_TN).mean()
+        pos_T = self.triple_score(*kb.triples.unbind(-1))
+        neg_TN = self.triple_score(*kb.negatives.unbind(-1))
+        return F.relu(self.cfg.triple_margin - pos_T.unsqueeze(1) + neg_TN).mean()
 
     def _zero(self, like: torch.Tensor) -> torch.Tensor:
         # A zero that still reaches every knowledge parameter: under ZeRO each rank must produce a
@@ -100,16 +108,18 @@ class KnowledgeEmbeddings(nn.Module):
 
     @torch.no_grad()
     def tail_scores(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """[Q, num_entities] minus the TransE distance of (h, r, every entity): higher is better."""
-        e_h = F.normalize(self.entities(h).float(), dim=-1)
+        """[Q, num_entities] triple_score(h, r, every entity)."""
+        e_h, w_r, _ = self._triple_parts(h, r, h)
         all_NE = self._all_entities(h.device)
-        q = e_h + self.relations(r).float()
-        return -torch.cdist(q, all_NE, p=1)
+        if self.cfg.triple_score == "distmult":
+            return (e_h * w_r) @ all_NE.t()
+        return -torch.cdist(e_h + w_r, all_NE, p=1)
 
     @torch.no_grad()
     def head_scores(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """[Q, num_entities] minus the TransE distance of (every entity, r, t)."""
-        e_t = F.normalize(self.entities(t).float(), dim=-1)
+        """[Q, num_entities] triple_score(every entity, r, t)."""
+        _, w_r, e_t = self._triple_parts(t, r, t)
         all_NE = self._all_entities(t.device)
-        q = e_t - self.relations(r).float()
-        return -torch.cdist(q, all_NE, p=1)
+        if self.cfg.triple_score == "distmult":
+            return (e_t * w_r) @ all_NE.t()
+        return -torch.cdist(e_t - w_r, all_NE, p=1)

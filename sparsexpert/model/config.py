@@ -125,3 +125,10 @@ class ModelConfig:
             )
         self.moe.validate(self.d_ff)
         self.knowledge.validate(self.n_layers)
+        if self.knowledge.mode == "inject" and not self.causal:
+            raise ConfigError(
+                "model.knowledge.mode",
+                "inject",
+                "K-BERT injection here trains a causal LM (branches predict their next token); "
+                "use model.causal=true, or mode=fusion for a masked LM",
+            )

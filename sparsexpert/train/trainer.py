@@ -198,6 +198,18 @@ class Pretrainer:
             f"{t.micro} micro x {t.grad_accum} accum x {t.dp} dp, seq {self.seq_len} | "
             f"{len(self.train_data)} train rows from {self.data_dir} | output {self.output_dir}"
         )
+        k = self.cfg.model.knowledge
+        if k.mode == "fusion":
+            self.metrics.text(
+                f"knowledge: fusion at layer {k.fusion_layer}, {k.num_entities} entities x {k.num_relations} "
+                f"relations x {k.entity_dim} dims ({p['knowledge'] / 1e6:.3f}M parameters); entity loss x "
+                f"{k.entity_loss_coef}, TransE x {k.triple_loss_coef} on {k.triple_source} triples"
+            )
+        elif k.mode == "inject":
+            self.metrics.text(
+                f"knowledge: K-BERT injection, up to {k.inject_per_mention} triples after "
+                f"{k.inject_prob:.0%} of mentions (no new parameters)"
+            )
 
     def _meta(self) -> dict[str, Any]:
         return {
