@@ -6,6 +6,9 @@
     python -m data_prep run ... --dry-run                 # validate the inputs only
     python -m data_prep example --output data/example     # the built-in synthetic knowledge world
     python -m data_prep stats data/news                   # print a prepared dataset's stats
+    python -m data_prep relations --corpus news.txt --kg kg.tsv --aliases aliases.tsv --output data/rel
+        [--case exact|ignore] [--valid-fraction 0.2] [--negative-ratio 1.0] [--seed 0]
+        [--max-sentence-chars 400]   # relation classification by distant supervision (data_prep/relations.py)
 
 Stages one by one (same flags as `run`): `ingest` reads and deduplicates and prints the counts;
 `link` and `extract` write the mentions (mentions.jsonl) and the triples found in the text
@@ -43,6 +46,7 @@ from data_prep.pipeline import (
     stage_pack,
     stage_tokenizer,
 )
+from data_prep.relations import RelationsConfig, prepare_relations
 
 DEFAULTS = PrepConfig()
 
@@ -58,20 +62,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    """The corpus and KG options, shared by the stages and `relations`."""
+    p.add_argument(
+        "--corpus", nargs="+", help=".txt (a document a line), .jsonl, .parquet, MediaWiki .xml[.bz2]"
+    )
+    p.add_argument("--kg", help="triples: .tsv (head<TAB>relation<TAB>tail), .nt or .jsonl")
+    p.add_argument("--aliases", help="entity_id<TAB>surface form; default: entity names")
+    p.add_argument(
+        "--text-field", default=DEFAULTS.text_field, help="JSONL field / Parquet column of the text"
+    )
+    p.add_argument("--case", choices=["ignore", "exact"], default=DEFAULTS.case, help="alias matching")
+    p.add_argument("--on-error", choices=["fail", "skip"], default=DEFAULTS.on_error)
+
+
 def _add_run_args(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common(run)
     run.add_argument("--config", help="JSON file with PrepConfig fields; flags given override it")
-    run.add_argument(
-        "--corpus", nargs="+", help=".txt (a document a line), .jsonl, .parquet, MediaWiki .xml[.bz2]"
-    )
-    run.add_argument("--kg", help="triples: .tsv (head<TAB>relation<TAB>tail), .nt or .jsonl")
-    run.add_argument("--aliases", help="entity_id<TAB>surface form; default: entity names")
+    _add_inputs(run)
     run.add_argument("--tokenizer", help="an existing SentencePiece .model instead of training one")
-    run.add_argument(
-        "--text-field", default=DEFAULTS.text_field, help="JSONL field / Parquet column of the text"
-    )
-    run.add_argument("--case", choices=["ignore", "exact"], default=DEFAULTS.case, help="alias matching")
-    run.add_argument("--on-error", choices=["fail", "skip"], default=DEFAULTS.on_error)
     run.add_argument("--extractor", help="module:Class adding mentions and triples (data_prep/extractors.py)")
     run.add_argument("--extractor-args", help="JSON file of the extractor's keyword arguments")
     run.add_argument("--chunk-docs", type=int, default=DEFAULTS.chunk_docs, help="documents per unit of work")
@@ -106,6 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_common(example)
     stats = sub.add_parser("stats", help="print the stats of a prepared dataset")
     stats.add_argument("dataset")
+    rel = sub.add_parser("relations", help="relation-classification examples by distant supervision")
+    _add_inputs(rel)
+    rel.add_argument("--output", help="folder for train.jsonl, dev.jsonl, stats.json")
+    rel.add_argument("--valid-fraction", type=float, default=RelationsConfig.valid_fraction)
+    rel.add_argument(
+        "--negative-ratio",
+        type=float,
+        default=RelationsConfig.negative_ratio,
+        help="negatives per positive, at most",
+    )
+    rel.add_argument("--seed", type=int, default=RelationsConfig.seed, help="of the negative sample")
+    rel.add_argument(
+        "--max-sentence-chars", type=int, default=RelationsConfig.max_sentence_chars, help="longer: skipped"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -114,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             if not path.is_file():
                 raise DataError(f"{path}: no stats; is {args.dataset} a prepared dataset?")
             print(path.read_text())
+            return 0
+        if args.command == "relations":
+            given = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(RelationsConfig)}}
+            if not given.get("output"):
+                raise DataError("no output folder: pass --output DIR")
+            prepare_relations(RelationsConfig(**{k: v for k, v in given.items() if v is not None}))
             return 0
         given = {k.replace("-", "_"): v for k, v in vars(args).items()}
         names = {f.name for f in fields(PrepConfig)}

@@ -145,6 +145,53 @@ class Transformer(nn.Module):
     def moe_blocks(self) -> list[nn.Module]:
         return [layer.mlp for layer in self.layers if layer.is_moe]
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        knowledge: KnowledgeBatch | None = None,
+        embed_delta: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final normalized hidden states [B, S, D], token embeddings [B, S, D]). The router logits
+        of this pass are recorded for `router_losses`. embed_delta [B, S, D] is added to the token
+        embeddings (adversarial training perturbs them)."""
+        B, S = input_ids.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        recorder = self._router_recorder
+        recorder.attach(self.moe_blocks())
+        recorder.reset()
+
+        emb = self.tok_embeddings(input_ids)
+        h = emb if embed_delta is None else emb + embed_delta
+        if position_ids is None:
+            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        else:
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        fuse = self.knowledge is not None and knowledge is not None
+        for i, layer in enumerate(self.layers):
+            if fuse and i == self.cfg.knowledge.fusion_layer:
+                h = self.knowledge.fuse(h, knowledge.entity_ids)
+            h = layer(h, cos, sin, attn_mask)
+        return self.norm(h), emb
+
+    def router_losses(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(aux_loss, z_loss, expert_counts) of the last `hidden_states` pass, averaged over MoE layers."""
+        recorder, moe_blocks = self._router_recorder, self.moe_blocks()
+        if not moe_blocks:
+            recorder.reset()
+            zero = like.new_zeros((), dtype=torch.float32)
+            return zero, zero, None
+        if len(recorder.logits) != len(moe_blocks):
+            raise RuntimeError(
+                f"recorded {len(recorder.logits)} router outputs for {len(moe_blocks)} MoE layers"
+            )
+        stats: RouterStats = router_stats(recorder.logits, self.cfg.moe.top_k)
+        recorder.reset()
+        return stats.aux_loss, stats.z_loss, stats.expert_counts
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -160,30 +207,14 @@ class Transformer(nn.Module):
         targets [B, S]: instead of labels, the token each position must predict, unshifted.
         position_ids [B, S] and attn_mask [B, S, S] (True = may attend): K-BERT injected rows.
         knowledge: the entity inputs and objectives' data (knowledge fusion)."""
-        B, S = input_ids.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        moe_blocks = self.moe_blocks()
-        recorder = self._router_recorder
-        recorder.attach(moe_blocks)
-        recorder.reset()
-
-        h = self.tok_embeddings(input_ids)
-        if position_ids is None:
-            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
-        else:
-            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
-        fuse = self.knowledge is not None and knowledge is not None
-        for i, layer in enumerate(self.layers):
-            if fuse and i == self.cfg.knowledge.fusion_layer:
-                h = self.knowledge.fuse(h, knowledge.entity_ids)
-            h = layer(h, cos, sin, attn_mask)
-        h = self.norm(h)
+        h, _ = self.hidden_states(
+            input_ids, position_ids=position_ids, attn_mask=attn_mask, knowledge=knowledge
+        )
         logits = self.output(h)
 
         out = ModelOutput(logits=logits)
         if labels is None and targets is None:
-            recorder.reset()
+            self._router_recorder.reset()
             return out
         if targets is not None:
             logits_flat, labels_flat = logits.flatten(0, 1), targets.flatten()
@@ -192,20 +223,10 @@ class Transformer(nn.Module):
         else:
             logits_flat, labels_flat = logits.flatten(0, 1), labels.flatten()
         out.lm_loss = F.cross_entropy(logits_flat.float(), labels_flat, ignore_index=IGNORE_INDEX)
-
-        if moe_blocks:
-            if len(recorder.logits) != len(moe_blocks):
-                raise RuntimeError(
-                    f"recorded {len(recorder.logits)} router outputs for {len(moe_blocks)} MoE layers"
-                )
-            stats: RouterStats = router_stats(recorder.logits, self.cfg.moe.top_k)
-            out.aux_loss, out.z_loss, out.expert_counts = stats.aux_loss, stats.z_loss, stats.expert_counts
-        else:
-            out.aux_loss = out.z_loss = out.lm_loss.new_zeros(())
-        recorder.reset()
+        out.aux_loss, out.z_loss, out.expert_counts = self.router_losses(out.lm_loss)
         m = self.cfg.moe
         out.loss = out.lm_loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
-        if fuse:
+        if self.knowledge is not None and knowledge is not None:
             k = self.cfg.knowledge
             out.entity_loss = self.knowledge.entity_loss(h, knowledge)
             out.triple_loss = self.knowledge.triple_loss(knowledge)

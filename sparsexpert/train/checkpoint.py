@@ -133,3 +133,47 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
+
+
+def resolve_tag(path: str | Path) -> Path:
+    """A checkpoint tag folder from a tag, a checkpoints/ folder or a run's output folder."""
+    p = Path(path)
+    if (p / META).is_file():
+        if not is_complete(p):
+            raise FileNotFoundError(
+                f"{p}: an incomplete checkpoint (no valid {COMPLETE}); use a complete one"
+            )
+        return p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir() and (tag := find_latest(root)) is not None:
+            return tag
+    raise FileNotFoundError(f"{p}: no complete sparsexpert checkpoint (a tag, checkpoints/ or a run folder)")
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full model weights of a checkpoint written at any world size and ep_size, in the
+    plain model's layout (experts stacked by global id), as fp32; and the checkpoint's metadata.
+
+    DeepSpeed keeps the dense weights in mp_rank_00_model_states.pt (the same on every rank below
+    ZeRO-3) and each AutoEP expert in its own file named by its global id."""
+    tag = resolve_tag(path)
+    meta = json.loads((tag / META).read_text())
+    stage = meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ValueError(
+            f"{tag}: a ZeRO-3 checkpoint keeps weights partitioned; reading it needs consolidation, "
+            "which sparsexpert does not do yet: initialize from a ZeRO 0-2 checkpoint"
+        )
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    state = {k.replace(".mlp.router.gate.", ".mlp.gate."): v.float() for k, v in module.items()}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for f in sorted(tag.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
+        for key, value in torch.load(f, map_location="cpu", weights_only=False).items():
+            stem, e = key.rsplit(".", 1)  # layers.L.mlp.experts.w1.<global expert id>
+            experts.setdefault(stem, {})[int(e)] = value.float()
+    for stem, by_id in experts.items():
+        ids = sorted(by_id)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{tag}: experts of {stem} are {ids}; some expert files are missing")
+        state[stem] = torch.stack([by_id[i] for i in ids])
+    return state, meta

@@ -1,0 +1,224 @@
+"""Task examples to token tensors, and the deterministic order in which ranks read them.
+
+NER: each word is encoded on its own (SentencePiece pieces never cross a space), its first piece
+carries the word's tag and the others are ignored in the loss. Relation: the sentence with
+`[E1] ... [/E1]` and `[E2] ... [/E2]` around the two mentions; the head pools the states at the first
+piece of each opening marker. Every example starts with BOS. Longer examples are cut at max_len
+(counted); a relation example whose marker would be cut is dropped (counted).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsexpert.finetune.config import TaskConfig
+from sparsexpert.finetune.readers import label_vocab, read_classification, read_ner, read_relations
+from sparsexpert.model.transformer import IGNORE_INDEX
+
+MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")
+
+
+@dataclass
+class Encoded:
+    """One split of one task, encoded."""
+
+    ids: list[np.ndarray]
+    labels: list[np.ndarray | int]
+    """Per-token label ids (ner) or one label id."""
+    markers: list[tuple[int, int]] = field(default_factory=list)
+    """Relation: positions of [E1] and [E2]."""
+    words: list[list[str]] = field(default_factory=list)
+    """NER: the words, for the predictions file."""
+    tags: list[list[str]] = field(default_factory=list)
+    """NER: every word's gold tag (also of words cut by max_len, so scores stay honest)."""
+    first_piece: list[np.ndarray] = field(default_factory=list)
+    """NER: token position of each word's first piece (-1: the word was cut)."""
+    counts: Counter = field(default_factory=Counter)
+
+
+def _encoder(tok):
+    cache: dict[str, np.ndarray] = {}
+
+    def enc(text: str) -> np.ndarray:
+        if text not in cache:
+            cache[text] = tok.encode([text])[0] if text.strip() else np.zeros(0, np.int64)
+        return cache[text]
+
+    return enc
+
+
+def read_task(task: TaskConfig, split: str) -> list:
+    path = getattr(task, split)
+    if task.kind == "ner":
+        return read_ner(path)
+    if task.kind == "classification":
+        return read_classification(path, task.text_field, task.label_field)
+    return read_relations(path)
+
+
+def task_labels(task: TaskConfig, train: list) -> list[str]:
+    if task.kind == "ner":  # every type seen in training, in both its B- and I- form
+        types = sorted({t[2:] for ex in train for t in ex.tags if t != "O"})
+        return ["O", *(f"{p}-{x}" for x in types for p in "BI")]
+    labels = label_vocab(ex.label for ex in train)
+    if task.kind == "relation" and task.negative_label not in labels:
+        labels = [task.negative_label, *labels]
+    return labels
+
+
+def encode(
+    task: TaskConfig, examples: list, labels: list[str], tok, bos: int, max_len: int, path: str
+) -> Encoded:
+    enc = _encoder(tok)
+    index = {lab: i for i, lab in enumerate(labels)}
+    out = Encoded([], [])
+
+    def label_id(lab: str, n: int) -> int:
+        if lab not in index and task.kind == "ner":  # a type training never saw: scored, not trained on
+            out.counts["tags_of_unseen_types"] += 1
+            return IGNORE_INDEX
+        if lab not in index:
+            raise ValueError(
+                f"{path}: example {n + 1} has label {lab!r}, which the training file never uses; "
+                f"known labels: {', '.join(labels)}"
+            )
+        return index[lab]
+
+    for n, ex in enumerate(examples):
+        if task.kind == "ner":
+            pieces = [enc(w) for w in ex.tokens]
+            ids, tags, first = [bos], [IGNORE_INDEX], []
+            for w, tag in zip(pieces, ex.tags):
+                if len(ids) + max(len(w), 1) > max_len:
+                    first.append(-1)
+                    continue
+                first.append(len(ids) if len(w) else -1)
+                ids += list(w)
+                tags += [label_id(tag, n)] + [IGNORE_INDEX] * (len(w) - 1)
+            if -1 in first:
+                out.counts["sentences_cut"] += 1
+            out.ids.append(np.asarray(ids, np.int64))
+            out.labels.append(np.asarray(tags, np.int64))
+            out.words.append(list(ex.tokens))
+            out.tags.append(list(ex.tags))
+            out.first_piece.append(np.asarray(first, np.int64))
+        elif task.kind == "classification":
+            ids = np.r_[bos, enc(ex.text)][:max_len]
+            out.counts["texts_cut"] += int(len(enc(ex.text)) + 1 > max_len)
+            out.ids.append(ids.astype(np.int64))
+            out.labels.append(label_id(ex.label, n))
+        else:
+            (s1, e1), (s2, e2) = ex.e1, ex.e2
+            t = ex.text
+            order = sorted([(s1, e1, "[E1]", "[/E1]"), (s2, e2, "[E2]", "[/E2]")])
+            segments, pos, marks = [], 0, {}
+            for s, e, open_m, close_m in order:
+                segments += [(t[pos:s], None), (open_m, open_m), (t[s:e], None), (close_m, None)]
+                pos = e
+            segments.append((t[pos:], None))
+            ids = [bos]
+            for text, mark in segments:
+                if mark:
+                    marks[mark] = len(ids)
+                ids += list(enc(text))
+            if max(marks.values()) >= max_len:
+                out.counts["dropped_marker_cut"] += 1
+                continue
+            out.counts["texts_cut"] += int(len(ids) > max_len)
+            out.ids.append(np.asarray(ids[:max_len], np.int64))
+            out.labels.append(label_id(ex.label, n))
+            out.markers.append((marks["[E1]"], marks["[E2]"]))
+    return out
+
+
+def collate(data: Encoded, kind: str, idx: np.ndarray, pad_id: int, causal: bool) -> dict[str, Any]:
+    """A padded batch of examples idx: model keyword arguments (without the task)."""
+    lengths = torch.tensor([len(data.ids[i]) for i in idx])
+    S = int(lengths.max())
+    x = torch.full((len(idx), S), pad_id, dtype=torch.long)
+    for b, i in enumerate(idx):
+        x[b, : lengths[b]] = torch.from_numpy(data.ids[i])
+    batch: dict[str, Any] = {"input_ids": x, "lengths": lengths}
+    if kind == "ner":
+        y = torch.full((len(idx), S), IGNORE_INDEX, dtype=torch.long)
+        for b, i in enumerate(idx):
+            y[b, : lengths[b]] = torch.from_numpy(data.labels[i])
+        batch["labels"] = y
+    else:
+        batch["labels"] = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
+    if kind == "relation":
+        batch["markers"] = torch.tensor([data.markers[i] for i in idx], dtype=torch.long)
+    if not causal:  # padding is after the text: a bidirectional model must not attend to it
+        keep = torch.arange(S)[None, :] < lengths[:, None]
+        batch["attn_mask"] = keep[:, None, :].expand(len(idx), S, S)
+    return batch
+
+
+class TaskSchedule:
+    """Which task each optimizer step trains, and which examples rank `rank` reads at accumulation
+    step m: per task, an endless stream of per-epoch permutations seeded by (seed, task, epoch);
+    the step's global batch is cut into micro-batches j = m * dp + rank, as in pretraining."""
+
+    def __init__(
+        self,
+        sizes: list[int],
+        micro: int,
+        grad_accum: int,
+        dp: int,
+        rank: int,
+        seed: int,
+        sampling: str,
+        temperature: float,
+    ):
+        self.sizes, self.micro, self.grad_accum, self.dp, self.rank, self.seed = (
+            sizes,
+            micro,
+            grad_accum,
+            dp,
+            rank,
+            seed,
+        )
+        p = np.asarray(sizes, np.float64) ** (1.0 / temperature if sampling == "temperature" else 1.0)
+        self.probs = p / p.sum()
+        self._tasks: list[int] = []
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def task_of(self, step: int) -> int:
+        rng_seed = [self.seed, 99]
+        while len(self._tasks) <= step:
+            rng = np.random.default_rng([*rng_seed, len(self._tasks)])
+            self._tasks.append(int(rng.choice(len(self.sizes), p=self.probs)) if len(self.sizes) > 1 else 0)
+        return self._tasks[step]
+
+    def examples(self, step: int, m: int) -> tuple[int, np.ndarray]:
+        task = self.task_of(step)
+        k = sum(1 for s in range(step) if self.task_of(s) == task)  # global batches this task had before
+        n, g = self.sizes[task], self.micro * self.grad_accum * self.dp
+        start = k * g + (m * self.dp + self.rank) * self.micro
+        pos = np.arange(start, start + self.micro)
+        epochs, offsets = np.divmod(pos, n)
+        out = np.empty(self.micro, np.int64)
+        for e in np.unique(epochs):
+            key = (task, int(e))
+            if key not in self._perms:
+                self._perms[key] = np.random.default_rng([self.seed, task, int(e)]).permutation(n)
+            out[epochs == e] = self._perms[key][offsets[epochs == e]]
+        return task, out
+
+
+def load_tokenizer_for(path: str | Path):
+    from data_prep.tokenizer import find_tokenizer, load_tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        found = find_tokenizer(p)
+        if found is None:
+            raise FileNotFoundError(f"{p}: no tokenizer.model or tokenizer/ folder in it")
+        p = found
+    return load_tokenizer(p)

@@ -1,0 +1,479 @@
+"""Fine-tuning: a pretrained (or dense, or fresh) backbone, one head per task, the DeepSpeed engine.
+
+`Finetuner(cfg, ds_json, output_dir).train()` is what `launcher/finetune.py` calls. Writes under
+output_dir: config.json, metrics.jsonl, tensorboard/, best/ (the checkpoint with the best dev
+metric), predictions/<task>_{dev,test}.{conll,jsonl}, results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sparsexpert import parallel
+from sparsexpert.config import ConfigError, from_dict
+from sparsexpert.finetune import data as fdata
+from sparsexpert.finetune.config import FinetuneConfig
+from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
+from sparsexpert.finetune.model import TaskModel, TaskSpec
+from sparsexpert.metrics import MetricsLogger, format_duration
+from sparsexpert.model import ModelConfig
+from sparsexpert.model.transformer import IGNORE_INDEX
+from sparsexpert.train import checkpoint
+
+
+def model_config_of(meta: dict[str, Any]) -> ModelConfig:
+    """The model config a checkpoint was written with (pretraining or fine-tuning)."""
+    return from_dict(ModelConfig, meta["model"] if "model" in meta else meta["run"]["model"])
+
+
+def upcycle(state: dict[str, torch.Tensor], dense: ModelConfig, target: ModelConfig, seed: int) -> dict:
+    """A dense checkpoint's weights for an MoE model: expert e of layer l = the dense FFN of layer l,
+    routers drawn small (std init_std / 10) so routing starts near uniform."""
+    out = {k: v for k, v in state.items() if ".mlp." not in k}
+    gen = torch.Generator().manual_seed(seed)
+    E = target.moe.num_experts
+    for layer in range(dense.n_layers):
+        p = f"layers.{layer}.mlp"
+        if not target.is_moe_layer(layer):
+            for w in ("w1", "w2", "w3"):
+                out[f"{p}.{w}.weight"] = state[f"{p}.{w}.weight"]
+            continue
+        for w in ("w1", "w2", "w3"):
+            out[f"{p}.experts.{w}"] = state[f"{p}.{w}.weight"].unsqueeze(0).repeat(E, 1, 1).clone()
+        out[f"{p}.gate.weight"] = torch.randn(E, dense.d_model, generator=gen) * target.init_std / 10
+    return out
+
+
+class Finetuner:
+    def __init__(self, cfg: FinetuneConfig, ds_json: dict[str, Any], output_dir: str | Path):
+        cfg.validate()
+        parallel.init_distributed()
+        self.cfg, self.output_dir = cfg, Path(output_dir)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.metrics = MetricsLogger(self.output_dir, self.rank == 0, cfg.max_steps, cfg.tensorboard)
+        log = self.metrics.text
+
+        # Backbone config and weights.
+        state, self.init_meta = None, None
+        if cfg.init:
+            tag = checkpoint.resolve_tag(cfg.init)
+            state, self.init_meta = checkpoint.load_weights(tag)
+            model_cfg = model_config_of(self.init_meta)
+            tok_path = tag
+            if cfg.upcycle_experts:
+                if model_cfg.moe.num_experts:
+                    raise ConfigError(
+                        "upcycle_experts", cfg.upcycle_experts, f"{tag} is already an MoE model"
+                    )
+                dense = model_cfg
+                model_cfg = from_dict(ModelConfig, asdict(dense))
+                model_cfg.moe = from_dict(
+                    type(cfg.model.moe),
+                    {**asdict(cfg.model.moe), "num_experts": cfg.upcycle_experts, "d_expert": 0},
+                )
+                model_cfg.d_ff = dense.d_ff
+                state = upcycle(state, dense, model_cfg, cfg.seed)
+            model_cfg.moe.ep_size = cfg.model.moe.ep_size
+            model_cfg.moe.aux_loss_coef, model_cfg.moe.z_loss_coef = (
+                cfg.model.moe.aux_loss_coef,
+                cfg.model.moe.z_loss_coef,
+            )
+            log(
+                f"initializing from {tag} ({'upcycled dense' if cfg.upcycle_experts else 'step ' + str(self.init_meta.get('step'))})"
+            )
+        else:
+            model_cfg, tok_path = cfg.model, Path(cfg.tokenizer)
+        model_cfg.knowledge.mode = (
+            "none"  # fine-tuning reads text; the pretrained backbone keeps what the KG taught it
+        )
+        self.tok = fdata.load_tokenizer_for(tok_path)
+        self.tokenizer_file = Path(self.tok.path)
+        if model_cfg.vocab_size == 0:
+            model_cfg.vocab_size = self.tok.vocab_size
+        self.model_cfg = model_cfg
+        self.max_len = cfg.max_len or model_cfg.max_seq_len
+        if self.max_len > model_cfg.max_seq_len:
+            raise ConfigError("max_len", cfg.max_len, f"must be <= model.max_seq_len={model_cfg.max_seq_len}")
+        bos = self.tok.bos_id if self.tok.bos_id is not None and self.tok.bos_id >= 0 else self.tok.eos_id
+        self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else self.tok.eos_id
+
+        # Tasks and data.
+        self.specs, self.train_sets, self.dev_sets, self.test_sets = [], [], [], []
+        for t in cfg.tasks:
+            train = fdata.read_task(t, "train")
+            labels = fdata.task_labels(t, train)
+            self.specs.append(TaskSpec(t.name, t.kind, labels))
+            self.train_sets.append(fdata.encode(t, train, labels, self.tok, bos, self.max_len, t.train))
+            self.dev_sets.append(
+                fdata.encode(t, fdata.read_task(t, "dev"), labels, self.tok, bos, self.max_len, t.dev)
+            )
+            self.test_sets.append(
+                fdata.encode(t, fdata.read_task(t, "test"), labels, self.tok, bos, self.max_len, t.test)
+                if t.test
+                else None
+            )
+            c = self.train_sets[-1].counts + self.dev_sets[-1].counts
+            log(
+                f"task {t.name} ({t.kind}): {len(self.train_sets[-1].ids)} train, {len(self.dev_sets[-1].ids)} dev, "
+                f"{len(labels)} labels{'; ' + str(dict(c)) if c else ''}"
+            )
+
+        # Model, teacher, engine.
+        ds = parallel.prepare_ds_config(
+            ds_json, model_cfg, self.world, cfg.max_steps, self.tok.vocab_size, self.max_len
+        )
+        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ConfigError(
+                "ds_config.zero_optimization.stage",
+                3,
+                "fine-tuning supports ZeRO 0-2; use ds_configs/moe_z2.json",
+            )
+        self.ds_config, self.ds_json = ds, ds_json
+        self.triplet = parallel.batch_triplet(ds, self.world)
+        model_cfg.validate()
+        model = TaskModel(model_cfg, self.specs, cfg.task_aware_routing)
+        model.init_weights(cfg.seed)
+        model.init_heads(cfg.seed)
+        if state is not None:
+            state = {
+                k: v
+                for k, v in state.items()
+                if not k.startswith(("knowledge.", "heads.", "task_embeddings."))
+            }
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            backbone_missing = [k for k in missing if not k.startswith(("heads.", "task_embeddings."))]
+            if backbone_missing or unexpected:
+                raise ValueError(
+                    f"{cfg.init}: weights do not fit the model: missing {backbone_missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        if not model_cfg.tie_embeddings:
+            model.output.weight.requires_grad_(False)  # the LM head has no part in the tasks
+        if cfg.freeze_embeddings:
+            model.tok_embeddings.weight.requires_grad_(False)
+        if cfg.freeze_experts:
+            for n, p in model.named_parameters():
+                if ".experts." in n:
+                    p.requires_grad_(False)
+        self.param_counts = model.num_params()
+        self.teacher = self._load_teacher() if cfg.distill.teacher else None
+        self.engine = parallel.initialize(model, ds)
+        self.own_clip = parallel.own_gradient_clipping(ds)
+        self.schedule = fdata.TaskSchedule(
+            [len(d.ids) for d in self.train_sets],
+            self.triplet.micro,
+            self.triplet.grad_accum,
+            self.world,
+            self.rank,
+            cfg.seed,
+            cfg.sampling,
+            cfg.sampling_temperature,
+        )
+        self.step = 0
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2, default=str))
+        p, t = self.param_counts, self.triplet
+        log(
+            f"finetune: {p['total'] / 1e6:.2f}M parameters ({p['active'] / 1e6:.2f}M active) | world {self.world}, "
+            f"ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} | batch {t.global_batch} = {t.micro} x {t.grad_accum} x {t.dp} | "
+            f"adversarial {cfg.adversarial.method}{' | distill from ' + cfg.distill.teacher if self.teacher else ''}"
+        )
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "kind": "finetune",
+            "run": asdict(self.cfg),
+            "model": asdict(self.model_cfg),
+            "tasks": [asdict(s) for s in self.specs],
+            "ds_config": self.ds_config,
+            "ds_json": self.ds_json,
+            "world_size": self.world,
+            "init": self.cfg.init,
+        }
+
+    def _load_teacher(self) -> TaskModel:
+        state, meta = checkpoint.load_weights(self.cfg.distill.teacher)
+        if meta.get("kind") != "finetune":
+            raise ConfigError(
+                "distill.teacher",
+                self.cfg.distill.teacher,
+                "must be a fine-tuning checkpoint (with task heads)",
+            )
+        specs = [TaskSpec(**s) for s in meta["tasks"]]
+        mine = {s.name: s.labels for s in self.specs}
+        for s in specs:
+            if s.name in mine and s.labels != mine[s.name]:
+                raise ConfigError(
+                    "distill.teacher",
+                    self.cfg.distill.teacher,
+                    f"task {s.name}: teacher labels {s.labels} differ from {mine[s.name]}",
+                )
+        if any(s.name not in {t.name for t in specs} for s in self.specs):
+            raise ConfigError(
+                "distill.teacher", self.cfg.distill.teacher, "the teacher lacks some of the tasks"
+            )
+        tcfg = model_config_of(meta)
+        tcfg.moe.ep_size = 1
+        teacher = TaskModel(tcfg, specs, meta["run"].get("task_aware_routing", False))
+        teacher.load_state_dict(state, strict=False)
+        self._teacher_task = {s.name: i for i, s in enumerate(specs)}
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher.eval()
+
+    # ------------------------------------------------------------------ one micro-batch
+    def _batch(self, step: int, m: int) -> tuple[int, dict[str, Any]]:
+        task, idx = self.schedule.examples(step, m)
+        kind = self.specs[task].kind
+        return task, fdata.collate(self.train_sets[task], kind, idx, self.pad_id, self.model_cfg.causal)
+
+    def _loss(self, task: int, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        out = self.engine(task=task, **batch)
+        w = cfg.tasks[task].loss_weight
+        loss = out.loss
+        stats = {"task_loss": out.task_loss.item(), "aux_loss": out.aux_loss.item()}
+        adv = cfg.adversarial
+        if adv.method != "none":
+            delta = self._adversary(task, batch, out)
+            adv_out = self.engine(task=task, embed_delta=delta, **batch)
+            loss = loss + adv_out.loss
+            stats["adv_loss"] = adv_out.task_loss.item()
+        if self.teacher is not None:
+            with torch.no_grad():
+                name = self.specs[task].name
+                t_logits = self.teacher(task=self._teacher_task[name], **batch).logits.float()
+            T = cfg.distill.temperature
+            s_logits = out.logits.float()
+            if s_logits.dim() == 3:  # tokens: only labelled positions
+                keep = batch["labels"] != IGNORE_INDEX
+                s_logits, t_logits = s_logits[keep], t_logits[keep]
+            kl = F.kl_div(
+                F.log_softmax(s_logits / T, -1),
+                F.log_softmax(t_logits / T, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            loss = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * T * T * kl
+            stats["distill_kl"] = kl.item()
+        stats["total_loss"] = loss.item()
+        return w * loss, stats
+
+    def _adversary(self, task: int, batch: dict[str, Any], out) -> torch.Tensor:
+        """FGM: epsilon * g / ||g||; PGD: `steps` ascent steps of size alpha on the embedding
+        perturbation, each projected onto the epsilon ball (norms per example). Gradients are taken
+        w.r.t. the perturbation only (torch.autograd.grad), so parameter gradients come from the one
+        engine.backward of the total loss."""
+        adv = self.cfg.adversarial
+
+        def normalized(g: torch.Tensor) -> torch.Tensor:
+            return g / g.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+
+        (g,) = torch.autograd.grad(out.task_loss, out.embeds, retain_graph=True)
+        if adv.method == "fgm":
+            return (adv.epsilon * normalized(g)).detach()
+        delta = torch.zeros_like(out.embeds)
+        for _ in range(adv.steps):
+            delta = (delta + adv.alpha * normalized(g)).detach()
+            norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+            delta = delta * (adv.epsilon / norm).clamp(max=1.0)[:, None, None]
+            delta.requires_grad_(True)
+            probe = self.engine(task=task, embed_delta=delta, **batch)
+            (g,) = torch.autograd.grad(probe.task_loss, delta)
+        return delta.detach()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, task: int, data: fdata.Encoded) -> list:
+        """Predictions for every example of `data` (every rank returns all of them)."""
+        self.engine.eval()
+        kind, n = self.specs[task].kind, len(data.ids)
+        size = self.triplet.micro
+        n_batches = math.ceil(n / size)
+        n_batches += (-n_batches) % self.world  # equal forward counts on every rank
+        mine: list[tuple[int, Any]] = []
+        for bi in range(self.rank, n_batches, self.world):
+            idx = np.arange(bi * size, min(n, (bi + 1) * size))
+            real = len(idx) > 0
+            batch = fdata.collate(
+                data, kind, idx if real else np.array([0]), self.pad_id, self.model_cfg.causal
+            )
+            batch.pop("labels")
+            logits = self.engine(task=task, **batch).logits
+            if not real:
+                continue
+            pred = logits.argmax(-1)
+            for b, i in enumerate(idx):
+                if kind == "ner":
+                    fp = data.first_piece[i]
+                    mine.append((int(i), [int(pred[b, p]) if p >= 0 else 0 for p in fp]))
+                else:
+                    mine.append((int(i), int(pred[b])))
+        self.engine.train()
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        out: list = [None] * n
+        for part in gathered:
+            for i, p in part:
+                out[i] = p
+        return out
+
+    def score(self, task: int, data: fdata.Encoded, preds: list) -> dict[str, Any]:
+        """Entity-level P/R/F1 as seqeval computes them (ner; words cut by max_len count as
+        predicted O), accuracy and macro F1 (classification), micro F1 without the negative class (relation)."""
+        spec = self.specs[task]
+        if spec.kind == "ner":
+            rep = entity_report(data.tags, [[spec.labels[p] for p in ps] for ps in preds])
+            micro = rep["micro avg"]
+            return {
+                "f1": micro["f1-score"],
+                "precision": micro["precision"],
+                "recall": micro["recall"],
+                "macro_f1": rep["macro avg"]["f1-score"],
+                "report": rep,
+            }
+        y_true = [spec.labels[y] for y in data.labels]
+        y_pred = [spec.labels[p] for p in preds]
+        if spec.kind == "classification":
+            return classification_scores(y_true, y_pred)
+        return relation_scores(y_true, y_pred, self.cfg.tasks[task].negative_label)
+
+    @staticmethod
+    def main_metric(kind: str, scores: dict[str, Any]) -> float:
+        return scores["accuracy"] if kind == "classification" else scores["f1"]
+
+    def evaluate(self) -> tuple[float, dict[str, Any]]:
+        results, mains = {}, []
+        for task, spec in enumerate(self.specs):
+            preds = self.predict(task, self.dev_sets[task])
+            s = self.score(task, self.dev_sets[task], preds)
+            results[spec.name] = (s, preds)
+            mains.append(self.main_metric(spec.kind, s))
+        return float(np.mean(mains)), results
+
+    def write_predictions(self, split: str, task: int, data: fdata.Encoded, preds: list) -> Path:
+        """ner: `word<TAB>gold<TAB>predicted` lines, a blank line between sentences; else JSONL."""
+        spec = self.specs[task]
+        d = self.output_dir / "predictions"
+        d.mkdir(parents=True, exist_ok=True)
+        if spec.kind == "ner":
+            path = d / f"{spec.name}_{split}.conll"
+            lines = []
+            for words, gold, ps in zip(data.words, data.tags, preds):
+                lines += [f"{w}\t{g}\t{spec.labels[p]}" for w, g, p in zip(words, gold, ps)] + [""]
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            return path
+        path = d / f"{spec.name}_{split}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for i, p in enumerate(preds):
+                f.write(
+                    json.dumps({"index": i, "gold": spec.labels[data.labels[i]], "pred": spec.labels[p]})
+                    + "\n"
+                )
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def save_best(self, metric: float) -> Path:
+        meta = {**self._describe(), "step": self.step, "dev_metric": metric}
+        return checkpoint.save(
+            self.engine, self.output_dir / "best", self.step, meta, self.tokenizer_file, keep=1
+        )
+
+    def train(self) -> dict[str, Any]:
+        cfg, engine = self.cfg, self.engine
+        best, best_step, bad_evals = -math.inf, 0, 0
+        sums: dict[str, float] = {}
+        n_micro, t0, t_int = 0, time.time(), time.time()
+        tokens = 0
+        history = []
+        engine.train()
+        while self.step < cfg.max_steps:
+            for m in range(self.triplet.grad_accum):
+                task, batch = self._batch(self.step, m)
+                loss, stats = self._loss(task, batch)
+                engine.backward(loss)
+                if self.own_clip is not None and m == self.triplet.grad_accum - 1:
+                    parallel.clip_grad_norm(engine.module, self.own_clip)
+                engine.step()
+                stats[f"{self.specs[task].name}/loss"] = stats["task_loss"]
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_micro += 1
+                tokens += int(batch["lengths"].sum())
+            self.step += 1
+            done = self.step == cfg.max_steps
+            if self.step % cfg.log_every == 0 or done:
+                t = torch.tensor(
+                    [sums.get(k, 0.0) for k in sorted(sums)] + [n_micro, tokens], dtype=torch.float64
+                )
+                dist.all_reduce(t)
+                keys = sorted(sums)
+                record = {k: (t[i] / max(t[-2].item(), 1)).item() for i, k in enumerate(keys)}
+                record["loss"] = record.pop("task_loss")
+                record["lr"] = float(engine.get_lr()[0])
+                record["tokens_per_s"] = t[-1].item() / max(time.time() - t_int, 1e-9)
+                self.metrics.log(record, self.step)
+                sums, n_micro, tokens, t_int = {}, 0, 0, time.time()
+            if self.step % cfg.eval_every == 0 or done:
+                metric, results = self.evaluate()
+                rec = {"dev_metric": metric}
+                for name, (s, _) in results.items():
+                    rec.update({f"dev/{name}/{k}": v for k, v in s.items() if isinstance(v, float)})
+                history.append({"step": self.step, **rec})
+                self.metrics.log(rec, self.step)
+                if metric > best:
+                    best, best_step, bad_evals = metric, self.step, 0
+                    self.save_best(metric)
+                    if self.rank == 0:
+                        for task, (_, preds) in enumerate(results.values()):
+                            self.write_predictions("dev", task, self.dev_sets[task], preds)
+                    self._best_results = {n: s for n, (s, _) in results.items()}
+                    for task, data in enumerate(self.test_sets):
+                        if data is not None:
+                            preds = self.predict(task, data)
+                            self._best_results[f"{self.specs[task].name}/test"] = self.score(
+                                task, data, preds
+                            )
+                            if self.rank == 0:
+                                self.write_predictions("test", task, data, preds)
+                else:
+                    bad_evals += 1
+                    if cfg.patience and bad_evals >= cfg.patience:
+                        self.metrics.text(
+                            f"early stop at step {self.step}: no better dev metric in {bad_evals} evaluations"
+                        )
+                        break
+        summary = {
+            "best_dev_metric": best,
+            "best_step": best_step,
+            "steps": self.step,
+            "params": self.param_counts,
+            "results": {
+                k: {kk: vv for kk, vv in v.items() if kk != "report"} for k, v in self._best_results.items()
+            },
+            "reports": {k: v.get("report") for k, v in self._best_results.items() if "report" in v},
+            "history": history,
+            "seconds": time.time() - t0,
+        }
+        if self.rank == 0:
+            (self.output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+            from sparsexpert.finetune.metrics import format_report
+
+            for name, rep in summary["reports"].items():
+                self.metrics.text(f"{name} (best dev, step {best_step}):\n{format_report(rep)}")
+            self.metrics.text(
+                f"done: best dev metric {best:.4f} at step {best_step}; {format_duration(summary['seconds'])}; "
+                f"best checkpoint {self.output_dir / 'best'}"
+            )
+        self.metrics.close()
+        return summary

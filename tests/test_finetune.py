@@ -1,0 +1,240 @@
+"""Fine-tuning end to end: real launches on real data (WNUT-16), metrics against seqeval,
+the training techniques against references."""
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_ds_config
+
+from sparsexpert.finetune.model import TaskModel, TaskSpec
+from sparsexpert.finetune.trainer import upcycle
+from sparsexpert.model import ModelConfig, build_model
+
+
+def _slice_conll(src, dst, n):
+    sents = src.read_text(encoding="utf-8").strip().split("\n\n")[:n]
+    dst.write_text("\n\n".join(sents) + "\n", encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, example_data):
+    out = tmp_path_factory.mktemp("pre")
+    ds = write_ds_config(out / "ds.json", "moe_z2.json")
+    pretrain(
+        out / "run",
+        1,
+        ds,
+        *TINY_MODEL,
+        f"--data.path={example_data}",
+        "--train.max_steps=4",
+        "--train.eval_every=0",
+    )
+    return out / "run"
+
+
+@pytest.fixture(scope="module")
+def wnut(tmp_path_factory, shared_data):
+    d = tmp_path_factory.mktemp("wnut")
+    src = shared_data / "ner" / "wnut16"
+    return _slice_conll(src / "train.conll", d / "train.conll", 240), _slice_conll(
+        src / "dev.conll", d / "dev.conll", 80
+    )
+
+
+def finetune(out, init, *args, nproc=1, ds=None, timeout=300):
+    ds = ds or write_ds_config(
+        out.parent / f"{out.name}_ds.json", "moe_z2.json", train_micro_batch_size_per_gpu=8
+    )
+    cmd = deepspeed_cmd(
+        nproc, "launcher/finetune.py", "--ds_config", str(ds), "--output_dir", str(out), *args
+    )
+    if init:
+        cmd += ["--init", str(init)]
+    return run_cmd(cmd, out, timeout=timeout)
+
+
+def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut):
+    from seqeval.metrics import classification_report
+
+    train, dev = wnut
+    run = finetune(
+        tmp_path / "ner",
+        pretrained,
+        "--task",
+        "ner",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--test",
+        str(dev),
+        "--max_steps=30",
+        "--eval_every=10",
+        "--log_every=5",
+    )
+    res = json.loads((tmp_path / "ner" / "results.json").read_text())
+    sents = (tmp_path / "ner" / "predictions" / "ner_dev.conll").read_text().strip().split("\n\n")
+    rows = [[line.split("\t") for line in s.splitlines()] for s in sents]
+    assert len(rows) == 80 and [r[0] for r in rows[0]] == [
+        line.split("\t")[0] for line in dev.read_text().split("\n\n")[0].splitlines()
+    ]
+    want = classification_report(
+        [[r[1] for r in s] for s in rows],
+        [[r[2] for r in s] for s in rows],
+        output_dict=True,
+        zero_division=0,
+    )
+    got = res["reports"]["ner"]
+    for key in ("micro avg", "macro avg"):
+        for m in ("precision", "recall", "f1-score"):
+            assert got[key][m] == pytest.approx(want[key][m], abs=1e-12), (key, m)
+    assert res["results"]["ner"]["f1"] == pytest.approx(want["micro avg"]["f1-score"], abs=1e-12)
+    assert "ner/test" in res["results"] and (tmp_path / "ner" / "best" / "latest").is_file()
+    assert "micro avg" in run.output  # the entity-level report is printed
+
+    # lr 0: the dev metric can never improve after the first evaluation -> stops after `patience` more
+    ds = write_ds_config(
+        tmp_path / "lr0.json",
+        "moe_z2.json",
+        train_micro_batch_size_per_gpu=8,
+        optimizer={"type": "AdamW", "params": {"lr": 0.0}},
+        scheduler=None,
+    )
+    cfgds = json.loads(ds.read_text())
+    cfgds.pop("scheduler")
+    ds.write_text(json.dumps(cfgds))
+    stop = finetune(
+        tmp_path / "stop",
+        pretrained,
+        "--task",
+        "ner",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--max_steps=100",
+        "--eval_every=5",
+        "--patience=2",
+        ds=ds,
+    )
+    assert "early stop at step 15" in stop.output
+    assert json.loads((tmp_path / "stop" / "results.json").read_text())["steps"] == 15
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_adversarial_training(tmp_path, pretrained, wnut):
+    """FGM adds a loss on perturbed embeddings that is larger than the clean one; PGD with one step
+    of size epsilon is exactly FGM; FGM with 2 processes (ep=2) equals 1 process accumulating 2."""
+    train, dev = wnut
+    common = [
+        "--task",
+        "ner",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--max_steps=4",
+        "--eval_every=4",
+        "--log_every=1",
+    ]
+    fgm = finetune(
+        tmp_path / "fgm", pretrained, *common, "--adversarial.method=fgm", "--adversarial.epsilon=2.0"
+    )
+    pgd = finetune(
+        tmp_path / "pgd",
+        pretrained,
+        *common,
+        "--adversarial.method=pgd",
+        "--adversarial.epsilon=2.0",
+        "--adversarial.steps=1",
+        "--adversarial.alpha=2.0",
+    )
+    plain = finetune(tmp_path / "plain", pretrained, *common)
+    f, p, n = _metrics(tmp_path / "fgm"), _metrics(tmp_path / "pgd"), _metrics(tmp_path / "plain")
+    train_f = [r for r in f if "adv_loss" in r]
+    assert len(train_f) == 4 and all(r["adv_loss"] > r["loss"] for r in train_f)
+    assert [r["total_loss"] for r in f if "total_loss" in r] == [
+        r["total_loss"] for r in p if "total_loss" in r
+    ]
+    assert f[0]["loss"] == pytest.approx(n[0]["loss"], rel=1e-6)  # same first batch and weights
+    assert f[2]["loss"] != pytest.approx(n[2]["loss"], rel=1e-4)  # the adversarial term changed training
+    del fgm, pgd, plain
+
+    ds1 = write_ds_config(
+        tmp_path / "a2.json", "moe_z2.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2
+    )
+    ds2 = write_ds_config(tmp_path / "d2.json", "moe_z2.json", train_micro_batch_size_per_gpu=4)
+    adv = [*common, "--adversarial.method=fgm"]
+    finetune(tmp_path / "one", pretrained, *adv, ds=ds1)
+    finetune(tmp_path / "two", pretrained, *adv, "--model.moe.ep_size=2", nproc=2, ds=ds2)
+    one = [r for r in _metrics(tmp_path / "one") if "total_loss" in r]
+    two = [r for r in _metrics(tmp_path / "two") if "total_loss" in r]
+    for a, b in zip(one, two):
+        for key in ("loss", "adv_loss", "total_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+
+
+def test_distillation_and_teacher_checks(tmp_path, pretrained, wnut):
+    train, dev = wnut
+    common = [
+        "--task",
+        "ner",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--max_steps=3",
+        "--eval_every=3",
+        "--log_every=1",
+    ]
+    finetune(tmp_path / "teacher", pretrained, *common)
+    finetune(
+        tmp_path / "student",
+        pretrained,
+        *common,
+        f"--distill.teacher={tmp_path / 'teacher'}",
+        "--distill.alpha=1.0",
+        "--distill.temperature=2.0",
+    )
+    for r in (r for r in _metrics(tmp_path / "student") if "distill_kl" in r):
+        assert r["distill_kl"] > 0 and r["total_loss"] == pytest.approx(4.0 * r["distill_kl"], rel=1e-5)
+    cmd = deepspeed_cmd(
+        1,
+        "launcher/finetune.py",
+        "--ds_config",
+        str(REPO / "ds_configs" / "moe_z2.json"),
+        "--output_dir",
+        str(tmp_path / "bad"),
+        "--init",
+        str(pretrained),
+        *common,
+        f"--distill.teacher={pretrained}",
+    )
+    bad = run_cmd(cmd, tmp_path / "bad", check=False)
+    assert bad.returncode != 0 and "must be a fine-tuning checkpoint" in bad.output
+
+
+def test_upcycled_model_computes_the_dense_model():
+    """Every expert a copy of the dense FFN and routing weights that sum to 1: the MoE computes the
+    dense model's function exactly, whatever the router says."""
+    dense_cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16)
+    dense_cfg.moe.num_experts = 0
+    dense = build_model(dense_cfg, seed=1).eval()
+    moe_cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16)
+    moe_cfg.moe.num_experts, moe_cfg.moe.top_k = 4, 2
+    moe = TaskModel(moe_cfg, [TaskSpec("ner", "ner", ["O", "B-x"])]).eval()
+    missing, unexpected = moe.load_state_dict(
+        upcycle(dense.state_dict(), dense_cfg, moe_cfg, seed=0), strict=False
+    )
+    assert not unexpected and all(k.startswith("heads.") for k in missing)
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h_moe, _ = moe.hidden_states(x)
+        h_dense, _ = dense.hidden_states(x)
+    torch.testing.assert_close(h_moe, h_dense, atol=1e-5, rtol=1e-5)
+    assert moe.layers[0].mlp.gate.weight.abs().max() < 0.02  # the router starts small
