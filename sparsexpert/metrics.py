@@ -23,6 +23,9 @@ CONSOLE_KEYS = [
     ("grad_norm", "gnorm", "{:.3f}"),
     ("lr", "lr", "{:.2e}"),
     ("valid_lm_loss", "valid lm", "{:.4f}"),
+    ("dev_metric", "dev", "{:.4f}"),
+    ("adv_loss", "adv", "{:.4f}"),
+    ("distill_kl", "kl", "{:.4f}"),
 ]
 
 

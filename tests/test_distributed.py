@@ -4,7 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_MODEL, deepspeed_cmd, kill_when, pretrain, run_cmd, write_ds_config
+
+from sparsexpert.train.checkpoint import load_weights
 
 STEPS = 4
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
@@ -256,3 +259,11 @@ def test_knowledge_modes_under_expert_parallelism_match_single_process(tmp_path,
                 assert a[key] > 0 and a[key] == pytest.approx(b[key], rel=1e-5), (key, a[key], b[key])
     else:  # injection only changes the inputs: the loss is the LM loss (plus router terms)
         assert all("entity_loss" not in r for r in run.metrics())
+    # The final checkpoints read back as full weights (experts by global id), whatever the ep_size:
+    # what fine-tuning and evaluation start from.
+    one, _ = load_weights(tmp_path / "ref")
+    two, meta = load_weights(tmp_path / "ep2")
+    assert meta["ep_size"] == 2 and one.keys() == two.keys()
+    assert one["layers.0.mlp.experts.w1"].shape[0] == 4
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -2,7 +2,10 @@
 the training techniques against references."""
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_ds_config
@@ -162,7 +165,7 @@ def test_adversarial_training(tmp_path, pretrained, wnut):
         r["total_loss"] for r in p if "total_loss" in r
     ]
     assert f[0]["loss"] == pytest.approx(n[0]["loss"], rel=1e-6)  # same first batch and weights
-    assert f[2]["loss"] != pytest.approx(n[2]["loss"], rel=1e-4)  # the adversarial term changed training
+    assert f[3]["loss"] != pytest.approx(n[3]["loss"], rel=1e-4)  # the adversarial term changed training
     del fgm, pgd, plain
 
     ds1 = write_ds_config(
@@ -238,3 +241,97 @@ def test_upcycled_model_computes_the_dense_model():
         h_dense, _ = dense.hidden_states(x)
     torch.testing.assert_close(h_moe, h_dense, atol=1e-5, rtol=1e-5)
     assert moe.layers[0].mlp.gate.weight.abs().max() < 0.02  # the router starts small
+
+
+def test_task_schedule_sampling_and_rank_split():
+    from sparsexpert.finetune.data import TaskSchedule
+
+    prop = TaskSchedule([100, 900], 4, 1, 1, 0, seed=0, sampling="proportional", temperature=2.0)
+    temp = TaskSchedule([100, 900], 4, 1, 1, 0, seed=0, sampling="temperature", temperature=2.0)
+    share = [np.mean([s.task_of(i) == 0 for i in range(4000)]) for s in (prop, temp)]
+    assert share[0] == pytest.approx(0.1, abs=0.02) and share[1] == pytest.approx(0.25, abs=0.025)
+    # one rank accumulating 2 reads what two ranks read; each epoch visits every example once
+    one = TaskSchedule([10, 30], 3, 2, 1, 0, seed=1, sampling="proportional", temperature=1.0)
+    two = [
+        TaskSchedule([10, 30], 3, 1, 2, r, seed=1, sampling="proportional", temperature=1.0) for r in (0, 1)
+    ]
+    seen = {0: [], 1: []}
+    for step in range(20):
+        for m in range(2):
+            task, idx = one.examples(step, m)
+            t2, idx2 = two[m].examples(step, 0)
+            assert task == t2 and idx.tolist() == idx2.tolist()
+            seen[task] += idx.tolist()
+    assert sorted(seen[0][:10]) == list(range(10)) and sorted(seen[1][:30]) == list(range(30))
+
+
+def test_multitask_classification_and_relation(tmp_path, pretrained, wnut, example_data):
+    from sparsexpert.finetune.metrics import classification_scores, relation_scores
+
+    train, dev = wnut
+    for src, dst in ((train, "cls_train.jsonl"), (dev, "cls_dev.jsonl")):
+        with open(tmp_path / dst, "w") as f:
+            for sent in src.read_text().strip().split("\n\n"):
+                rows = [line.split("\t") for line in sent.splitlines()]
+                label = "entity" if any(r[-1] != "O" for r in rows) else "none"
+                f.write(json.dumps({"text": " ".join(r[0] for r in rows), "label": label}) + "\n")
+    raw = example_data.parent / "data_raw"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep",
+            "relations",
+            "--corpus",
+            str(raw / "corpus.txt"),
+            "--kg",
+            str(raw / "kg.tsv"),
+            "--aliases",
+            str(raw / "aliases.tsv"),
+            "--case",
+            "exact",
+            "--output",
+            str(tmp_path / "re"),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    config = {
+        "tasks": [
+            {
+                "name": "cls",
+                "kind": "classification",
+                "train": str(tmp_path / "cls_train.jsonl"),
+                "dev": str(tmp_path / "cls_dev.jsonl"),
+            },
+            {
+                "name": "rel",
+                "kind": "relation",
+                "train": str(tmp_path / "re" / "train.jsonl"),
+                "dev": str(tmp_path / "re" / "dev.jsonl"),
+            },
+        ],
+        "sampling": "temperature",
+        "task_aware_routing": True,
+        "max_steps": 12,
+        "eval_every": 6,
+        "log_every": 1,
+    }
+    (tmp_path / "mt.json").write_text(json.dumps(config))
+    finetune(tmp_path / "mt", pretrained, "--config", str(tmp_path / "mt.json"))
+    res = json.loads((tmp_path / "mt" / "results.json").read_text())
+    logged = {k for r in _metrics(tmp_path / "mt") for k in r}
+    assert {"cls/loss", "rel/loss"} <= logged  # both tasks were trained
+    preds = {
+        n: [
+            json.loads(line)
+            for line in (tmp_path / "mt" / "predictions" / f"{n}_dev.jsonl").read_text().splitlines()
+        ]
+        for n in ("cls", "rel")
+    }
+    c = classification_scores([p["gold"] for p in preds["cls"]], [p["pred"] for p in preds["cls"]])
+    r = relation_scores([p["gold"] for p in preds["rel"]], [p["pred"] for p in preds["rel"]])
+    assert res["results"]["cls"]["accuracy"] == pytest.approx(c["accuracy"]) and len(preds["cls"]) == 80
+    assert res["results"]["rel"]["f1"] == pytest.approx(r["f1"]) and len(preds["rel"]) > 50
+    assert res["best_dev_metric"] == pytest.approx((c["accuracy"] + r["f1"]) / 2)

@@ -187,18 +187,23 @@ class TaskSchedule:
         p = np.asarray(sizes, np.float64) ** (1.0 / temperature if sampling == "temperature" else 1.0)
         self.probs = p / p.sum()
         self._tasks: list[int] = []
+        self._before: list[int] = []
+        self._counts = [0] * len(sizes)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     def task_of(self, step: int) -> int:
-        rng_seed = [self.seed, 99]
+        """The task of a step: drawn from a generator seeded by (seed, step)."""
         while len(self._tasks) <= step:
-            rng = np.random.default_rng([*rng_seed, len(self._tasks)])
-            self._tasks.append(int(rng.choice(len(self.sizes), p=self.probs)) if len(self.sizes) > 1 else 0)
+            rng = np.random.default_rng([self.seed, 99, len(self._tasks)])
+            task = int(rng.choice(len(self.sizes), p=self.probs)) if len(self.sizes) > 1 else 0
+            self._before.append(self._counts[task])  # global batches this task had before this step
+            self._counts[task] += 1
+            self._tasks.append(task)
         return self._tasks[step]
 
     def examples(self, step: int, m: int) -> tuple[int, np.ndarray]:
         task = self.task_of(step)
-        k = sum(1 for s in range(step) if self.task_of(s) == task)  # global batches this task had before
+        k = self._before[step]
         n, g = self.sizes[task], self.micro * self.grad_accum * self.dp
         start = k * g + (m * self.dp + self.rank) * self.micro
         pos = np.arange(start, start + self.micro)

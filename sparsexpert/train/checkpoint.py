@@ -136,7 +136,8 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
 
 
 def resolve_tag(path: str | Path) -> Path:
-    """A checkpoint tag folder from a tag, a checkpoints/ folder or a run's output folder."""
+    """A checkpoint tag folder from a tag, a checkpoints/ folder or a run's output folder
+    (pretraining: its latest complete checkpoint; fine-tuning: its best)."""
     p = Path(path)
     if (p / META).is_file():
         if not is_complete(p):
@@ -144,10 +145,10 @@ def resolve_tag(path: str | Path) -> Path:
                 f"{p}: an incomplete checkpoint (no valid {COMPLETE}); use a complete one"
             )
         return p
-    for root in (p, p / "checkpoints"):
+    for root in (p, p / "checkpoints", p / "best"):  # best/: a fine-tuning run's best dev checkpoint
         if root.is_dir() and (tag := find_latest(root)) is not None:
             return tag
-    raise FileNotFoundError(f"{p}: no complete sparsexpert checkpoint (a tag, checkpoints/ or a run folder)")
+    raise FileNotFoundError(f"{p}: no complete sparsexpert checkpoint (give a tag, checkpoints/ or a run folder)")
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,0 +1,65 @@
+"""Fine-tuning comparison at equal compute: (a) MoE pretrained with the KG, (b) the same MoE
+without the KG, (c) a dense model with the same active parameters, (d) the MoE from scratch.
+
+Pretraining (a-c) on news + the Wikipedia sample joined with the Nations KG, same steps and
+tokens; fine-tuning all four on the task with the same steps and batch; prints and writes
+<output_dir>/comparison.txt (dev metrics, parameters, active parameters, tokens/s).
+
+WNUT-16 NER:
+    python launcher/compare.py --output_dir runs/compare_wnut --pretrain_steps 600 \\
+        --task ner --train ../shared/data/ner/wnut16/train.conll --dev ../shared/data/ner/wnut16/dev.conll \\
+        --max_steps=800 --eval_every=100
+
+Two processes per run, experts split over both: add --num_gpus 2 --model.moe.ep_size=2.
+Fine-tuning overrides are plain (`--max_steps=800`); model overrides (`--model.d_model=256`) shape
+every arm. --reuse keeps runs already done in --output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output_dir", default="runs/compare")
+    parser.add_argument("--ds_config", default="ds_configs/moe_z2.json")
+    parser.add_argument("--num_gpus", type=int, default=1)
+    parser.add_argument("--pretrain_steps", type=int, default=600)
+    parser.add_argument(
+        "--kg_arm", default="fusion", help="knowledge mode of arm (a), as in launcher/ablate.py"
+    )
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--task", required=True, choices=["ner", "classification", "relation"])
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--dev", required=True)
+    args, rest = parser.parse_known_args(argv)
+    model = [o for o in rest if o.startswith("--model.")]
+    finetune = [o for o in rest if not o.startswith("--model.")]
+
+    from sparsexpert.compare import run_comparison
+
+    task = ["--task", args.task, "--train", args.train, "--dev", args.dev]
+    run_comparison(
+        task,
+        args.output_dir,
+        args.ds_config,
+        args.num_gpus,
+        model,
+        args.pretrain_steps,
+        finetune,
+        args.kg_arm,
+        args.seq_len,
+        args.reuse,
+    )
+
+
+if __name__ == "__main__":
+    main()
