@@ -335,3 +335,32 @@ def test_multitask_classification_and_relation(tmp_path, pretrained, wnut, examp
     assert res["results"]["cls"]["accuracy"] == pytest.approx(c["accuracy"]) and len(preds["cls"]) == 80
     assert res["results"]["rel"]["f1"] == pytest.approx(r["f1"]) and len(preds["rel"]) > 50
     assert res["best_dev_metric"] == pytest.approx((c["accuracy"] + r["f1"]) / 2)
+
+
+def test_readme_main_job_fine_tunes_after_pretraining(tmp_path, pretrained, example_data):
+    """The README's main command after its pretraining part (tested in test_pretrain_cli): the
+    distant-supervised relation set and the fine-tune, with fewer steps."""
+    line = next(
+        x for x in (REPO / "README.md").read_text().splitlines() if "launcher/finetune.py" in x and "&&" in x
+    )
+    steps = [c.strip() for c in line.split("&&")]
+    relations = next(c for c in steps if c.startswith("python -m data_prep relations"))
+    ft = next(c for c in steps if c.startswith("deepspeed launcher/finetune.py"))
+    raw = example_data.parent / "data_raw"
+
+    def local(cmd: str) -> list[str]:
+        cmd = cmd.replace("runs/pretrain/data_raw", str(raw)).replace("runs/pretrain", str(pretrained))
+        cmd = cmd.replace("runs/re", str(tmp_path / "re")).replace("runs/finetune", str(tmp_path / "ft"))
+        return (
+            cmd.replace("--max_steps=100", "--max_steps=6")
+            .replace("--eval_every=50", "--eval_every=3")
+            .split()
+        )
+
+    rel = local(relations)
+    subprocess.run([sys.executable, *rel[1:]], cwd=REPO, check=True, capture_output=True)
+    cmd = local(ft)
+    run = run_cmd(deepspeed_cmd(1, *cmd[1:]), tmp_path / "ft")
+    res = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert res["steps"] == 6 and 0 <= res["results"]["relation"]["f1"] <= 1
+    assert "done: best dev metric" in run.output

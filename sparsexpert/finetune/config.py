@@ -106,6 +106,9 @@ class FinetuneConfig:
     n_i^(1/sampling_temperature) (temperature)."""
     sampling_temperature: float = 2.0
     """Temperature of the "temperature" task sampling."""
+    bidirectional: bool = False
+    """Fine-tune with bidirectional attention (padding masked), also from a causal pretrained model:
+    token tasks then see the right context too."""
     task_aware_routing: bool = False
     """Add a learned task embedding to the token embeddings, so the routers see the task."""
     freeze_embeddings: bool = False

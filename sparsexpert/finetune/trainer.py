@@ -93,9 +93,10 @@ class Finetuner:
             )
         else:
             model_cfg, tok_path = cfg.model, Path(cfg.tokenizer)
-        model_cfg.knowledge.mode = (
-            "none"  # fine-tuning reads text; the pretrained backbone keeps what the KG taught it
-        )
+        if cfg.bidirectional:
+            model_cfg.causal = False
+        # Fine-tuning reads text; the pretrained backbone keeps what the KG taught it.
+        model_cfg.knowledge.mode = "none"
         self.tok = fdata.load_tokenizer_for(tok_path)
         self.tokenizer_file = Path(self.tok.path)
         if model_cfg.vocab_size == 0:

@@ -148,7 +148,9 @@ def resolve_tag(path: str | Path) -> Path:
     for root in (p, p / "checkpoints", p / "best"):  # best/: a fine-tuning run's best dev checkpoint
         if root.is_dir() and (tag := find_latest(root)) is not None:
             return tag
-    raise FileNotFoundError(f"{p}: no complete sparsexpert checkpoint (give a tag, checkpoints/ or a run folder)")
+    raise FileNotFoundError(
+        f"{p}: no complete sparsexpert checkpoint (give a tag, checkpoints/ or a run folder)"
+    )
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
