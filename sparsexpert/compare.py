@@ -38,6 +38,11 @@ def prepare_news_wiki(out: Path, seq_len: int, log=print) -> Path:
     return data
 
 
+def _main(scores: dict[str, float]) -> str:
+    value = scores.get("f1", scores.get("accuracy"))
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _mean_tps(run: Path) -> float:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
@@ -110,6 +115,9 @@ def run_comparison(
         rows[name] = {
             "best dev metric": f"{res['best_dev_metric']:.4f}",
             **{f"dev {k}": f"{v:.4f}" for k, v in first.items() if isinstance(v, float)},
+            "majority-class baseline (dev metric)": _main(
+                next(iter(res.get("majority_baseline", {}).values()), {})
+            ),
             "params total (M)": f"{p['total'] / 1e6:.3f}",
             "params active (M)": f"{p['active'] / 1e6:.3f}",
             "pretrain tokens/s": f"{_mean_tps(out / f'pretrain_{slug}'):,.0f}" if pre is not None else "-",

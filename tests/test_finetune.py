@@ -13,6 +13,7 @@ from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_d
 from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.finetune.trainer import upcycle
 from sparsexpert.model import ModelConfig, build_model
+from sparsexpert.train.checkpoint import load_weights
 
 
 def _slice_conll(src, dst, n):
@@ -95,6 +96,7 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
             assert got[key][m] == pytest.approx(want[key][m], abs=1e-12), (key, m)
     assert res["results"]["ner"]["f1"] == pytest.approx(want["micro avg"]["f1-score"], abs=1e-12)
     assert "ner/test" in res["results"] and (tmp_path / "ner" / "best" / "latest").is_file()
+    assert res["majority_baseline"]["ner"]["f1"] == 0.0  # all "O": no entity found
     assert "micro avg" in run.output  # the entity-level report is printed
 
     # lr 0: the dev metric can never improve after the first evaluation -> stops after `patience` more
@@ -126,6 +128,10 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
     assert json.loads((tmp_path / "stop" / "results.json").read_text())["steps"] == 15
 
 
+def ner_args(train, dev, *more):
+    return ["--task", "ner", "--train", str(train), "--dev", str(dev), *more]
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -134,17 +140,7 @@ def test_adversarial_training(tmp_path, pretrained, wnut):
     """FGM adds a loss on perturbed embeddings that is larger than the clean one; PGD with one step
     of size epsilon is exactly FGM; FGM with 2 processes (ep=2) equals 1 process accumulating 2."""
     train, dev = wnut
-    common = [
-        "--task",
-        "ner",
-        "--train",
-        str(train),
-        "--dev",
-        str(dev),
-        "--max_steps=4",
-        "--eval_every=4",
-        "--log_every=1",
-    ]
+    common = ner_args(train, dev, "--max_steps=4", "--eval_every=4", "--log_every=1")
     fgm = finetune(
         tmp_path / "fgm", pretrained, *common, "--adversarial.method=fgm", "--adversarial.epsilon=2.0"
     )
@@ -184,17 +180,7 @@ def test_adversarial_training(tmp_path, pretrained, wnut):
 
 def test_distillation_and_teacher_checks(tmp_path, pretrained, wnut):
     train, dev = wnut
-    common = [
-        "--task",
-        "ner",
-        "--train",
-        str(train),
-        "--dev",
-        str(dev),
-        "--max_steps=3",
-        "--eval_every=3",
-        "--log_every=1",
-    ]
+    common = ner_args(train, dev, "--max_steps=3", "--eval_every=3", "--log_every=1")
     finetune(tmp_path / "teacher", pretrained, *common)
     finetune(
         tmp_path / "student",
@@ -335,6 +321,12 @@ def test_multitask_classification_and_relation(tmp_path, pretrained, wnut, examp
     assert res["results"]["cls"]["accuracy"] == pytest.approx(c["accuracy"]) and len(preds["cls"]) == 80
     assert res["results"]["rel"]["f1"] == pytest.approx(r["f1"]) and len(preds["rel"]) > 50
     assert res["best_dev_metric"] == pytest.approx((c["accuracy"] + r["f1"]) / 2)
+    train_labels = [
+        json.loads(line)["label"] for line in (tmp_path / "cls_train.jsonl").read_text().splitlines()
+    ]
+    majority = max(set(train_labels), key=train_labels.count)
+    share = np.mean([p["gold"] == majority for p in preds["cls"]])
+    assert res["majority_baseline"]["cls"]["accuracy"] == pytest.approx(share)
 
 
 def test_readme_main_job_fine_tunes_after_pretraining(tmp_path, pretrained, example_data):
@@ -364,3 +356,65 @@ def test_readme_main_job_fine_tunes_after_pretraining(tmp_path, pretrained, exam
     res = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert res["steps"] == 6 and 0 <= res["results"]["relation"]["f1"] <= 1
     assert "done: best dev metric" in run.output
+
+
+def test_freezing_keeps_experts_and_embeddings(tmp_path, pretrained, wnut):
+    train, dev = wnut
+    finetune(
+        tmp_path / "ft",
+        pretrained,
+        "--task",
+        "ner",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--max_steps=3",
+        "--eval_every=3",
+        "--freeze_experts=true",
+        "--freeze_embeddings=true",
+    )
+    before, _ = load_weights(pretrained)
+    after, meta = load_weights(tmp_path / "ft")
+    assert meta["kind"] == "finetune" and meta["step"] == 3
+    frozen = [k for k in before if ".experts." in k or k == "tok_embeddings.weight"]
+    assert len(frozen) == 1 + 3 * 2  # the embeddings, w1/w2/w3 of TINY_MODEL's 2 MoE layers
+    for k in frozen:
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["layers.0.attn.wq.weight"], before["layers.0.attn.wq.weight"])
+
+
+def test_upcycling_a_dense_checkpoint(tmp_path, example_data, wnut):
+    train, dev = wnut
+    ds = write_ds_config(tmp_path / "ds.json", "moe_z2.json")
+    pretrain(
+        tmp_path / "dense",
+        1,
+        ds,
+        *TINY_MODEL,
+        "--model.moe.num_experts=0",
+        f"--data.path={example_data}",
+        "--train.max_steps=3",
+        "--train.eval_every=0",
+    )
+    finetune(
+        tmp_path / "ft",
+        tmp_path / "dense",
+        "--task",
+        "ner",
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--max_steps=2",
+        "--eval_every=2",
+        "--upcycle_experts=4",
+        "--model.moe.top_k=2",
+    )
+    dense, _ = load_weights(tmp_path / "dense")
+    moe, meta = load_weights(tmp_path / "ft")
+    assert meta["model"]["moe"]["num_experts"] == 4 and meta["model"]["moe"]["top_k"] == 2
+    for layer in (0, 1):
+        experts = moe[f"layers.{layer}.mlp.experts.w1"]
+        assert experts.shape[0] == 4  # each started as the dense FFN; two small steps later still close
+        assert (experts - dense[f"layers.{layer}.mlp.w1.weight"]).abs().max() < 0.05

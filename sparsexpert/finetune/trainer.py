@@ -349,6 +349,16 @@ class Finetuner:
             return classification_scores(y_true, y_pred)
         return relation_scores(y_true, y_pred, self.cfg.tasks[task].negative_label)
 
+    def majority_baseline(self, task: int) -> dict[str, Any]:
+        """Dev scores of always predicting the most frequent training label (ner: "O" everywhere)."""
+        spec, train, dev = self.specs[task], self.train_sets[task], self.dev_sets[task]
+        if spec.kind == "ner":
+            preds = [[0] * len(words) for words in dev.words]
+        else:
+            majority = int(np.bincount(np.asarray(train.labels), minlength=len(spec.labels)).argmax())
+            preds = [majority] * len(dev.ids)
+        return {k: v for k, v in self.score(task, dev, preds).items() if k != "report"}
+
     @staticmethod
     def main_metric(kind: str, scores: dict[str, Any]) -> float:
         return scores["accuracy"] if kind == "classification" else scores["f1"]
@@ -463,6 +473,7 @@ class Finetuner:
                 k: {kk: vv for kk, vv in v.items() if kk != "report"} for k, v in self._best_results.items()
             },
             "reports": {k: v.get("report") for k, v in self._best_results.items() if "report" in v},
+            "majority_baseline": {s.name: self.majority_baseline(t) for t, s in enumerate(self.specs)},
             "history": history,
             "seconds": time.time() - t0,
         }
