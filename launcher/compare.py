@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--reuse", action="store_true")
+    parser.add_argument(
+        "--data", help="a prepared dataset to pretrain on instead of news + Wikipedia + Nations"
+    )
     parser.add_argument("--task", required=True, choices=["ner", "classification", "relation"])
     parser.add_argument("--train", required=True)
     parser.add_argument("--dev", required=True)
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         args.kg_arm,
         args.seq_len,
         args.reuse,
+        args.data,
     )
 
 

@@ -60,12 +60,14 @@ def run_comparison(
     kg_arm: str = "fusion",
     seq_len: int = 128,
     reuse: bool = False,
+    data: str | Path | None = None,
 ) -> str:
     """task_args: the fine-tuning task (`--task ner --train F --dev F`); model_overrides
-    (`--model.*`) shape every model, the dense twin's FFN excepted."""
+    (`--model.*`) shape every model, the dense twin's FFN excepted. data: an already prepared
+    dataset to pretrain on instead of news + Wikipedia + Nations."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare_news_wiki(out, seq_len)
+    data = Path(data) if data else prepare_news_wiki(out, seq_len)
     base = [
         "--ds_config",
         ds_config,

@@ -254,19 +254,21 @@ def prepare_ds_config(
     return ds
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay: str | None = None) -> list[dict[str, Any]]:
     """Decay matrices, not norms or embedding tables (tokens, entities, relations). DeepSpeed splits the expert parameters of these
     groups into their own MoE groups after AutoEP has created them, so ZeRO reduces expert
-    gradients over the expert-data-parallel group rather than the whole world."""
-    decay, no_decay = [], []
+    gradients over the expert-data-parallel group rather than the whole world. Parameters whose name
+    contains `no_decay` are not decayed either."""
+    decay, plain = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         table = "tok_embeddings" in name or name.startswith(("knowledge.entities", "knowledge.relations"))
-        (no_decay if p.ndim < 2 or "norm" in name or table else decay).append(p)
+        extra = no_decay is not None and no_decay in name
+        (plain if p.ndim < 2 or "norm" in name or table or extra else decay).append(p)
     return [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "no_decay", "params": plain, "weight_decay": 0.0},
     ]
 
 
@@ -355,7 +357,7 @@ def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
     return norm.item()
 
 
-def initialize(model: nn.Module, ds_config: dict[str, Any]):
+def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None = None):
     """deepspeed.initialize with our parameter groups; returns the engine."""
     import deepspeed
 
@@ -363,6 +365,6 @@ def initialize(model: nn.Module, ds_config: dict[str, Any]):
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+        model=model, model_parameters=param_groups(model, weight_decay, no_decay), config=ds_config
     )
     return engine

@@ -77,6 +77,8 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
         "--max_steps=30",
         "--eval_every=10",
         "--log_every=5",
+        "--freeze_experts=true",
+        "--freeze_embeddings=true",
     )
     res = json.loads((tmp_path / "ner" / "results.json").read_text())
     sents = (tmp_path / "ner" / "predictions" / "ner_dev.conll").read_text().strip().split("\n\n")
@@ -97,6 +99,15 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
     assert res["results"]["ner"]["f1"] == pytest.approx(want["micro avg"]["f1-score"], abs=1e-12)
     assert "ner/test" in res["results"] and (tmp_path / "ner" / "best" / "latest").is_file()
     assert res["majority_baseline"]["ner"]["f1"] == 0.0  # all "O": no entity found
+    # --freeze_experts / --freeze_embeddings: bit-identical after training, the rest trained
+    before, _ = load_weights(pretrained)
+    after, meta = load_weights(tmp_path / "ner")
+    assert meta["kind"] == "finetune" and meta["step"] == res["best_step"]
+    frozen = [k for k in before if ".experts." in k or k == "tok_embeddings.weight"]
+    assert len(frozen) == 1 + 3 * 2  # the embeddings, w1/w2/w3 of TINY_MODEL's 2 MoE layers
+    for k in frozen:
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["layers.0.attn.wq.weight"], before["layers.0.attn.wq.weight"])
     assert "micro avg" in run.output  # the entity-level report is printed
 
     # lr 0: the dev metric can never improve after the first evaluation -> stops after `patience` more
@@ -137,45 +148,44 @@ def _metrics(run_dir):
 
 
 def test_adversarial_training(tmp_path, pretrained, wnut):
-    """FGM adds a loss on perturbed embeddings that is larger than the clean one; PGD with one step
-    of size epsilon is exactly FGM; FGM with 2 processes (ep=2) equals 1 process accumulating 2."""
+    """FGM adds a loss on perturbed embeddings that is larger than the clean one and changes training.
+    PGD with one step of size epsilon in 1 process accumulating 2 micro-batches equals FGM in 2
+    processes with ep=2: PGD reduces to FGM, and backward/step counts respect gradient accumulation."""
     train, dev = wnut
     common = ner_args(train, dev, "--max_steps=4", "--eval_every=4", "--log_every=1")
-    fgm = finetune(
-        tmp_path / "fgm", pretrained, *common, "--adversarial.method=fgm", "--adversarial.epsilon=2.0"
+    accum = write_ds_config(
+        tmp_path / "a2.json", "moe_z2.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2
     )
-    pgd = finetune(
-        tmp_path / "pgd",
-        pretrained,
-        *common,
+    per_rank = write_ds_config(tmp_path / "d2.json", "moe_z2.json", train_micro_batch_size_per_gpu=4)
+    pgd = [
         "--adversarial.method=pgd",
         "--adversarial.epsilon=2.0",
         "--adversarial.steps=1",
         "--adversarial.alpha=2.0",
-    )
-    plain = finetune(tmp_path / "plain", pretrained, *common)
-    f, p, n = _metrics(tmp_path / "fgm"), _metrics(tmp_path / "pgd"), _metrics(tmp_path / "plain")
-    train_f = [r for r in f if "adv_loss" in r]
-    assert len(train_f) == 4 and all(r["adv_loss"] > r["loss"] for r in train_f)
-    assert [r["total_loss"] for r in f if "total_loss" in r] == [
-        r["total_loss"] for r in p if "total_loss" in r
     ]
-    assert f[0]["loss"] == pytest.approx(n[0]["loss"], rel=1e-6)  # same first batch and weights
-    assert f[3]["loss"] != pytest.approx(n[3]["loss"], rel=1e-4)  # the adversarial term changed training
-    del fgm, pgd, plain
-
-    ds1 = write_ds_config(
-        tmp_path / "a2.json", "moe_z2.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2
+    finetune(tmp_path / "plain", pretrained, *common, ds=accum)
+    finetune(tmp_path / "pgd", pretrained, *common, *pgd, ds=accum)
+    finetune(
+        tmp_path / "fgm",
+        pretrained,
+        *common,
+        "--adversarial.method=fgm",
+        "--adversarial.epsilon=2.0",
+        "--model.moe.ep_size=2",
+        nproc=2,
+        ds=per_rank,
     )
-    ds2 = write_ds_config(tmp_path / "d2.json", "moe_z2.json", train_micro_batch_size_per_gpu=4)
-    adv = [*common, "--adversarial.method=fgm"]
-    finetune(tmp_path / "one", pretrained, *adv, ds=ds1)
-    finetune(tmp_path / "two", pretrained, *adv, "--model.moe.ep_size=2", nproc=2, ds=ds2)
-    one = [r for r in _metrics(tmp_path / "one") if "total_loss" in r]
-    two = [r for r in _metrics(tmp_path / "two") if "total_loss" in r]
+    plain, one, two = (
+        [r for r in _metrics(tmp_path / name) if "total_loss" in r] for name in ("plain", "pgd", "fgm")
+    )
+    assert len(two) == 4 and all(r["adv_loss"] > r["loss"] for r in two)
     for a, b in zip(one, two):
         for key in ("loss", "adv_loss", "total_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    assert one[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-6)  # same first batch and weights
+    assert one[3]["loss"] != pytest.approx(
+        plain[3]["loss"], rel=1e-4
+    )  # the adversarial term changed training
 
 
 def test_distillation_and_teacher_checks(tmp_path, pretrained, wnut):
@@ -358,32 +368,6 @@ def test_readme_main_job_fine_tunes_after_pretraining(tmp_path, pretrained, exam
     assert "done: best dev metric" in run.output
 
 
-def test_freezing_keeps_experts_and_embeddings(tmp_path, pretrained, wnut):
-    train, dev = wnut
-    finetune(
-        tmp_path / "ft",
-        pretrained,
-        "--task",
-        "ner",
-        "--train",
-        str(train),
-        "--dev",
-        str(dev),
-        "--max_steps=3",
-        "--eval_every=3",
-        "--freeze_experts=true",
-        "--freeze_embeddings=true",
-    )
-    before, _ = load_weights(pretrained)
-    after, meta = load_weights(tmp_path / "ft")
-    assert meta["kind"] == "finetune" and meta["step"] == 3
-    frozen = [k for k in before if ".experts." in k or k == "tok_embeddings.weight"]
-    assert len(frozen) == 1 + 3 * 2  # the embeddings, w1/w2/w3 of TINY_MODEL's 2 MoE layers
-    for k in frozen:
-        assert torch.equal(after[k], before[k]), k
-    assert not torch.equal(after["layers.0.attn.wq.weight"], before["layers.0.attn.wq.weight"])
-
-
 def test_upcycling_a_dense_checkpoint(tmp_path, example_data, wnut):
     train, dev = wnut
     ds = write_ds_config(tmp_path / "ds.json", "moe_z2.json")
@@ -418,3 +402,43 @@ def test_upcycling_a_dense_checkpoint(tmp_path, example_data, wnut):
         experts = moe[f"layers.{layer}.mlp.experts.w1"]
         assert experts.shape[0] == 4  # each started as the dense FFN; two small steps later still close
         assert (experts - dense[f"layers.{layer}.mlp.w1.weight"]).abs().max() < 0.05
+
+
+def test_comparison_command(tmp_path, wnut, example_data):
+    """launcher/compare.py end to end at toy size, pretraining on the example dataset (news +
+    Wikipedia + Nations, the default, only costs time here): three pretrained arms, four fine-tunes,
+    one table."""
+    train, dev = wnut
+    cmd = [
+        sys.executable,
+        "launcher/compare.py",
+        "--output_dir",
+        str(tmp_path),
+        "--pretrain_steps",
+        "2",
+        "--data",
+        str(example_data),
+        *ner_args(train, dev),
+        *TINY_MODEL,
+        "--max_steps=2",
+        "--eval_every=2",
+    ]
+    run = run_cmd(cmd, tmp_path, timeout=600)
+    text = (tmp_path / "comparison.txt").read_text()
+    assert text in run.output
+    header = [h.strip() for h in text.splitlines()[0].split("|")[1:]]
+    assert header == ["a) MoE + KG", "b) MoE, text only", "c) dense, same active", "d) MoE from scratch"]
+    rows = {
+        line.split(" | ")[0].strip(): [c.strip() for c in line.split(" | ")[1:]]
+        for line in text.splitlines()[2:]
+    }
+    active = [float(x) for x in rows["params active (M)"]]
+    assert active[0] == active[1] == active[3] and abs(active[2] - active[0]) / active[0] < 0.01
+    assert float(rows["params total (M)"][2]) < float(
+        rows["params total (M)"][1]
+    )  # dense twin: fewer in total
+    assert (
+        rows["majority-class baseline (dev metric)"] == ["0.0000"] * 4 and rows["pretrain tokens/s"][3] == "-"
+    )
+    for arm in "abcd":
+        assert json.loads((tmp_path / f"finetune_{arm}" / "results.json").read_text())["steps"] == 2

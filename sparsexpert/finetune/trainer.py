@@ -161,13 +161,15 @@ class Finetuner:
             model.output.weight.requires_grad_(False)  # the LM head has no part in the tasks
         if cfg.freeze_embeddings:
             model.tok_embeddings.weight.requires_grad_(False)
-        if cfg.freeze_experts:
-            for n, p in model.named_parameters():
-                if ".experts." in n:
-                    p.requires_grad_(False)
         self.param_counts = model.num_params()
         self.teacher = self._load_teacher() if cfg.distill.teacher else None
-        self.engine = parallel.initialize(model, ds)
+        # DeepSpeed wants the experts in an optimizer group even when they are frozen, so frozen
+        # experts stay in it without weight decay and with their gradients zeroed: Adam moves them by 0.
+        self.engine = parallel.initialize(model, ds, no_decay=".experts." if cfg.freeze_experts else None)
+        if cfg.freeze_experts:
+            for n, p in self.engine.module.named_parameters():
+                if ".experts." in n:
+                    p.register_hook(torch.zeros_like)
         self.own_clip = parallel.own_gradient_clipping(ds)
         self.schedule = fdata.TaskSchedule(
             [len(d.ids) for d in self.train_sets],
