@@ -43,7 +43,7 @@ def wnut(tmp_path_factory, shared_data):
     d = tmp_path_factory.mktemp("wnut")
     src = shared_data / "ner" / "wnut16"
     return _slice_conll(src / "train.conll", d / "train.conll", 240), _slice_conll(
-        src / "dev.conll", d / "dev.conll", 80
+        src / "dev.conll", d / "dev.conll", 50
     )
 
 
@@ -74,8 +74,8 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
         str(dev),
         "--test",
         str(dev),
-        "--max_steps=30",
-        "--eval_every=10",
+        "--max_steps=12",
+        "--eval_every=6",
         "--log_every=5",
         "--freeze_experts=true",
         "--freeze_embeddings=true",
@@ -83,7 +83,7 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
     res = json.loads((tmp_path / "ner" / "results.json").read_text())
     sents = (tmp_path / "ner" / "predictions" / "ner_dev.conll").read_text().strip().split("\n\n")
     rows = [[line.split("\t") for line in s.splitlines()] for s in sents]
-    assert len(rows) == 80 and [r[0] for r in rows[0]] == [
+    assert len(rows) == 50 and [r[0] for r in rows[0]] == [
         line.split("\t")[0] for line in dev.read_text().split("\n\n")[0].splitlines()
     ]
     want = classification_report(
@@ -131,12 +131,12 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
         "--dev",
         str(dev),
         "--max_steps=100",
-        "--eval_every=5",
+        "--eval_every=2",
         "--patience=2",
         ds=ds,
     )
-    assert "early stop at step 15" in stop.output
-    assert json.loads((tmp_path / "stop" / "results.json").read_text())["steps"] == 15
+    assert "early stop at step 6" in stop.output
+    assert json.loads((tmp_path / "stop" / "results.json").read_text())["steps"] == 6
 
 
 def ner_args(train, dev, *more):
@@ -328,7 +328,7 @@ def test_multitask_classification_and_relation(tmp_path, pretrained, wnut, examp
     }
     c = classification_scores([p["gold"] for p in preds["cls"]], [p["pred"] for p in preds["cls"]])
     r = relation_scores([p["gold"] for p in preds["rel"]], [p["pred"] for p in preds["rel"]])
-    assert res["results"]["cls"]["accuracy"] == pytest.approx(c["accuracy"]) and len(preds["cls"]) == 80
+    assert res["results"]["cls"]["accuracy"] == pytest.approx(c["accuracy"]) and len(preds["cls"]) == 50
     assert res["results"]["rel"]["f1"] == pytest.approx(r["f1"]) and len(preds["rel"]) > 50
     assert res["best_dev_metric"] == pytest.approx((c["accuracy"] + r["f1"]) / 2)
     train_labels = [
