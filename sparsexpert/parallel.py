@@ -255,10 +255,10 @@ def prepare_ds_config(
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay: str | None = None) -> list[dict[str, Any]]:
-    """Decay matrices, not norms or embedding tables (tokens, entities, relations). DeepSpeed splits the expert parameters of these
-    groups into their own MoE groups after AutoEP has created them, so ZeRO reduces expert
-    gradients over the expert-data-parallel group rather than the whole world. Parameters whose name
-    contains `no_decay` are not decayed either."""
+    """Decay matrices, not norms or embedding tables (tokens, entities, relations), nor parameters
+    whose name contains `no_decay`. DeepSpeed splits the expert parameters of these groups into
+    their own MoE groups after AutoEP has created them, so ZeRO reduces expert gradients over the
+    expert-data-parallel group rather than the whole world."""
     decay, plain = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -228,7 +228,7 @@ class Finetuner:
         tcfg = model_config_of(meta)
         tcfg.moe.ep_size = 1
         teacher = TaskModel(tcfg, specs, meta["run"].get("task_aware_routing", False))
-        teacher.load_state_dict(state, strict=False)
+        teacher.load_state_dict(state)
         self._teacher_task = {s.name: i for i, s in enumerate(specs)}
         for p in teacher.parameters():
             p.requires_grad_(False)
