@@ -150,3 +150,18 @@ def find_tokenizer(folder: Path) -> Path | None:
         if (folder / name).exists():
             return folder / name
     return None
+
+
+class CachedEncoder:
+    """encode(text) -> ids, each distinct text encoded once. Blank text gives no ids. For the
+    SentencePiece models data_prep trains, encode(a) + encode(b) equals encode("a b") (pieces never
+    cross a space), so encoding word-aligned segments separately gives exact token spans."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, text: str) -> np.ndarray:
+        if text not in self.cache:
+            self.cache[text] = self.tok.encode([text])[0] if text.strip() else np.zeros(0, np.int64)
+        return self.cache[text]

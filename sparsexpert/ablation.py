@@ -67,6 +67,13 @@ def prepare_corpus(corpus: str, out: Path, seq_len: int, log=print) -> dict[str,
     raise ValueError(f"--corpus {corpus!r}: use 'world' or 'news-nations'")
 
 
+def mean_tokens_per_s(run: Path) -> float:
+    """Mean of the training tokens/s a run logged (metrics.jsonl)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    return sum(tps) / max(len(tps), 1)
+
+
 def _launch(nproc: int, script: str, args: list[str], log_file: Path) -> None:
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(_free_port()), script, *args]
@@ -150,14 +157,12 @@ def run_ablation(
             Path(f"{run}.log"),
         )
         res = json.loads((run / "eval.json").read_text())
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         config = json.loads((run / "config.json").read_text())
         steps = res["step"]
-        tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
         manifest = json.loads((Path(prep["data"]) / "manifest.json").read_text())
         train = {
             "tokens": steps * config["global_batch"] * manifest["seq_len"],
-            "tokens_per_s": sum(tps) / max(len(tps), 1),
+            "tokens_per_s": mean_tokens_per_s(run),
         }
         rows[arm] = rows_of(res, train)
     text = table(arms, rows)

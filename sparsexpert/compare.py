@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparsexpert.ablation import SHARED, _launch, arm_overrides, table
+from sparsexpert.ablation import SHARED, _launch, arm_overrides, mean_tokens_per_s, table
 from sparsexpert.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,12 +41,6 @@ def prepare_news_wiki(out: Path, seq_len: int, log=print) -> Path:
 def _main(scores: dict[str, float]) -> str:
     value = scores.get("f1", scores.get("accuracy"))
     return "-" if value is None else f"{value:.4f}"
-
-
-def _mean_tps(run: Path) -> float:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    return sum(tps) / max(len(tps), 1)
 
 
 def run_comparison(
@@ -122,8 +116,10 @@ def run_comparison(
             ),
             "params total (M)": f"{p['total'] / 1e6:.3f}",
             "params active (M)": f"{p['active'] / 1e6:.3f}",
-            "pretrain tokens/s": f"{_mean_tps(out / f'pretrain_{slug}'):,.0f}" if pre is not None else "-",
-            "fine-tune tokens/s": f"{_mean_tps(ft):,.0f}",
+            "pretrain tokens/s": f"{mean_tokens_per_s(out / f'pretrain_{slug}'):,.0f}"
+            if pre is not None
+            else "-",
+            "fine-tune tokens/s": f"{mean_tokens_per_s(ft):,.0f}",
             "fine-tune steps (best at)": f"{res['steps']} ({res['best_step']})",
         }
     text = table(list(arms), rows)

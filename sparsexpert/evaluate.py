@@ -155,7 +155,7 @@ def perplexity(pt) -> dict[str, float]:
     per_step = plan.micro * plan.dp
     total = torch.zeros(2, dtype=torch.float64)
     for g in range(math.ceil(rows_total / per_step)):
-        batch = loader.batch(g, 0, knowledge=False)
+        batch = loader.batch(g, 0)
         logits = pt.engine(batch["input_ids"]).logits.float()
         x = batch["input_ids"]
         global_pos = g * per_step + plan.rank * plan.micro + torch.arange(plan.micro)
@@ -185,20 +185,6 @@ def _sample(items: list, n: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-class _Encoder:
-    """Token ids of word-aligned segments: encode(a) + encode(b) equals encode("a b") for the
-    SentencePiece models data_prep trains (pieces never cross a space), so spans are exact."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.cache: dict[str, np.ndarray] = {}
-
-    def __call__(self, text: str) -> np.ndarray:
-        if text not in self.cache:
-            self.cache[text] = self.tok.encode([text])[0] if text else np.zeros(0, np.int64)
-        return self.cache[text]
-
-
 def _rank_all(scores_QC: np.ndarray, truth: list[int], exclude: list[np.ndarray]) -> list[float]:
     return [rank_of(scores_QC[q], truth[q], exclude[q]) for q in range(len(truth))]
 
@@ -208,7 +194,7 @@ def knowledge_probe(
 ) -> dict[str, Any]:
     """The built-in world's probe (see the module docstring)."""
     from data_prep.example_world import RELATIONS
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import CachedEncoder, load_tokenizer
 
     world_dir = Path(world_dir)
     names = dict(
@@ -223,7 +209,7 @@ def knowledge_probe(
     tails_of: dict[tuple[str, str], set[str]] = {}
     for h, r, t in all_facts:
         tails_of.setdefault((h, r), set()).add(t)
-    enc = _Encoder(load_tokenizer(pt.tokenizer_file))
+    enc = CachedEncoder(load_tokenizer(pt.tokenizer_file))
     kg = DatasetKG.load(pt.data_dir)
     e_index = {e: i for i, e in enumerate(kg.entities)}
     r_index = {r: i for i, r in enumerate(kg.relations)}
@@ -301,7 +287,7 @@ def link_prediction(
     pt, scorer: Scorer, test_path: str | Path, known_paths: list[str | Path], max_triples: int = 0
 ) -> dict[str, Any]:
     """Filtered head and tail ranking of the test triples among the KG's entities."""
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import CachedEncoder, load_tokenizer
 
     test = _read_facts(Path(test_path))
     known = set(test)
@@ -315,7 +301,7 @@ def link_prediction(
     skipped = len(test) - len(usable)
     usable = _sample(usable, max_triples, 0)
     surface = {e: kg.surfaces[e_index[e]] if e in e_index else e.replace("_", " ") for e in ents}
-    enc = _Encoder(load_tokenizer(pt.tokenizer_file))
+    enc = CachedEncoder(load_tokenizer(pt.tokenizer_file))
     fusion = pt.cfg.model.knowledge.fusion
     out: dict[str, Any] = {
         "test_triples": len(test),

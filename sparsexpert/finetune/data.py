@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.tokenizer import CachedEncoder
 from sparsexpert.finetune.config import TaskConfig
 from sparsexpert.finetune.readers import label_vocab, read_classification, read_ner, read_relations
 from sparsexpert.model.transformer import IGNORE_INDEX
@@ -42,17 +43,6 @@ class Encoded:
     counts: Counter = field(default_factory=Counter)
 
 
-def _encoder(tok):
-    cache: dict[str, np.ndarray] = {}
-
-    def enc(text: str) -> np.ndarray:
-        if text not in cache:
-            cache[text] = tok.encode([text])[0] if text.strip() else np.zeros(0, np.int64)
-        return cache[text]
-
-    return enc
-
-
 def read_task(task: TaskConfig, split: str) -> list:
     path = getattr(task, split)
     if task.kind == "ner":
@@ -75,7 +65,7 @@ def task_labels(task: TaskConfig, train: list) -> list[str]:
 def encode(
     task: TaskConfig, examples: list, labels: list[str], tok, bos: int, max_len: int, path: str
 ) -> Encoded:
-    enc = _encoder(tok)
+    enc = CachedEncoder(tok)
     index = {lab: i for i, lab in enumerate(labels)}
     out = Encoded([], [])
 

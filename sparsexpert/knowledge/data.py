@@ -259,13 +259,13 @@ class KnowledgeLoader:
         if not causal and mask_id is None:
             raise ValueError("a masked LM (model.causal=false) needs a tokenizer with a <mask> token")
 
-    def batch(self, global_batch: int, micro_step: int, knowledge: bool = True) -> dict[str, Any]:
+    def batch(self, global_batch: int, micro_step: int) -> dict[str, Any]:
         plan = self.loader.plan
         rows = plan.rows(global_batch, micro_step)
         x = self.loader.dataset[rows]
         j = micro_step * plan.dp + plan.rank  # the micro-batch's index in the global batch
         rng = np.random.default_rng([self.seed, global_batch, j, 7])
-        if not knowledge or self.cfg.mode == "none":
+        if self.cfg.mode == "none":
             return self._lm(x, rng)
         if self.cfg.mode == "fusion":
             kb = fusion_batch(self.kg, self.rows, rows, x.shape[1], self.cfg, rng)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from sparsexpert import parallel
 from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader, read_manifest
+from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.knowledge.data import KnowledgeLoader
 from sparsexpert.metrics import MetricsLogger, format_duration
 from sparsexpert.model import ModelConfig, build_model
@@ -152,25 +153,28 @@ class Pretrainer:
         self.seq_len = self.train_data.seq_len
         tok = manifest["tokenizer"]
 
-        def batches(split: str, data: PackedDataset, grad_accum: int) -> KnowledgeLoader:
+        def batches(
+            split: str, data: PackedDataset, grad_accum: int, knowledge: KnowledgeConfig
+        ) -> KnowledgeLoader:
             plan = BatchPlan(len(data), self.triplet.micro, grad_accum, self.world, self.rank, cfg.data.seed)
             return KnowledgeLoader(
                 ShardLoader(data, plan),
                 self.data_dir,
                 split,
-                cfg.model.knowledge,
+                knowledge,
                 cfg.model.causal,
                 tok.get("mask_id"),
                 tok["vocab_size"],
                 self.tokenizer_file,
             )
 
-        self.loader = batches("train", self.train_data, self.triplet.grad_accum)
+        self.loader = batches("train", self.train_data, self.triplet.grad_accum, cfg.model.knowledge)
         self.valid_loader = None
         if cfg.train.eval_every or evaluate_only:
             valid = PackedDataset(self.data_dir, "valid")
             if len(valid):
-                self.valid_loader = batches("valid", valid, 1)
+                # validation reads the text alone, whatever the knowledge mode, so arms compare
+                self.valid_loader = batches("valid", valid, 1, KnowledgeConfig())
         if self.rank == 0 and not evaluate_only:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2))
@@ -236,7 +240,7 @@ class Pretrainer:
         self.engine.eval()
         total = torch.zeros(2)
         for i in range(self.cfg.train.eval_batches):
-            out = self.engine(**self.valid_loader.batch(i, 0, knowledge=False))  # the text alone
+            out = self.engine(**self.valid_loader.batch(i, 0))
             total += torch.tensor([out.lm_loss.item(), 1.0])
         self.engine.train()
         dist.all_reduce(total)
