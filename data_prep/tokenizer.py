@@ -55,6 +55,9 @@ class SentencePieceTokenizer:
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(ids, dtype=np.int64) for ids in self.sp.encode(texts)]
 
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
     def char_bounds(self, text: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Character [begin, end) of every token of `text`."""
         if self.lengths is not None:
@@ -126,6 +129,9 @@ class HuggingFaceTokenizer:
             self._offsets[id(text)] = (offsets[:, 0], offsets[:, 1])
             out.append(ids)
         return out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def char_bounds(self, text: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if id(text) in self._offsets:

@@ -21,6 +21,12 @@ Techniques (dotted overrides): --adversarial.method=fgm|pgd --adversarial.epsilo
 --distill.teacher=runs/ner_big --distill.alpha=0.5 --distill.temperature=2; --patience=3;
 --freeze_embeddings=true; --upcycle_experts=8 with a dense --init checkpoint.
 
+--init also takes a consolidated folder (launcher/export.py) or a Hugging Face folder on local disk:
+a Mixtral-style MoE as it is, a dense Llama-style model upcycled (--upcycle_experts 8):
+    deepspeed launcher/finetune.py --ds_config ds_configs/moe_z2.json --init /models/llama-small \
+        --upcycle_experts 8 --task ner --train ../shared/data/ner/wnut16/train.conll \
+        --dev ../shared/data/ner/wnut16/dev.conll
+
 Writes into --output_dir: metrics.jsonl, tensorboard/, best/ (best dev checkpoint), predictions/,
 results.json; prints the entity-level report (NER) of the best dev evaluation.
 """

@@ -14,9 +14,23 @@ One GPU node with 8 GPUs, experts split over 8 ranks:
     deepspeed --num_gpus 8 launcher/pretrain.py --ds_config ds_configs/moe_z2_bf16.json \\
         --config configs/<your model>.json --model.moe.ep_size=8 --output_dir runs/moe8
 
-Several nodes (hostfile lines: `node1 slots=8`), shared output folder:
+Several nodes with passwordless ssh (pdsh), started once on the first node (hostfile lines:
+`node1 slots=8`); the output folder on a filesystem all nodes share:
     deepspeed --hostfile hostfile launcher/pretrain.py --ds_config ds_configs/moe_z2_bf16.json \\
         --data.path /shared/data/my_corpus --output_dir /shared/runs/moe
+
+Several nodes without ssh: the same command on each node i = 0..N-1, with the same hostfile (DeepSpeed
+reads the node count and slots from it); node 0 runs ranks 0..7 and the rendezvous at MASTER_ADDR:
+    deepspeed --hostfile hostfile --no_ssh --node_rank=$i --num_nodes=$N --num_gpus 8 \\
+        --master_addr=$MASTER_ADDR --master_port=29500 launcher/pretrain.py \\
+        --ds_config ds_configs/moe_z2_bf16.json --data.path /shared/data/my_corpus --output_dir /shared/runs/moe
+
+Slurm: launcher/slurm/pretrain.sbatch does the above with srun, one launcher per node:
+    sbatch --nodes=4 --gpus-per-node=8 launcher/slurm/pretrain.sbatch --ds_config ds_configs/moe_z2_bf16.json \\
+        --model.moe.ep_size=8 --data.path /shared/data/my_corpus --output_dir /shared/runs/moe
+
+If a rank fails while training, every rank on every node exits within seconds with status 1, printing
+`sparsexpert: training failed: rank 5 stopped responding ...` (the rank that failed); nothing hangs.
 
 Knowledge-enhanced (see README "Knowledge-enhanced pretraining"): ERNIE-style entity fusion with
 entity prediction and TransE, or K-BERT-style injection of verbalized triples:
@@ -24,8 +38,14 @@ entity prediction and TransE, or K-BERT-style injection of verbalized triples:
     deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --model.knowledge.mode=inject
 Then evaluate (perplexity, knowledge probe): launcher/evaluate.py; compare arms: launcher/ablate.py.
 
-Resume the latest complete checkpoint in the output folder (same world size and ep_size):
+Resume the latest complete checkpoint in the output folder; at another world size or ep_size
+(ZeRO 1-3) it is resharded through DeepSpeed's universal checkpoint and checked (every rank's experts
+by global id, the optimizer step). Keep the global batch: scale gradient_accumulation_steps.
     deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --output_dir runs/pretrain --resume
+    deepspeed --num_gpus 2 launcher/pretrain.py --ds_config ds_configs/moe_z2.json --output_dir runs/pretrain \
+        --resume --model.moe.ep_size=2      # a 1-process run continued on 2 (micro x accum x 2 the same)
+
+Afterwards: launcher/export.py (consolidated safetensors, Hugging Face folder), launcher/generate.py.
 
 Watch it:  tensorboard --logdir runs/pretrain/tensorboard   (and runs/pretrain/metrics.jsonl)
 """

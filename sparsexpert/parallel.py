@@ -4,17 +4,24 @@
   (`check_config`), and fills the parts that follow from the model: the AutoEP section that tells
   DeepSpeed where our MoE blocks are, and the scheduler length.
 - `initialize` builds the engine with the parameter groups the MoE path needs.
+- `RankWatch` stops every rank, with a line naming the rank that failed, when one rank fails.
 - Workarounds for DeepSpeed 0.19.8 behaviour live here and nowhere else (search "DeepSpeed quirk").
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
+import json
 import math
 import os
+import sys
+import threading
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -274,7 +281,6 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: str | None = N
 
 def init_distributed(timeout_minutes: float = 10.0) -> None:
     """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) with a collective timeout."""
-    import datetime
     import logging
     import warnings
 
@@ -368,3 +374,148 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None
         model=model, model_parameters=param_groups(model, weight_decay, no_decay), config=ds_config
     )
     return engine
+
+
+class RankWatch:
+    """When one rank fails, stop every rank within seconds, each printing one line that names the
+    failed rank(s), with exit status 1 (a context manager around the training loop).
+
+    A rank whose peer died gets an error from its next collective, but a rank waiting in a
+    collective with a healthy peer that has given up waits for the collective timeout, and
+    DeepSpeed's launcher stops only the ranks of its own node. So, through the rendezvous store
+    (the TCPStore in rank 0's process):
+    - a rank whose loop raises records its error there and raises the failure count;
+    - a daemon thread on every rank reads the count every `poll_s` and joins in, even while the
+      main thread waits in a collective;
+    - every rank joining marks itself alive; rank 0 waits up to `grace_s` for the marks, names
+      the ranks that never marked (their process died or hangs) and those that raised something
+      other than a communication error, publishes that verdict, and keeps the store up until
+      the others have read it;
+    - every rank prints the verdict and leaves with os._exit(1), which nothing in interpreter
+      teardown can hang; a timer does the same if the store itself does not answer.
+    In a world of one, exceptions propagate as usual.
+    """
+
+    PREFIX = "sparsexpert/failure"
+
+    def __init__(self, rank: int, world: int, poll_s: float = 1.0, grace_s: float = 5.0):
+        self.rank, self.world, self.poll_s, self.grace_s = rank, world, poll_s, grace_s
+        self.step = 0  # the step being computed, for the message (the training loop sets it)
+        self._stopped = threading.Event()
+        self._reporting = threading.Lock()
+        self._store = dist.distributed_c10d._get_default_store() if world > 1 else None
+        self._thread = threading.Thread(target=self._poll, name="sparsexpert-rank-watch", daemon=True)
+
+    def __enter__(self) -> RankWatch:
+        if self._store is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stopped.set()
+        if self._store is None:
+            return
+        if isinstance(exc, Exception):
+            self.fail(exc)
+        self._thread.join(timeout=self.poll_s + 5)  # not in the store when the interpreter goes
+
+    def _key(self, *parts: object) -> str:
+        return "/".join((self.PREFIX, *map(str, parts)))
+
+    def _poll(self) -> None:
+        while not self._stopped.wait(self.poll_s):
+            try:
+                failed = self._store.add(self._key("count"), 0)
+            except Exception:  # the store went with rank 0: the main thread's next collective fails
+                return
+            if failed and not self._stopped.is_set():
+                self._stop_all(None)
+
+    def fail(self, exc: Exception) -> NoReturn:
+        """This rank's loop raised `exc`: tell the other ranks, stop them all."""
+        self._stop_all(exc)
+
+    def _stop_all(self, exc: Exception | None) -> NoReturn:
+        if not self._reporting.acquire(blocking=False):
+            while True:  # the other thread of this process is reporting; it ends the process
+                time.sleep(60)
+        backstop = threading.Timer(2 * self.grace_s + 10, os._exit, (1,))
+        backstop.daemon = True
+        backstop.start()
+        try:
+            if exc is not None:
+                self._record(exc)
+            verdict = self._verdict()
+        except Exception as err:
+            verdict = f"rank 0 (which hosts the rendezvous store) is unreachable ({type(err).__name__})"
+        print(
+            f"sparsexpert: training failed: {verdict}; rank {self.rank} stops at step {self.step} "
+            "with exit status 1",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)
+
+    def _record(self, exc: Exception) -> None:
+        comm = _raised_by_a_collective(exc)
+        if not comm:  # the root cause is here: its traceback helps (a peer's death gives no news)
+            traceback.print_exception(exc, file=sys.stderr)
+        msg = str(exc).strip()
+        what = f"{type(exc).__name__}: {msg.splitlines()[0]}" if msg else type(exc).__name__
+        self._store.set(self._key("error", self.rank), json.dumps({"comm": comm, "what": what[:300]}))
+        self._store.add(self._key("count"), 1)
+
+    def _verdict(self) -> str:
+        store, key = self._store, self._key
+        store.set(key("alive", self.rank), "1")
+        store.add(key("alive_count"), 1)
+        if self.rank != 0:
+            store.wait([key("verdict")], datetime.timedelta(seconds=self.grace_s + 5))
+            verdict = store.get(key("verdict")).decode()
+            store.add(key("read"), 1)
+            return verdict
+        deadline = time.monotonic() + self.grace_s
+        while store.add(key("alive_count"), 0) < self.world and time.monotonic() < deadline:
+            time.sleep(0.05)
+        silent = [r for r in range(self.world) if not store.check([key("alive", r)])]
+        errors = {
+            r: json.loads(store.get(key("error", r)))
+            for r in range(self.world)
+            if store.check([key("error", r)])
+        }
+        verdict = describe_failure(silent, errors)
+        store.set(key("verdict"), verdict)
+        deadline = time.monotonic() + self.grace_s
+        while store.add(key("read"), 0) < self.world - len(silent) - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return verdict
+
+
+def _raised_by_a_collective(exc: BaseException) -> bool:
+    """NCCL raises DistErrors; gloo plain RuntimeErrors (e.g. "Connection reset by peer"), from
+    inside torch.distributed."""
+    if isinstance(exc, dist.DistError):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def describe_failure(silent: list[int], errors: dict[int, dict[str, Any]]) -> str:
+    """Which ranks failed: those that never answered, and those whose own code raised; when every
+    error came from communication (a collective timed out), the ranks that saw it."""
+
+    def ranks(rs) -> str:
+        rs = sorted(rs)
+        return f"rank {rs[0]}" if len(rs) == 1 else "ranks " + ", ".join(map(str, rs))
+
+    parts = []
+    if silent:
+        parts.append(f"{ranks(silent)} stopped responding (process exited or hangs)")
+    parts += [f"rank {r} raised {e['what']}" for r, e in sorted(errors.items()) if not e["comm"]]
+    if not parts and errors:
+        first = errors[min(errors)]["what"]
+        parts.append(f"a collective failed on {ranks(errors)} ({first})")
+    return "; ".join(parts) or "a rank failed without telling which"

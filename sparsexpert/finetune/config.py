@@ -89,15 +89,16 @@ class FinetuneConfig:
     """A fine-tuning run: one task or several over a shared backbone."""
 
     init: str = ""
-    """Checkpoint to start from (a pretraining or fine-tuning run folder, or a tag), of any world size
-    and ep_size: its model config and tokenizer are used. Empty: train from scratch (needs `tokenizer`)."""
+    """Weights to start from, with their model config and tokenizer: a pretraining or fine-tuning run
+    folder or tag (any world size and ep_size), a consolidated folder (launcher/export.py), or a local
+    Hugging Face Mixtral or Llama folder. Empty: train from scratch (needs `tokenizer`)."""
     tokenizer: str = ""
     """Tokenizer when training from scratch (a SentencePiece .model or a dataset folder)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model when training from scratch; with `init`, only model.moe.ep_size and the router loss
     coefficients are taken from here (the rest comes from the checkpoint)."""
     upcycle_experts: int = 0
-    """With a dense `init` checkpoint: make every feed-forward layer an MoE of this many experts,
+    """With a dense `init` (ours or a Llama folder): make every feed-forward layer an MoE of this many experts,
     each a copy of the dense FFN, the router initialized small (top_k from model.moe.top_k)."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """The tasks (one for single-task fine-tuning)."""

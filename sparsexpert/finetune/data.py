@@ -211,7 +211,7 @@ def load_tokenizer_for(path: str | Path):
     from data_prep.tokenizer import find_tokenizer, load_tokenizer
 
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not (p / "tokenizer.json").is_file():  # a Hugging Face folder is one already
         found = find_tokenizer(p)
         if found is None:
             raise FileNotFoundError(f"{p}: no tokenizer.model or tokenizer/ folder in it")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from sparsexpert import parallel
 from sparsexpert.config import ConfigError, from_dict
+from sparsexpert.export import load_init, model_config_of, upcycle
 from sparsexpert.finetune import data as fdata
 from sparsexpert.finetune.config import FinetuneConfig
 from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
@@ -29,29 +30,6 @@ from sparsexpert.metrics import MetricsLogger, format_duration
 from sparsexpert.model import ModelConfig
 from sparsexpert.model.transformer import IGNORE_INDEX
 from sparsexpert.train import checkpoint
-
-
-def model_config_of(meta: dict[str, Any]) -> ModelConfig:
-    """The model config a checkpoint was written with (pretraining or fine-tuning)."""
-    return from_dict(ModelConfig, meta["model"] if "model" in meta else meta["run"]["model"])
-
-
-def upcycle(state: dict[str, torch.Tensor], dense: ModelConfig, target: ModelConfig, seed: int) -> dict:
-    """A dense checkpoint's weights for an MoE model: expert e of layer l = the dense FFN of layer l,
-    routers drawn small (std init_std / 10) so routing starts near uniform."""
-    out = {k: v for k, v in state.items() if ".mlp." not in k}
-    gen = torch.Generator().manual_seed(seed)
-    E = target.moe.num_experts
-    for layer in range(dense.n_layers):
-        p = f"layers.{layer}.mlp"
-        if not target.is_moe_layer(layer):
-            for w in ("w1", "w2", "w3"):
-                out[f"{p}.{w}.weight"] = state[f"{p}.{w}.weight"]
-            continue
-        for w in ("w1", "w2", "w3"):
-            out[f"{p}.experts.{w}"] = state[f"{p}.{w}.weight"].unsqueeze(0).repeat(E, 1, 1).clone()
-        out[f"{p}.gate.weight"] = torch.randn(E, dense.d_model, generator=gen) * target.init_std / 10
-    return out
 
 
 class Finetuner:
@@ -64,17 +42,13 @@ class Finetuner:
         log = self.metrics.text
 
         # Backbone config and weights.
-        state, self.init_meta = None, None
+        state = None
         if cfg.init:
-            tag = checkpoint.resolve_tag(cfg.init)
-            state, self.init_meta = checkpoint.load_weights(tag)
-            model_cfg = model_config_of(self.init_meta)
-            tok_path = tag
+            init = load_init(cfg.init)
+            state, model_cfg, tok_path = init.state, init.cfg, init.tokenizer
+            if tok_path is None:
+                raise FileNotFoundError(f"{cfg.init}: no tokenizer beside the weights")
             if cfg.upcycle_experts:
-                if model_cfg.moe.num_experts:
-                    raise ConfigError(
-                        "upcycle_experts", cfg.upcycle_experts, f"{tag} is already an MoE model"
-                    )
                 dense = model_cfg
                 model_cfg = from_dict(ModelConfig, asdict(dense))
                 model_cfg.moe = from_dict(
@@ -88,9 +62,7 @@ class Finetuner:
                 cfg.model.moe.aux_loss_coef,
                 cfg.model.moe.z_loss_coef,
             )
-            log(
-                f"initializing from {tag} ({'upcycled dense' if cfg.upcycle_experts else 'step ' + str(self.init_meta.get('step'))})"
-            )
+            log(f"initializing from {init.source}{' (dense, upcycled)' if cfg.upcycle_experts else ''}")
         else:
             model_cfg, tok_path = cfg.model, Path(cfg.tokenizer)
         if cfg.bidirectional:

@@ -12,14 +12,28 @@ Layout of `<output_dir>/checkpoints/`:
 
 A tag without COMPLETE.json (a save interrupted mid-write) or whose files do not match it is
 never taken as the latest: `find_latest` falls back to the newest complete one.
+
+Elastic resume (`load_elastic`, a tag written at another world size or ep_size): rank 0 converts
+the tag once with DeepSpeed's own converter (deepspeed/checkpoint/ds_to_universal.py) into
+
+    step_00000100/universal/       DeepSpeed's universal checkpoint: every parameter whole, with its
+        zero/<param>/...           fp32 weights, Adam moments and step; AutoEP experts stacked by
+        CONVERTED.json             global id; written last, so the conversion is reused afterwards
+
+which an engine built with `"checkpoint": {"load_universal": true}` (`universal_loading`) reshards
+on load. ZeRO stages 1-3; ZeRO-0 has no universal loading in DeepSpeed 0.19.8.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import datetime
 import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +44,8 @@ import torch.distributed as dist
 COMPLETE = "COMPLETE.json"
 META = "sparsexpert.json"
 LATEST = "latest"
+UNIVERSAL = "universal"
+CONVERTED = "CONVERTED.json"
 
 
 def tag_for(step: int) -> str:
@@ -158,15 +174,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     plain model's layout (experts stacked by global id), as fp32; and the checkpoint's metadata.
 
     DeepSpeed keeps the dense weights in mp_rank_00_model_states.pt (the same on every rank below
-    ZeRO-3) and each AutoEP expert in its own file named by its global id."""
+    ZeRO-3) and each AutoEP expert in its own file named by its global id. ZeRO-3 keeps them only
+    in the ranks' optimizer partitions: they are read from the tag's universal form (`to_universal`,
+    converted once and kept in <tag>/universal/)."""
     tag = resolve_tag(path)
     meta = json.loads((tag / META).read_text())
     stage = meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        raise ValueError(
-            f"{tag}: a ZeRO-3 checkpoint keeps weights partitioned; reading it needs consolidation, "
-            "which sparsexpert does not do yet: initialize from a ZeRO 0-2 checkpoint"
-        )
+        return _universal_weights(tag, meta), meta
     module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     state = {k.replace(".mlp.router.gate.", ".mlp.gate."): v.float() for k, v in module.items()}
     experts: dict[str, dict[int, torch.Tensor]] = {}
@@ -180,3 +195,241 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             raise ValueError(f"{tag}: experts of {stem} are {ids}; some expert files are missing")
         state[stem] = torch.stack([by_id[i] for i in ids])
     return state, meta
+
+
+def _universal_weights(tag: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a ZeRO-3 tag from its universal form, shaped as the model's parameters
+    (DeepSpeed flattens the dense ones there; AutoEP experts come stacked by global id)."""
+    from sparsexpert.config import from_dict
+    from sparsexpert.model.config import ModelConfig
+    from sparsexpert.model.transformer import Transformer
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        to_universal(tag)  # collective: rank 0 converts once, the others wait
+    elif not (tag / UNIVERSAL / CONVERTED).is_file():
+        shutil.rmtree(tag / UNIVERSAL, ignore_errors=True)
+        (tag / UNIVERSAL).mkdir()
+        _ds_to_universal(tag, tag / UNIVERSAL)
+    with torch.device("meta"):
+        shapes = {
+            n: p.shape
+            for n, p in Transformer(from_dict(ModelConfig, meta["run"]["model"])).named_parameters()
+        }
+    state = {}
+    for d in sorted((tag / UNIVERSAL / "zero").iterdir()):
+        if not d.is_dir():
+            continue  # optimizer_state.pt
+        saved = torch.load(d / "fp32.pt", map_location="cpu", weights_only=False)
+        name = d.name.replace(".mlp.router.gate.", ".mlp.gate.")
+        state[name] = (saved["param"] if isinstance(saved, dict) else saved).float().reshape(shapes[name])
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        raise ValueError(
+            f"{tag}/{UNIVERSAL}: no weights for {missing[:5]}; delete that folder to convert again"
+        )
+    return state
+
+
+# ---------------------------------------------------------------- elastic resume
+
+CONVERT_TIMEOUT = datetime.timedelta(hours=2)
+"""How long the other ranks wait for rank 0 to convert a tag to DeepSpeed's universal format."""
+# Keys of an optimizer parameter group that say what the group is rather than where training is.
+# DeepSpeed's universal loading copies the saved groups' keys over the live ones: at ZeRO-1/2 by
+# position (so an expert group of the old ep_size keeps its old name "ep_size_2"), at ZeRO-3 from the
+# first saved group into every group (so weight decay would reach the norms and embeddings too).
+_GROUP_IDENTITY = ("name", "moe", "weight_decay")
+
+
+def universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config with universal-checkpoint loading on, which deepspeed.initialize must see."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """<tag>/universal/: the tag in DeepSpeed's universal format, converted by rank 0 the first time
+    (DeepSpeed's ds_to_universal, in-process, its output in universal/convert.log) and reused after
+    that. Collective: the other ranks wait for rank 0 through the rendezvous store, without the
+    collective timeout, since a large model takes a while to convert."""
+    out = tag_dir / UNIVERSAL
+    rank, world = dist.get_rank(), dist.get_world_size()
+    error = ""
+    if rank == 0 and not (out / CONVERTED).is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
+        out.mkdir()
+        try:
+            _ds_to_universal(tag_dir, out)
+        except Exception as exc:  # reported on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    if world > 1:
+        store, key = dist.distributed_c10d._get_default_store(), f"sparsexpert/universal/{tag_dir.name}"
+        if rank == 0:
+            store.set(key, error)
+        else:
+            store.wait([key], CONVERT_TIMEOUT)
+            error = store.get(key).decode()
+    if error:
+        raise RuntimeError(
+            f"{tag_dir}: DeepSpeed's ds_to_universal could not convert this checkpoint ({error}); "
+            f"see {out / 'convert.log'}, or resume at the world size and ep_size it was written with"
+        )
+    return out
+
+
+def _ds_to_universal(tag_dir: Path, out: Path) -> None:
+    import deepspeed
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out),
+        num_extract_workers=1,  # >1 forks a process pool, which a process holding gloo threads should not
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with (
+        open(out / "convert.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        main(args)
+    (tag_dir / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we name the tag
+    _atomic_write(out / CONVERTED, json.dumps({"deepspeed": deepspeed.__version__}))
+
+
+def load_elastic(engine, tag_dir: Path, seed: int) -> tuple[dict[str, Any], list[dict[str, list[int]]]]:
+    """Load a tag written at another world size or ep_size (ZeRO 1-3) into an engine built with
+    `universal_loading`, resharding weights, Adam moments and step through its universal form
+    (`to_universal`), then check the result (`check_elastic_load`), raising on every rank if it is
+    wrong. Returns the tag's metadata and, per rank, the global expert ids of each AutoEP layer.
+
+    RNG: a rank restores the RNG state of the same rank of the checkpoint when there is one, and
+    otherwise seeds from (seed, step, rank). Nothing in training draws from these generators
+    (data order, masking and knowledge sampling are keyed by step and micro-batch), so this only
+    keeps user code that does reproducible."""
+    meta = json.loads((tag_dir / META).read_text())
+    to_universal(tag_dir)
+    groups = engine.optimizer.optimizer.param_groups  # the torch optimizer inside ZeRO's
+    identity = [{k: g[k] for k in _GROUP_IDENTITY if k in g} for g in groups]
+    path, _ = engine.load_checkpoint(
+        str(tag_dir), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"{tag_dir / UNIVERSAL}: DeepSpeed could not load this universal checkpoint")
+    for group, keep in zip(groups, identity):
+        group.update(keep)
+    # DeepSpeed quirk: ZeRO-3's universal loading gives every sub-group's Adam state the same `step`
+    # tensor, which torch's Adam increments in place, once per sub-group and optimizer step.
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    rank = dist.get_rank()
+    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        s = zlib.crc32(f"{seed}/{meta['step']}/{rank}".encode())
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+    return meta, check_elastic_load(engine, tag_dir, meta)
+
+
+def _reference(tag_dir: Path, stage: int):
+    """name, expert ids -> the tensor the checkpoint holds for that parameter (the experts' rows
+    only when ids is given). ZeRO 0-2: the tag's own files (dense weights in
+    mp_rank_00_model_states.pt, each expert of each layer in its own file), independent of the
+    conversion. ZeRO-3 keeps weights only in the optimizer partitions: the universal form's."""
+    if stage == 3:
+
+        def universal(name: str, ids: list[int] | None) -> torch.Tensor:
+            saved = torch.load(tag_dir / UNIVERSAL / "zero" / name / "fp32.pt", weights_only=False)
+            full = saved["param"] if isinstance(saved, dict) else saved  # experts: stacked by global id
+            return full if ids is None else full[ids]
+
+        return universal
+    model_states = tag_dir / "mp_rank_00_model_states.pt"
+    dense = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    by_expert: dict[int, dict[str, torch.Tensor]] = {}
+
+    def own_files(name: str, ids: list[int] | None) -> torch.Tensor:
+        if ids is None:
+            return dense[name]
+        for e in ids:
+            if e not in by_expert:
+                by_expert[e] = {}
+                for f in tag_dir.glob(f"layer_*_expert_{e}_mp_rank_*_model_states.pt"):
+                    by_expert[e].update(torch.load(f, map_location="cpu", weights_only=False))
+        return torch.stack([by_expert[e][f"{name}.{e}"] for e in ids])
+
+    return own_files
+
+
+def check_elastic_load(engine, tag_dir: Path, meta: dict[str, Any]) -> list[dict[str, list[int]]]:
+    """After an elastic load, on every rank: each parameter, and for each AutoEP layer exactly the
+    experts of the global ids this rank owns, equal the checkpoint's (`_reference`); the engine,
+    the learning-rate schedule and every Adam state are at the checkpoint's step. Collective:
+    raises RuntimeError on every rank naming what differs where; returns, per rank, the expert ids
+    of each AutoEP layer."""
+    from deepspeed.checkpoint.autoep_affine import autoep_experts_for_rank
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    step = meta["step"]
+    reference = _reference(tag_dir, meta["ds_config"].get("zero_optimization", {}).get("stage", 0))
+    owned, experts = {}, {}
+    for name, module in engine.module.named_modules():
+        if isinstance(module, AutoEPMoELayer):
+            owned[name] = list(autoep_experts_for_rank(module.expert_placement_descriptor, module.ep_rank))
+            experts.update({f"{name}.experts.{w}": owned[name] for w in ("w1", "w2", "w3")})
+    problems = []
+    for name, p in engine.module.named_parameters():
+        with GatheredParameters([p]):  # ZeRO-3: the whole parameter (the same on every rank)
+            have = p.detach().clone()
+        want = reference(name, experts.get(name)).to(have.dtype)
+        if have.numel() != want.numel() or not torch.equal(have.flatten(), want.flatten()):
+            ids = f" (experts {experts[name]})" if name in experts else ""
+            problems.append(f"{name}{ids} differs from the checkpoint")
+    if engine.global_steps != step:
+        problems.append(f"the engine is at step {engine.global_steps}")
+    sched = getattr(engine.lr_scheduler, "last_batch_iteration", step - 1)
+    if sched != step - 1:
+        problems.append(f"the learning-rate schedule is at step {sched + 1}")
+    zero, opt = engine.optimizer, engine.optimizer.optimizer
+    # The fp32 partitions the torch optimizer steps: ZeRO-3 (which hands them to it one sub-group at
+    # a time), ZeRO-1/2, ZeRO-1 in bf16 (DeepSpeed's BF16_Optimizer).
+    flat = next(
+        (
+            getattr(zero, a)
+            for a in (
+                "fp32_partitioned_groups_flat",
+                "single_partition_of_fp32_groups",
+                "fp32_groups_flat_partition",
+            )
+            if getattr(zero, a, None)
+        ),
+        [],
+    )
+    adam_steps = {int(opt.state.get(p, {}).get("step", -1)) for p in flat if p.numel()}
+    if adam_steps != {step}:
+        problems.append(f"the optimizer states are at steps {sorted(adam_steps)} (-1: missing)")
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (owned, problems))
+    wrong = [f"rank {r}: {'; '.join(probs)}" for r, (_, probs) in enumerate(everyone) if probs]
+    if wrong:
+        raise RuntimeError(
+            f"elastic resume from {tag_dir} at step {step} is wrong: {' | '.join(wrong)}; resume at "
+            f"world size {meta['world_size']} and ep_size {meta['ep_size']}, as the checkpoint was written"
+        )
+    return [own for own, _ in everyone]
+
+
+def describe_experts(owned: list[dict[str, list[int]]]) -> str:
+    """'rank 0 [0, 1], rank 1 [2, 3]' (the same ids in every AutoEP layer), else per layer."""
+    parts = []
+    for rank, layers in enumerate(owned):
+        ids = {tuple(v) for v in layers.values()}
+        parts.append(f"rank {rank} {list(ids.pop()) if len(ids) == 1 else layers}")
+    return ", ".join(parts)

@@ -69,9 +69,18 @@ def resolve_knowledge_sizes(cfg: ModelConfig, manifest: dict[str, Any], data_dir
 
 
 def _check_resume_compatible(
-    meta: dict[str, Any], cfg: RunConfig, world: int, ep_size: int, global_batch: int, tag_dir: Path
-) -> None:
+    meta: dict[str, Any],
+    cfg: RunConfig,
+    world: int,
+    ep_size: int,
+    global_batch: int,
+    zero_stage: int,
+    tag_dir: Path,
+) -> bool:
+    """Whether resuming `tag_dir` is elastic (another world size or ep_size: `checkpoint.load_elastic`);
+    raises ConfigError for what no resume can change: the model (but its ep_size), the global batch."""
     saved_model = from_dict(ModelConfig, meta["run"]["model"])
+    saved_model.moe.ep_size = cfg.model.moe.ep_size  # compared below, as resolved
     if asdict(saved_model) != asdict(cfg.model):
         diff = [k for k, v in asdict(cfg.model).items() if asdict(saved_model).get(k) != v]
         raise ConfigError(
@@ -80,14 +89,30 @@ def _check_resume_compatible(
             f"differs from the checkpoint {tag_dir} ({getattr(saved_model, diff[0])!r}); "
             "resume with the same model config",
         )
-    for key, now in (("world_size", world), ("ep_size", ep_size), ("global_batch", global_batch)):
-        if meta[key] != now:
-            raise ConfigError(
-                key,
-                now,
-                f"the checkpoint {tag_dir} was written with {key}={meta[key]}; resume "
-                "with the same value (changing world or expert-parallel size needs an elastic resume)",
-            )
+    if meta["global_batch"] != global_batch:
+        # The data position is counted in global batches: global batch g is rows [g*B, (g+1)*B) of
+        # the shuffled order whatever the world size, so B must stay (and the micro-batch size too,
+        # for the same micro-batches and hence bit-comparable losses).
+        raise ConfigError(
+            "global_batch",
+            global_batch,
+            f"the checkpoint {tag_dir} was written with a global batch of {meta['global_batch']} "
+            "(train_micro_batch_size_per_gpu x gradient_accumulation_steps x world size); resume with "
+            "the same, e.g. the same micro-batch with gradient_accumulation_steps scaled inversely to "
+            "the world size",
+        )
+    elastic = (meta["world_size"], meta["ep_size"]) != (world, ep_size)
+    saved_stage = meta["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    if elastic and 0 in (saved_stage, zero_stage):
+        raise ConfigError(
+            "ds_config.zero_optimization.stage",
+            zero_stage,
+            f"the checkpoint {tag_dir} was written at world size {meta['world_size']}, ep_size "
+            f"{meta['ep_size']}, ZeRO-{saved_stage}; resharding it to world size {world}, ep_size {ep_size} "
+            "needs ZeRO 1-3 on both sides (DeepSpeed has no universal loading at ZeRO-0): resume at the "
+            "same world size and ep_size, or train with ZeRO 1-3",
+        )
+    return elastic
 
 
 class Pretrainer:
@@ -135,17 +160,32 @@ class Pretrainer:
             raise FileNotFoundError(f"{self.ckpt_root}: no complete checkpoint to evaluate")
         if resume and tag_dir is None:
             log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
+        elastic = False
         if tag_dir is not None:
             meta = json.loads((tag_dir / checkpoint.META).read_text())
-            _check_resume_compatible(meta, cfg, self.world, self.ep_size, self.triplet.global_batch, tag_dir)
+            stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+            elastic = _check_resume_compatible(
+                meta, cfg, self.world, self.ep_size, self.triplet.global_batch, stage, tag_dir
+            )
 
         model = build_model(cfg.model, cfg.train.seed)
         self.param_counts = model.num_params()
-        self.engine = parallel.initialize(model, self.ds_config)
+        # Universal loading must be on at initialize; self.ds_config (saved with checkpoints) stays as is.
+        ds_config = checkpoint.universal_loading(self.ds_config) if elastic else self.ds_config
+        self.engine = parallel.initialize(model, ds_config)
         self.own_clip = parallel.own_gradient_clipping(self.ds_config)
         self.step = 0
-        if tag_dir is not None:
+        if tag_dir is not None and elastic:
+            meta, owned = checkpoint.load_elastic(self.engine, tag_dir, cfg.train.seed)
+            log(
+                f"elastic resume: world {meta['world_size']} -> {self.world}, ep {meta['ep_size']} -> "
+                f"{self.ep_size}, resharded through DeepSpeed's universal checkpoint; checked the weights, "
+                f"the optimizer step {meta['step']} and the experts by global id: "
+                + checkpoint.describe_experts(owned)
+            )
+        elif tag_dir is not None:
             meta = checkpoint.load(self.engine, tag_dir)
+        if tag_dir is not None:
             self.step = meta["step"]
             log(f"resumed from {tag_dir} at step {self.step}")
 
@@ -247,7 +287,16 @@ class Pretrainer:
         return (total[0] / total[1]).item()
 
     def train(self) -> dict[str, Any]:
+        """Train to train.max_steps. If any rank fails, every rank stops within seconds with exit
+        status 1 and a line naming the failed rank (parallel.RankWatch), instead of hanging."""
+        with parallel.RankWatch(self.rank, self.world) as watch:
+            return self._train(watch)
+
+    def _train(self, watch: parallel.RankWatch) -> dict[str, Any]:
         cfg, engine = self.cfg.train, self.engine
+        # Test-only fault injection (tests/test_multinode.py): SPARSEXPERT_FAIL_AT="rank:step" makes
+        # that rank's process die abruptly at the start of that step; "rank:step:raise" makes it raise.
+        fault = os.environ.get("SPARSEXPERT_FAIL_AT", "").split(":")
         n_moe, n_exp = len(self.cfg.model.moe_layer_ids), self.cfg.model.moe.num_experts
         sums = torch.zeros(7)  # loss, lm, aux, z, entity, triple, micro-batches
         counts = torch.zeros(n_moe, n_exp)
@@ -257,6 +306,11 @@ class Pretrainer:
         grad_norm: float | None = None
         engine.train()
         while self.step < cfg.max_steps:
+            watch.step = self.step + 1
+            if fault[:2] == [str(self.rank), str(watch.step)]:
+                if fault[2:] == ["raise"]:
+                    raise RuntimeError("injected failure (SPARSEXPERT_FAIL_AT)")
+                os._exit(1)
             for m in range(self.triplet.grad_accum):
                 out = engine(**self.loader.batch(self.step, m))
                 engine.backward(out.loss)

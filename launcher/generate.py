@@ -1,0 +1,56 @@
+"""Generate text from a model, for a quick look: greedy by default, or sampled.
+
+One process. The model may be a run folder (its latest checkpoint), a checkpoint tag, a fine-tuning
+run's best/, a consolidated folder, or a Hugging Face Mixtral/Llama folder (e.g. our export):
+    python launcher/generate.py --model runs/pretrain --prompt "Alice Varga was born in"
+    python launcher/generate.py --model runs/pretrain/hf --prompt "Alice Varga was born in" \\
+        --max_new_tokens 40 --temperature 0.8 --top_k 50 --num_samples 3
+
+The prompt follows an end-of-sequence token, as a document does in the packed training rows
+(--no_eos_prefix to feed it alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="checkpoint, run folder, consolidated or HF folder")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="tokens to add at most")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    parser.add_argument("--num_samples", type=int, default=1, help="continuations (seeds seed, seed+1, ...)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--no_eos_prefix", action="store_true", help="do not start the context with EOS")
+    args = parser.parse_args(argv)
+
+    from sparsexpert.generate import generate, load_model
+
+    model, tok = load_model(args.model)
+    if tok is None:
+        sys.exit(
+            f"{args.model}: no tokenizer beside the weights (tokenizer.model, tokenizer/ or tokenizer.json)"
+        )
+    prompt = [int(i) for i in tok.encode([args.prompt])[0]]
+    if not args.no_eos_prefix:
+        prompt = [tok.eos_id, *prompt]
+    for n in range(args.num_samples):
+        new = generate(
+            model, prompt, args.max_new_tokens, args.temperature, args.top_k, tok.eos_id, args.seed + n
+        )
+        # decode prompt and continuation together: a piece's leading space only survives in context
+        text = tok.decode([i for i in prompt + new if i != tok.eos_id])
+        print(f"[{n}] {text}" if args.num_samples > 1 else text)
+
+
+if __name__ == "__main__":
+    main()
