@@ -261,9 +261,9 @@ def save_hf(
     from data_prep.tokenizer import load_tokenizer
 
     arch = hf_equivalent(cfg)
-    if cfg.knowledge.mode != "none":
+    dropped = [k for k in state if k.startswith("knowledge.")]
+    if dropped:
         # Without entity inputs the model is the plain LM (the fusion adds nothing at other tokens).
-        dropped = [k for k in state if k.startswith("knowledge.")]
         log(
             f"export: model.knowledge.mode={cfg.knowledge.mode}: the text LM is exported; "
             f"{len(dropped)} knowledge tensors (entity/relation tables) have no Hugging Face equivalent "
