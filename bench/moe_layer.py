@@ -8,8 +8,12 @@ For each (tokens T, experts E, top-k K) it times, side by side in one process:
   ours    sparsexpert's MoEBlock (router, sort, per-expert matmuls on unbound weights, combine)
   autoep  DeepSpeed AutoEP's replacement of our block (ep_size=1, so no collectives), grouped_mm
           and sequential-loop expert kernels
-and prints each one's time and its ratio to dense, plus the bytes of tensors saved for backward
-(activation memory) and its ratio to dense. Timings are medians over --reps after --warmup runs.
+  native  DeepSpeed-MoE's own layer (model.moe.backend=native, ep_size=1) with capacity factor 1.0,
+          1.25 and 2.0 (overflow dropped) and dropless
+and prints each one's time and its ratio to dense, the bytes of tensors saved for backward
+(activation memory) and their ratio to dense, and the share of token-expert assignments the native
+layer dropped at each capacity (random inputs, router at init: near-uniform routing). Timings are
+medians over --reps after --warmup runs.
 """
 
 from __future__ import annotations
@@ -51,6 +55,34 @@ def autoep_block(block: MoEBlock, use_grouped_mm: bool) -> nn.Module:
     auto = AutoEP(holder, cfg)
     auto.replace_moe_layers(auto.ep_parser(), ep_size=1, ep_rank=0)
     return holder.layers[0].mlp
+
+
+NATIVE_CAPACITIES = (1.0, 1.25, 2.0, None)  # None: dropless
+
+
+def native_name(capacity: float | None) -> str:
+    return "native drop." if capacity is None else f"native c{capacity:g}"
+
+
+def native_block(block: MoEBlock, capacity: float | None) -> nn.Module:
+    """DeepSpeed's native MoE layer holding `block`'s weights, as model.moe.backend=native builds it (ep_size=1)."""
+    from sparsexpert import native_moe
+    from sparsexpert.model.config import MoEConfig
+
+    cfg = MoEConfig(
+        num_experts=block.num_experts,
+        top_k=block.top_k,
+        backend="native",
+        capacity_factor=capacity or 1.0,
+        drop_tokens=capacity is not None,
+        use_rts=False,
+    )
+    holder = nn.Module()
+    holder.mlp = MoEBlock(block.gate.in_features, block.experts.w1.shape[1], block.num_experts, block.top_k)
+    holder.mlp.load_state_dict(block.state_dict())
+    native_moe.swap_in(holder, cfg, ep_size=1)
+    holder.mlp.set_deepspeed_parallelism()
+    return holder.mlp
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -96,6 +128,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    from sparsexpert.parallel import init_distributed
+
+    init_distributed()  # a world of one: the native layer's expert-parallel group has one rank
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     D, F = args.d_model, args.d_expert
@@ -103,9 +138,11 @@ def main() -> None:
         f"MoE block vs dense SwiGLU of equal active FLOPs | D={D} F={F} {args.dtype} threads={args.threads} "
         f"torch {torch.__version__} | median of {args.reps}"
     )
+    names = ["ours", "autoep gmm", "autoep loop", *map(native_name, NATIVE_CAPACITIES)]
     header = (
-        f"{'T':>6} {'E':>3} {'K':>2} {'tok/exp':>7} | {'dense ms':>8} | {'ours':>12} | {'autoep gmm':>12} | "
-        f"{'autoep loop':>12} | act mem ours/autoep vs dense"
+        f"{'T':>6} {'E':>3} {'K':>2} {'tok/exp':>7} | {'dense ms':>8} | "
+        + " | ".join(f"{n:>13}" for n in names)
+        + " | act mem vs dense: ours, autoep, native c1.25, dropless | dropped c1/1.25/2"
     )
     print(header)
     print("-" * len(header))
@@ -122,22 +159,26 @@ def main() -> None:
                     "ours": block,
                     "autoep gmm": autoep_block(block, True),
                     "autoep loop": autoep_block(block, False),
+                    **{native_name(c): native_block(block, c) for c in NATIVE_CAPACITIES},
                 }
                 impls = {k: m.to(dtype) for k, m in impls.items()}
                 x = torch.randn(1, T, D, dtype=dtype)
                 grad = torch.randn(1, T, D, dtype=dtype)
                 ms = {k: 1e3 * time_fwd_bwd(m, x, grad, args.warmup, args.reps) for k, m in impls.items()}
-                mem = {
-                    k: saved_bytes(impls[k], x.detach().requires_grad_(True))
-                    for k in ("dense", "ours", "autoep gmm")
-                }
-                cells = [
-                    f"{ms[k]:7.1f} {ms[k] / ms['dense']:4.2f}x" for k in ("ours", "autoep gmm", "autoep loop")
-                ]
+                mem_of = ("dense", "ours", "autoep gmm", native_name(1.25), native_name(None))
+                mem = {k: saved_bytes(impls[k], x.detach().requires_grad_(True)) for k in mem_of}
+                dropped = []
+                for c in NATIVE_CAPACITIES[:-1]:
+                    layer = impls[native_name(c)]
+                    with torch.no_grad():
+                        layer(x)
+                    dropped.append(f"{layer.dropped.item() / layer.routed.item():.1%}")
+                cells = [f"{ms[k]:8.1f} {ms[k] / ms['dense']:4.2f}x" for k in names]
+                mems = ", ".join(f"{mem[k] / mem['dense']:.2f}x" for k in mem_of[1:])
                 print(
                     f"{T:>6} {E:>3} {K:>2} {T * K // E:>7} | {ms['dense']:8.1f} | "
                     + " | ".join(cells)
-                    + f" | {mem['ours'] / mem['dense']:.2f}x / {mem['autoep gmm'] / mem['dense']:.2f}x",
+                    + f" | {mems} | {'/'.join(dropped)}",
                     flush=True,
                 )
 

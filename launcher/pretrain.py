@@ -38,6 +38,12 @@ entity prediction and TransE, or K-BERT-style injection of verbalized triples:
     deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --model.knowledge.mode=inject
 Then evaluate (perplexity, knowledge probe): launcher/evaluate.py; compare arms: launcher/ablate.py.
 
+DeepSpeed-MoE's native layer instead of AutoEP (capacity-limited routing, Residual-MoE, pyramid
+PR-MoE; ZeRO 0-2; see README "MoE backends"):
+    deepspeed --num_gpus 2 launcher/pretrain.py --ds_config ds_configs/moe_z2.json --model.moe.ep_size=2 \
+        --model.moe.backend=native --model.moe.capacity_factor=1.25 --model.moe.use_residual=true \
+        --model.moe.num_experts_per_layer=[4,4,8,8]
+
 Resume the latest complete checkpoint in the output folder; at another world size or ep_size
 (ZeRO 1-3) it is resharded through DeepSpeed's universal checkpoint and checked (every rank's experts
 by global id, the optimizer step). Keep the global batch: scale gradient_accumulation_steps.

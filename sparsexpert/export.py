@@ -114,6 +114,26 @@ def hf_equivalent(cfg: ModelConfig) -> str:
             m.num_shared_experts,
             "Mixtral has no shared experts; export needs num_shared_experts=0",
         )
+    if m.backend == "native":
+        if m.use_residual:
+            raise ConfigError(
+                "model.moe.use_residual",
+                True,
+                "Mixtral has no Residual-MoE dense MLP; export needs use_residual=false",
+            )
+        if m.num_experts_per_layer and set(m.num_experts_per_layer) != {m.num_experts}:
+            raise ConfigError(
+                "model.moe.num_experts_per_layer",
+                m.num_experts_per_layer,
+                "Mixtral has one expert count for every layer; a pyramid (PR-MoE) model has no equivalent",
+            )
+        if m.top_k == 1:
+            raise ConfigError(
+                "model.moe.top_k",
+                1,
+                "the native top-1 gate scales the expert by its router probability, Mixtral's by 1.0; "
+                "only native models with top_k >= 2 export",
+            )
     return "MixtralForCausalLM"
 
 
@@ -402,13 +422,13 @@ def upcycle(state: dict[str, torch.Tensor], dense: ModelConfig, target: ModelCon
         raise ConfigError("upcycle_experts", target.moe.num_experts, "the model is already an MoE model")
     out = {k: v for k, v in state.items() if ".mlp." not in k}
     gen = torch.Generator().manual_seed(seed)
-    E = target.moe.num_experts
     for layer in range(dense.n_layers):
         p = f"layers.{layer}.mlp"
         if not target.is_moe_layer(layer):
             for w in ("w1", "w2", "w3"):
                 out[f"{p}.{w}.weight"] = state[f"{p}.{w}.weight"]
             continue
+        E = target.experts_in_layer(layer)
         for w in ("w1", "w2", "w3"):
             out[f"{p}.experts.{w}"] = state[f"{p}.{w}.weight"].unsqueeze(0).repeat(E, 1, 1).clone()
         out[f"{p}.gate.weight"] = torch.randn(E, dense.d_model, generator=gen) * target.init_std / 10

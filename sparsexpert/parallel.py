@@ -3,7 +3,8 @@
 - `prepare_ds_config` reads a DeepSpeed JSON, checks it against the model and the world size
   (`check_config`), and fills the parts that follow from the model: the AutoEP section that tells
   DeepSpeed where our MoE blocks are, and the scheduler length.
-- `initialize` builds the engine with the parameter groups the MoE path needs.
+- `initialize` builds the engine with the parameter groups the MoE path needs; with the native MoE
+  backend it first puts DeepSpeed-MoE's own layers in place of our blocks (`sparsexpert/native_moe.py`).
 - `RankWatch` stops every rank, with a line naming the rank that failed, when one rank fails.
 - Workarounds for DeepSpeed 0.19.8 behaviour live here and nowhere else (search "DeepSpeed quirk").
 """
@@ -49,13 +50,22 @@ LR_SCHEDULERS_WITH_TOTAL_STEPS = ("WarmupDecayLR", "WarmupCosineLR")
 
 
 def resolve_ep_size(model_cfg: ModelConfig, world_size: int) -> int:
-    """model.moe.ep_size, or (when 0) the largest divisor of num_experts that divides world_size."""
+    """model.moe.ep_size, or (when 0) the largest divisor of every MoE layer's expert count that
+    divides world_size."""
     m = model_cfg.moe
     if m.num_experts == 0:
         return 1
     if m.ep_size:
         return m.ep_size
-    return math.gcd(m.num_experts, world_size)
+    return math.gcd(world_size, *m.layer_experts(len(model_cfg.moe_layer_ids)))
+
+
+def expert_parallel_size(model_cfg: ModelConfig, ds_config: dict[str, Any], world_size: int) -> int:
+    """The ep_size a run uses: AutoEP's from the prepared DeepSpeed config, the native backend's
+    from the model config."""
+    if model_cfg.moe.backend == "native":
+        return resolve_ep_size(model_cfg, world_size)
+    return (ds_config.get("expert_parallel") or {}).get("autoep_size", 1)
 
 
 @dataclass
@@ -165,7 +175,9 @@ def check_config(
 
     m = model_cfg.moe
     ep = ds.get("expert_parallel", {}) or {}
-    if m.num_experts > 0:
+    if m.num_experts > 0 and m.backend == "native":
+        _check_native(model_cfg, ep, world_size, stage)
+    elif m.num_experts > 0:
         if not ep.get("enabled", False):
             raise ConfigError(
                 "ds_config.expert_parallel.enabled",
@@ -217,6 +229,51 @@ def check_config(
     return triplet
 
 
+def _check_native(model_cfg: ModelConfig, ep: dict[str, Any], world_size: int, stage: int) -> None:
+    """The native backend: ZeRO 0-2, an ep_size dividing the world size and every layer's experts."""
+    m = model_cfg.moe
+    if stage == 3:
+        # DeepSpeed quirk: 0.19.8 raises "Native DeepSpeed MoE is not supported with ZeRO Stage 3"
+        # only inside deepspeed.initialize, after the model is built.
+        raise ConfigError(
+            "ds_config.zero_optimization.stage",
+            3,
+            "DeepSpeed's native MoE layer (model.moe.backend=native) does not support ZeRO-3: its experts "
+            "are per-rank modules that ZeRO-3 cannot partition; use ZeRO 0-2 (e.g. ds_configs/moe_z2.json), "
+            'or model.moe.backend="autoep", which shards experts under ZeRO-3',
+        )
+    if ep.get("enabled") is False:
+        raise ConfigError(
+            "ds_config.expert_parallel.enabled",
+            False,
+            "the native backend shards the experts itself; remove the section or set it to true",
+        )
+    autoep_only = sorted(k for k in ep if k != "enabled")
+    if autoep_only:
+        raise ConfigError(
+            f"ds_config.expert_parallel.{autoep_only[0]}",
+            ep[autoep_only[0]],
+            "configures AutoEP, not the native backend; remove it (the expert-parallel degree is "
+            "model.moe.ep_size)",
+        )
+    ep_size = resolve_ep_size(model_cfg, world_size)
+    if world_size % ep_size:
+        raise ConfigError("model.moe.ep_size", ep_size, f"must divide the world size {world_size}")
+    per_layer = m.layer_experts(len(model_cfg.moe_layer_ids))
+    for i, n in enumerate(per_layer):
+        if n % ep_size:
+            field = (
+                f"model.moe.num_experts_per_layer[{i}]"
+                if m.num_experts_per_layer
+                else "model.moe.num_experts"
+            )
+            raise ConfigError(
+                field,
+                n,
+                f"must be a multiple of model.moe.ep_size={ep_size} (every rank holds as many experts)",
+            )
+
+
 def prepare_ds_config(
     ds_json: dict[str, Any],
     model_cfg: ModelConfig,
@@ -234,7 +291,9 @@ def prepare_ds_config(
     ds.setdefault("steps_per_print", 10**9)  # our metrics logger reports; DeepSpeed's own print is noise
 
     m = model_cfg.moe
-    if m.num_experts > 0:
+    if m.num_experts > 0 and m.backend == "native":
+        ds.pop("expert_parallel", None)  # AutoEP would otherwise replace the layers too
+    elif m.num_experts > 0:
         ep = ds["expert_parallel"]
         ep.setdefault("autoep_size", resolve_ep_size(model_cfg, world_size))
         ep.update(AUTOEP_MODULE_LAYOUT)
@@ -364,9 +423,18 @@ def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
 
 
 def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None = None):
-    """deepspeed.initialize with our parameter groups; returns the engine."""
+    """deepspeed.initialize with our parameter groups; returns the engine. With the native MoE backend
+    the model's MoE blocks are first replaced by DeepSpeed's native layers (`native_moe.swap_in`);
+    DeepSpeed then splits their expert parameters into MoE optimizer groups
+    (`split_params_into_different_moe_groups_for_optimizer`), reduced over the expert-data-parallel group."""
     import deepspeed
 
+    cfg: ModelConfig | None = getattr(model, "cfg", None)
+    if cfg is not None and cfg.moe.num_experts > 0 and cfg.moe.backend == "native":
+        from sparsexpert import native_moe
+
+        ep_size = resolve_ep_size(cfg, dist.get_world_size())
+        native_moe.swap_in(model, cfg.moe, ep_size, bool(ds_config.get("use_data_before_expert_parallel_")))
     if own_gradient_clipping(ds_config) is not None:
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
@@ -374,6 +442,14 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None
         model=model, model_parameters=param_groups(model, weight_decay, no_decay), config=ds_config
     )
     return engine
+
+
+def moe_drop_counts(module: nn.Module) -> torch.Tensor | None:
+    """[MoE layers, 2] (dropped, routed) token-expert assignments of this rank's last forward with
+    the native backend (capacity-limited routing); None for AutoEP, which drops nothing."""
+    from sparsexpert import native_moe
+
+    return native_moe.drop_counts(module)
 
 
 class RankWatch:

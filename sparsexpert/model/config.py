@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from sparsexpert.config import ConfigError
 from sparsexpert.knowledge.config import KnowledgeConfig
@@ -10,12 +10,13 @@ from sparsexpert.knowledge.config import KnowledgeConfig
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-Experts feed-forward layers (Mixtral layout, dropless token-choice routing)."""
+    """Mixture-of-Experts feed-forward layers (Mixtral layout, token-choice routing)."""
 
     num_experts: int = 8
     """Routed experts per MoE layer. 0 makes every feed-forward layer dense."""
     top_k: int = 2
-    """Experts each token is sent to; their softmax weights are renormalized to sum to 1."""
+    """Experts each token is sent to; their softmax weights are renormalized to sum to 1 (except
+    with the native backend at top-1, whose weight is the router probability, as in Switch)."""
     moe_every: int = 1
     """Every `moe_every`-th layer is an MoE layer (layers moe_every-1, 2*moe_every-1, ...); the rest are dense."""
     d_expert: int = 0
@@ -24,14 +25,46 @@ class MoEConfig:
     """DeepSeek-style shared experts every token passes through, held as one SwiGLU of width
     num_shared_experts * d_expert and added to the routed output."""
     ep_size: int = 0
-    """Expert-parallel degree: the experts of a layer are split over this many ranks. 0 picks the
-    largest divisor of num_experts that divides the world size."""
+    """Expert-parallel degree: the experts of a layer are split over this many ranks. It must divide the
+    world size and every MoE layer's expert count. 0 picks the largest such divisor."""
     aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss (Switch Transformer / Mixtral); it equals 1 under perfect balance."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss, mean(logsumexp(router logits)^2) (ST-MoE)."""
     backend: str = "autoep"
-    """How experts are sharded across ranks: "autoep" (DeepSpeed AutoEP, dropless, ZeRO 0-3)."""
+    """How the experts are sharded across ranks and how tokens are routed to them:
+    "autoep": DeepSpeed AutoEP swaps each block for its expert-parallel layer (dropless, ZeRO 0-3).
+    "native": DeepSpeed-MoE's own layer (`deepspeed.moe.layer.MoE`, Rajbhandari et al. 2022):
+    capacity-limited routing, Residual-MoE, pyramid PR-MoE; ZeRO 0-2. The fields below apply to it only."""
+    capacity_factor: float = 1.0
+    """native: while training, each expert takes at most max(ceil(tokens / E * capacity_factor * top_k),
+    min_capacity) token assignments per rank and micro-batch; the overflow is dropped (the token
+    keeps only its residual path). Ignored when drop_tokens is false."""
+    eval_capacity_factor: float = 1.0
+    """native: capacity_factor in evaluation (engine.eval())."""
+    min_capacity: int = 4
+    """native: lower bound of an expert's capacity. DeepSpeed's top-1 gate needs at least this many
+    tokens per micro-batch."""
+    drop_tokens: bool = True
+    """native: true drops the assignments beyond capacity; false is dropless (capacity = the largest
+    expert load in the expert-parallel group, as AutoEP routes)."""
+    use_rts: bool = True
+    """native, top-1 only: Random Token Selection, which assignments an over-full expert keeps is drawn
+    at random instead of by position (DeepSpeed's default)."""
+    noisy_gate_policy: str = "none"
+    """native: "none"; "Jitter" (router input multiplied by U(1-0.01, 1+0.01) while training); "RSample"
+    (top-1 only: Gumbel noise on the logits chooses the expert while training)."""
+    top2_2nd_expert_sampling: bool = False
+    """native, top-2 only: choose the second expert with Gumbel noise on the logits (DeepSpeed's default is
+    true). Off here: it draws random numbers in every forward, evaluation included, and breaks
+    bit-identical resume in our measurements."""
+    use_residual: bool = False
+    """native: Residual-MoE, a dense SwiGLU of width d_expert beside the experts; the two outputs are
+    mixed per token by softmax(Linear(D, 2)) weights."""
+    num_experts_per_layer: list[int] = field(default_factory=list)
+    """native: pyramid PR-MoE, the experts of each MoE layer in order (e.g. [4, 8] for two MoE layers;
+    the paper puts more in the last layers). Empty: num_experts in every MoE layer. ep_size must
+    divide each."""
 
     def validate(self, d_ff: int) -> None:
         if self.num_experts < 0:
@@ -59,8 +92,70 @@ class MoEConfig:
             raise ConfigError(
                 "model.moe.aux_loss_coef/z_loss_coef", (self.aux_loss_coef, self.z_loss_coef), "must be >= 0"
             )
-        if self.backend != "autoep":
-            raise ConfigError("model.moe.backend", self.backend, 'use "autoep" (the only backend so far)')
+        if self.backend not in MOE_BACKENDS:
+            raise ConfigError("model.moe.backend", self.backend, f"must be one of {MOE_BACKENDS}")
+        if self.backend == "autoep":
+            native_only = [
+                f.name
+                for f in fields(self)
+                if f.name in NATIVE_ONLY_FIELDS and getattr(self, f.name) != getattr(MoEConfig(), f.name)
+            ]
+            if native_only:
+                raise ConfigError(
+                    f"model.moe.{native_only[0]}",
+                    getattr(self, native_only[0]),
+                    'applies to the native backend only; set model.moe.backend="native" or leave it at its default',
+                )
+            return
+        self._validate_native()
+
+    def _validate_native(self) -> None:
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.moe.{name}", getattr(self, name), "must be > 0")
+        if self.min_capacity < 0:
+            raise ConfigError("model.moe.min_capacity", self.min_capacity, "must be >= 0")
+        if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
+            raise ConfigError(
+                "model.moe.noisy_gate_policy", self.noisy_gate_policy, f"must be one of {NOISY_GATE_POLICIES}"
+            )
+        if self.noisy_gate_policy == "RSample" and self.top_k != 1:
+            raise ConfigError(
+                "model.moe.noisy_gate_policy",
+                "RSample",
+                f'DeepSpeed applies RSample to top-1 routing only (top_k={self.top_k}); use "Jitter" or top_k=1',
+            )
+        if self.num_shared_experts:
+            raise ConfigError(
+                "model.moe.num_shared_experts",
+                self.num_shared_experts,
+                "the native layer has no shared experts; use model.moe.use_residual=true (Residual-MoE: a "
+                'dense MLP beside the experts) or model.moe.backend="autoep"',
+            )
+        for i, n in enumerate(self.num_experts_per_layer):
+            if not self.top_k <= n:
+                raise ConfigError(
+                    f"model.moe.num_experts_per_layer[{i}]", n, f"must be >= model.moe.top_k={self.top_k}"
+                )
+
+    def layer_experts(self, n_moe_layers: int) -> list[int]:
+        """Experts of each MoE layer, in order."""
+        return list(self.num_experts_per_layer) or [self.num_experts] * n_moe_layers
+
+
+MOE_BACKENDS = ("autoep", "native")
+NOISY_GATE_POLICIES = ("none", "Jitter", "RSample")
+NATIVE_ONLY_FIELDS = (
+    "capacity_factor",
+    "eval_capacity_factor",
+    "min_capacity",
+    "drop_tokens",
+    "use_rts",
+    "noisy_gate_policy",
+    "top2_2nd_expert_sampling",
+    "use_residual",
+    "num_experts_per_layer",
+)
 
 
 @dataclass
@@ -102,6 +197,10 @@ class ModelConfig:
     def d_expert_resolved(self) -> int:
         return self.moe.d_expert or self.d_ff
 
+    def experts_in_layer(self, layer_idx: int) -> int:
+        """Routed experts of MoE layer `layer_idx` (PR-MoE: its entry in moe.num_experts_per_layer)."""
+        return self.moe.layer_experts(len(self.moe_layer_ids))[self.moe_layer_ids.index(layer_idx)]
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe.num_experts > 0 and layer_idx % self.moe.moe_every == self.moe.moe_every - 1
 
@@ -124,6 +223,13 @@ class ModelConfig:
                 "model.n_heads", self.n_heads, "d_model / n_heads must be even for rotary embeddings"
             )
         self.moe.validate(self.d_ff)
+        per_layer = self.moe.num_experts_per_layer
+        if per_layer and len(per_layer) != len(self.moe_layer_ids):
+            raise ConfigError(
+                "model.moe.num_experts_per_layer",
+                per_layer,
+                f"needs one entry per MoE layer: {len(self.moe_layer_ids)} (layers {self.moe_layer_ids})",
+            )
         self.knowledge.validate(self.n_layers)
         if self.knowledge.mode == "inject" and not self.causal:
             raise ConfigError(

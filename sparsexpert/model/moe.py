@@ -70,17 +70,32 @@ class Experts(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """Token-choice top-k MoE: softmax router, renormalized top-k weights, dropless experts."""
+    """Token-choice top-k MoE: softmax router, top-k weights renormalized to sum to 1 (or, with
+    renormalize=False, the router probabilities themselves), dropless experts.
+
+    residual=True makes it a Residual-MoE block (DeepSpeed-MoE): a dense SwiGLU beside the experts,
+    the two outputs mixed per token by softmax(residual_coef(x)).
+    """
 
     def __init__(
-        self, d_model: int, d_expert: int, num_experts: int, top_k: int, num_shared_experts: int = 0
+        self,
+        d_model: int,
+        d_expert: int,
+        num_experts: int,
+        top_k: int,
+        num_shared_experts: int = 0,
+        renormalize: bool = True,
+        residual: bool = False,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
+        self.renormalize = renormalize
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.experts = Experts(num_experts, d_model, d_expert)
         self.shared_experts = SwiGLU(d_model, d_expert * num_shared_experts) if num_shared_experts else None
+        self.residual_mlp = SwiGLU(d_model, d_expert) if residual else None
+        self.residual_coef = nn.Linear(d_model, 2) if residual else None
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -89,7 +104,8 @@ class MoEBlock(nn.Module):
         logits_TE = self.gate(x_TD)
         probs_TE = torch.softmax(logits_TE.float(), dim=-1)
         weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.renormalize:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
 
         # Dispatch: sort the T*K assignments by expert so each expert sees a contiguous slice.
         order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
@@ -108,6 +124,9 @@ class MoEBlock(nn.Module):
 
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
+        if self.residual_mlp is not None:
+            coef_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
+            out_TD = out_TD * coef_T2[:, 0:1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
         return out_TD.reshape(B, S, D)
 
 
@@ -126,7 +145,8 @@ class RouterStats:
     z_loss: torch.Tensor
     """Router z-loss: mean over tokens of logsumexp(logits)^2."""
     expert_counts: torch.Tensor
-    """[num_moe_layers, E] assignments per expert (no gradient)."""
+    """[num_moe_layers, max E] assignments per expert (no gradient); a layer with fewer experts
+    (pyramid PR-MoE) has zeros after its last one."""
 
 
 def router_stats(logits_per_layer: list[torch.Tensor], top_k: int) -> RouterStats:
@@ -141,15 +161,20 @@ def router_stats(logits_per_layer: list[torch.Tensor], top_k: int) -> RouterStat
         aux.append(E * torch.sum(share_E * probs_TE.mean(dim=0)))
         z.append(torch.logsumexp(logits_TE, dim=-1).square().mean())
         counts.append(counts_E)
+    E_max = max(c.numel() for c in counts)
+    counts = [F.pad(c, (0, E_max - c.numel())) for c in counts]
     return RouterStats(torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts).detach())
 
 
 class RouterLogitsRecorder:
-    """Records the output of each MoE layer's router projection during a forward pass.
+    """Records the router logits of each MoE layer during a forward pass.
 
-    The router projection is the Linear called `gate` inside the MoE block: ours is `mlp.gate`,
-    AutoEP's replacement keeps it as `mlp.router.gate`. Hooks are (re)attached whenever the
-    modules change, so the losses survive the swap DeepSpeed makes at initialization.
+    The router is the module called `gate` inside the MoE block: ours is the Linear `mlp.gate`,
+    AutoEP's replacement keeps it as the Linear `mlp.router.gate`; DeepSpeed's native layer has
+    `mlp.deepspeed_moe.gate`, a gate module that computes its logits from its Linear `wg` inside
+    (in fp32), so for it they are computed again from its input. Hooks are (re)attached whenever
+    the modules change, so the losses survive the swaps DeepSpeed and sparsexpert make at
+    initialization.
     """
 
     def __init__(self) -> None:
@@ -158,11 +183,12 @@ class RouterLogitsRecorder:
         self.logits: list[torch.Tensor] = []
 
     @staticmethod
-    def find_gate(moe_block: nn.Module) -> nn.Linear:
+    def find_gate(moe_block: nn.Module) -> nn.Module:
         gates = [m for name, m in moe_block.named_modules() if name.rsplit(".", 1)[-1] == "gate"]
-        if len(gates) != 1 or not isinstance(gates[0], nn.Linear):
+        if len(gates) != 1 or not isinstance(getattr(gates[0], "wg", gates[0]), nn.Linear):
             raise RuntimeError(
-                f"expected exactly one router Linear named 'gate' in {type(moe_block).__name__}"
+                f"expected exactly one router named 'gate' in {type(moe_block).__name__}: a Linear, "
+                "or a module holding its Linear as `wg`"
             )
         return gates[0]
 
@@ -176,7 +202,10 @@ class RouterLogitsRecorder:
         self._handles = [g.register_forward_hook(self._record) for g in gates]
 
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.logits.append(output)
+        if isinstance(module, nn.Linear):
+            self.logits.append(output)
+        else:  # the native gate: logits = x_TD @ wg^T in fp32, as it computes them (before any noise)
+            self.logits.append(F.linear(inputs[0].float(), module.wg.weight.float()))
 
     def reset(self) -> None:
         self.logits = []

@@ -91,7 +91,15 @@ class Block(nn.Module):
         if self.is_moe:
             m = cfg.moe
             self.mlp = MoEBlock(
-                cfg.d_model, cfg.d_expert_resolved, m.num_experts, m.top_k, m.num_shared_experts
+                cfg.d_model,
+                cfg.d_expert_resolved,
+                cfg.experts_in_layer(layer_idx),
+                m.top_k,
+                m.num_shared_experts,
+                # DeepSpeed's native top-1 gate weighs the expert by its router probability (Switch);
+                # its top-k gates, and AutoEP, renormalize the k weights to sum to 1.
+                renormalize=not (m.backend == "native" and m.top_k == 1),
+                residual=m.use_residual,
             )
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
@@ -246,6 +254,9 @@ class Transformer(nn.Module):
             if ".experts." in name:
                 continue
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+            if name.endswith("residual_coef.bias"):
+                p.zero_()
+                continue
             is_residual_out = name.endswith(("attn.wo.weight", "mlp.w2.weight", "shared_experts.w2.weight"))
             if name == "knowledge.relations.weight":  # TransE translations, on the scale of unit entities
                 p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
@@ -259,9 +270,9 @@ class Transformer(nn.Module):
         """Total parameters, those active for one token (top_k of E experts per MoE layer), the
         experts', and the knowledge components' (entity and relation tables, fusion, entity head)."""
         total = sum(p.numel() for p in self.parameters())
-        expert = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
-        m = self.cfg.moe
-        active = total - expert + (expert * m.top_k // m.num_experts if m.num_experts else 0)
+        stacked = [p for n, p in self.named_parameters() if ".experts." in n]  # [E, ...] each
+        expert = sum(p.numel() for p in stacked)
+        active = total - expert + sum(p.numel() * self.cfg.moe.top_k // p.shape[0] for p in stacked)
         know = sum(p.numel() for n, p in self.named_parameters() if n.startswith("knowledge."))
         return {"total": total, "active": active, "experts": expert, "knowledge": know}
 

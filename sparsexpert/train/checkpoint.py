@@ -174,7 +174,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     plain model's layout (experts stacked by global id), as fp32; and the checkpoint's metadata.
 
     DeepSpeed keeps the dense weights in mp_rank_00_model_states.pt (the same on every rank below
-    ZeRO-3) and each AutoEP expert in its own file named by its global id. ZeRO-3 keeps them only
+    ZeRO-3) and each expert (AutoEP's or the native layer's) in its own file named by its global id. ZeRO-3 keeps them only
     in the ranks' optimizer partitions: they are read from the tag's universal form (`to_universal`,
     converted once and kept in <tag>/universal/)."""
     tag = resolve_tag(path)
@@ -183,11 +183,19 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if stage == 3:
         return _universal_weights(tag, meta), meta
     module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    native = any(".deepspeed_moe." in k for k in module)  # DeepSpeed's native MoE layers (native_moe.py)
+    if native:
+        from sparsexpert import native_moe
     state = {k.replace(".mlp.router.gate.", ".mlp.gate."): v.float() for k, v in module.items()}
+    if native:
+        state = {native_moe.plain_name(k): v for k, v in state.items()}
     experts: dict[str, dict[int, torch.Tensor]] = {}
     for f in sorted(tag.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
         for key, value in torch.load(f, map_location="cpu", weights_only=False).items():
-            stem, e = key.rsplit(".", 1)  # layers.L.mlp.experts.w1.<global expert id>
+            if native:  # layers.L.mlp.deepspeed_moe.experts.deepspeed_experts.<global id>.w1.weight
+                stem, e = native_moe.expert_key(key)
+            else:  # layers.L.mlp.experts.w1.<global expert id>
+                stem, e = key.rsplit(".", 1)
             experts.setdefault(stem, {})[int(e)] = value.float()
     for stem, by_id in experts.items():
         ids = sorted(by_id)

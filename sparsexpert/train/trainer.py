@@ -102,6 +102,18 @@ def _check_resume_compatible(
             "the world size",
         )
     elastic = (meta["world_size"], meta["ep_size"]) != (world, ep_size)
+    if elastic and cfg.model.moe.backend == "native" and cfg.model.moe.num_experts:
+        # Measured: DeepSpeed 0.19.8's universal checkpoint assigns native experts to the wrong
+        # ranks at ep_size=2, and nothing of ours reshards native checkpoints yet.
+        raise ConfigError(
+            "model.moe.backend",
+            "native",
+            f"the checkpoint {tag_dir} was written at world size {meta['world_size']}, ep_size "
+            f"{meta['ep_size']}; resharding a native-MoE checkpoint to world size {world}, ep_size {ep_size} "
+            "is not supported (DeepSpeed's universal checkpoint misplaces native experts): resume at the "
+            "same world size and ep_size, or start a new run from its weights (launcher/export.py "
+            "consolidates them at any ep_size; launcher/finetune.py --init reads them)",
+        )
     saved_stage = meta["ds_config"].get("zero_optimization", {}).get("stage", 0)
     if elastic and 0 in (saved_stage, zero_stage):
         raise ConfigError(
@@ -151,7 +163,7 @@ class Pretrainer:
             seq_len=manifest["seq_len"],
         )
         resolve_knowledge_sizes(cfg.model, manifest, self.data_dir)
-        self.ep_size = self.ds_config.get("expert_parallel", {}).get("autoep_size", 1)
+        self.ep_size = parallel.expert_parallel_size(cfg.model, self.ds_config, self.world)
         self.triplet = parallel.batch_triplet(self.ds_config, self.world)
 
         self.ckpt_root = self.output_dir / "checkpoints"
@@ -232,12 +244,20 @@ class Pretrainer:
         }
 
     def _log_header(self) -> None:
-        p, t = self.param_counts, self.triplet
+        p, t, m = self.param_counts, self.triplet, self.cfg.model.moe
         zero = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp32"
+        layer_experts = m.layer_experts(len(self.cfg.model.moe_layer_ids))
+        experts = layer_experts if len(set(layer_experts)) > 1 else (layer_experts or [m.num_experts])[0]
+        routing = ""
+        if m.num_experts and m.backend == "native":
+            from sparsexpert import native_moe
+
+            routing = f" ({native_moe.describe(m, layer_experts)})"
         self.metrics.text(
             f"sparsexpert: {p['total'] / 1e6:.2f}M parameters ({p['active'] / 1e6:.2f}M active), "
-            f"{len(self.cfg.model.moe_layer_ids)} MoE layers x {self.cfg.model.moe.num_experts} experts top-{self.cfg.model.moe.top_k} | "
+            f"{len(layer_experts)} MoE layers x {experts} "
+            f"experts top-{m.top_k}{routing} | "
             f"world {self.world}, ep {self.ep_size}, ZeRO-{zero}, {precision} | batch {t.global_batch} = "
             f"{t.micro} micro x {t.grad_accum} accum x {t.dp} dp, seq {self.seq_len} | "
             f"{len(self.train_data)} train rows from {self.data_dir} | output {self.output_dir}"
@@ -297,9 +317,12 @@ class Pretrainer:
         # Test-only fault injection (tests/test_multinode.py): SPARSEXPERT_FAIL_AT="rank:step" makes
         # that rank's process die abruptly at the start of that step; "rank:step:raise" makes it raise.
         fault = os.environ.get("SPARSEXPERT_FAIL_AT", "").split(":")
-        n_moe, n_exp = len(self.cfg.model.moe_layer_ids), self.cfg.model.moe.num_experts
+        moe_layers = self.cfg.model.moe_layer_ids
+        layer_experts = self.cfg.model.moe.layer_experts(len(moe_layers))
         sums = torch.zeros(7)  # loss, lm, aux, z, entity, triple, micro-batches
-        counts = torch.zeros(n_moe, n_exp)
+        counts = torch.zeros(len(moe_layers), max(layer_experts, default=0))
+        drops = torch.zeros(len(moe_layers), 2)  # native backend: dropped, routed assignments
+        native = bool(moe_layers) and self.cfg.model.moe.backend == "native"
         tokens_per_step = self.triplet.global_batch * self.seq_len
         t_interval, steps_in_interval, t_start, start_step = time.time(), 0, time.time(), self.step
         last: dict[str, Any] = {}
@@ -323,12 +346,15 @@ class Pretrainer:
                 )
                 if out.expert_counts is not None:
                     counts += out.expert_counts.float()
+                if native:
+                    drops += parallel.moe_drop_counts(engine.module).float()
             self.step += 1
             steps_in_interval += 1
             done = self.step == cfg.max_steps
             if self.step % cfg.log_every == 0 or done:
                 dist.all_reduce(sums)
                 dist.all_reduce(counts)
+                dist.all_reduce(drops)
                 elapsed = time.time() - t_interval
                 last = {
                     "loss": (sums[0] / sums[6]).item(),
@@ -346,20 +372,25 @@ class Pretrainer:
                 gnorm = grad_norm if self.own_clip is not None else engine.get_global_grad_norm()
                 if gnorm is not None:
                     last["grad_norm"] = float(gnorm)  # of the last step of the interval
-                if n_moe:
+                if moe_layers:
                     load = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
                     last["expert_load"] = {
-                        f"layer{i}": load[j].tolist() for j, i in enumerate(self.cfg.model.moe_layer_ids)
+                        f"layer{i}": load[j, : layer_experts[j]].tolist() for j, i in enumerate(moe_layers)
                     }
                     last["expert_load_max"] = {
-                        f"layer{i}": (load[j].max() * n_exp).item()
-                        for j, i in enumerate(self.cfg.model.moe_layer_ids)
+                        f"layer{i}": (load[j].max() * layer_experts[j]).item()
+                        for j, i in enumerate(moe_layers)
+                    }
+                if native:  # the share of token-expert assignments over capacity
+                    last["dropped_frac"] = {
+                        f"layer{i}": (drops[j, 0] / drops[j, 1]).item() for j, i in enumerate(moe_layers)
                     }
                 if self.valid_loader is not None and (self.step % cfg.eval_every == 0 or done):
                     last["valid_lm_loss"] = self.evaluate()
                 self.metrics.log(last, self.step)
                 sums.zero_()
                 counts.zero_()
+                drops.zero_()
                 t_interval, steps_in_interval = time.time(), 0
             elif self.valid_loader is not None and self.step % cfg.eval_every == 0:
                 self.metrics.log({"valid_lm_loss": self.evaluate()}, self.step)
