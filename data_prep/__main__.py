@@ -80,7 +80,10 @@ def _add_run_args(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _add_common(run)
     run.add_argument("--config", help="JSON file with PrepConfig fields; flags given override it")
     _add_inputs(run)
-    run.add_argument("--tokenizer", help="an existing SentencePiece .model instead of training one")
+    run.add_argument(
+        "--tokenizer",
+        help="an existing tokenizer instead of training one: a SentencePiece .model, or a Hugging Face folder with tokenizer.json (a model folder: only its tokenizer files are copied)",
+    )
     run.add_argument("--extractor", help="module:Class adding mentions and triples (data_prep/extractors.py)")
     run.add_argument("--extractor-args", help="JSON file of the extractor's keyword arguments")
     run.add_argument("--chunk-docs", type=int, default=DEFAULTS.chunk_docs, help="documents per unit of work")

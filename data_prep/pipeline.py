@@ -51,7 +51,7 @@ import numpy as np
 from data_prep.join import init_worker, process_chunk
 from data_prep.pack import EOS_ID, Packer, pack, sha256_file
 from data_prep.readers import DataError, RawDoc, read_corpus
-from data_prep.tokenizer import find_tokenizer, load_tokenizer
+from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 
 __all__ = ["EOS_ID", "DataError", "PrepConfig", "pack", "prepare", "prepare_example", "prepare_text"]
 
@@ -401,7 +401,7 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
         given = load_tokenizer(cfg.tokenizer)
         model = parts / given.name
         tmp = parts / f".{given.name}.{uuid.uuid4().hex}"
-        (shutil.copytree if Path(cfg.tokenizer).is_dir() else shutil.copyfile)(cfg.tokenizer, tmp)
+        copy_tokenizer(cfg.tokenizer, tmp)
     else:
         model = parts / "tokenizer.model"
         tmp = parts / f".tokenizer.{uuid.uuid4().hex}.model"

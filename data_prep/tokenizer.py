@@ -150,6 +150,24 @@ def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | HuggingFaceToke
     raise DataError(f"{path}: no such tokenizer (a SentencePiece .model file or a Hugging Face folder)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    """Copy a SentencePiece file, or only the tokenizer files of a Hugging Face folder (a model folder
+    also holds its weights, which a dataset must not take along)."""
+    import shutil
+
+    src = Path(src)
+    if not src.is_dir():
+        shutil.copyfile(src, dst)
+        return
+    dst.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
 def find_tokenizer(folder: Path) -> Path | None:
     """The tokenizer a dataset or parts folder holds, if any."""
     for name in (SentencePieceTokenizer.name, HuggingFaceTokenizer.name):

@@ -51,6 +51,12 @@ by global id, the optimizer step). Keep the global batch: scale gradient_accumul
     deepspeed --num_gpus 2 launcher/pretrain.py --ds_config ds_configs/moe_z2.json --output_dir runs/pretrain \
         --resume --model.moe.ep_size=2      # a 1-process run continued on 2 (micro x accum x 2 the same)
 
+Start from existing weights (a run, a consolidated folder, a local Hugging Face Mixtral/Llama folder;
+the data tokenized with its vocabulary, e.g. `python -m data_prep run ... --tokenizer /models/llama-small`),
+a dense one upcycled into experts:
+    deepspeed launcher/pretrain.py --ds_config ds_configs/moe_z2.json --data.path data/mine \
+        --train.init=/models/llama-small --train.upcycle_experts=8
+
 Afterwards: launcher/export.py (consolidated safetensors, Hugging Face folder), launcher/generate.py.
 
 Watch it:  tensorboard --logdir runs/pretrain/tensorboard   (and runs/pretrain/metrics.jsonl)

@@ -465,3 +465,99 @@ def load_init(path: str | Path) -> Initial:
     state, meta = checkpoint.load_weights(tag)
     src = f"{tag} (step {meta.get('step')})"
     return Initial(model_config_of(meta), state, _tokenizer_in(tag), src)
+
+
+# Fields that describe the network's shape: a run starting from `train.init` takes them from there.
+_ARCH_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "max_seq_len",
+    "rope_theta",
+    "norm_eps",
+    "causal",
+    "tie_embeddings",
+)
+_ARCH_MOE_FIELDS = (
+    "num_experts",
+    "top_k",
+    "moe_every",
+    "d_expert",
+    "num_shared_experts",
+    "num_experts_per_layer",
+)
+
+
+def model_for_init(
+    given: ModelConfig, init: Initial, upcycle_experts: int, seed: int
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and weights of a run that starts from `init` (`train.init`): the network's
+    shape comes from the init, and a shape field the run sets otherwise is an error rather than
+    silently dropped; how the run trains it (model.moe.ep_size, backend and routing, router loss
+    coefficients, model.knowledge) comes from `given`. upcycle_experts > 0 turns a dense init into an
+    MoE of that many experts (top_k, moe_every from `given`)."""
+    default = ModelConfig()
+    for name in _ARCH_FIELDS:
+        mine, theirs = getattr(given, name), getattr(init.cfg, name)
+        if mine != getattr(default, name) and mine != theirs and not (name == "vocab_size" and mine == 0):
+            raise ConfigError(
+                f"model.{name}",
+                mine,
+                f"the shape comes from train.init ({theirs!r} there); remove the override",
+            )
+    if not upcycle_experts:
+        for name in _ARCH_MOE_FIELDS:
+            mine, theirs = getattr(given.moe, name), getattr(init.cfg.moe, name)
+            if mine != getattr(default.moe, name) and mine != theirs:
+                raise ConfigError(
+                    f"model.moe.{name}",
+                    mine,
+                    f"the shape comes from train.init ({theirs!r} there); remove the override, or upcycle a "
+                    "dense init with train.upcycle_experts",
+                )
+    cfg = from_dict(ModelConfig, asdict(init.cfg))
+    state = init.state
+    if upcycle_experts:
+        dense = cfg
+        cfg = from_dict(ModelConfig, asdict(dense))
+        cfg.moe = from_dict(
+            type(given.moe), {**asdict(given.moe), "num_experts": upcycle_experts, "d_expert": 0}
+        )
+        state = upcycle(state, dense, cfg, seed)
+    else:
+        arch = {k: getattr(cfg.moe, k) for k in _ARCH_MOE_FIELDS}
+        cfg.moe = from_dict(type(given.moe), {**asdict(given.moe), **arch})
+    cfg.knowledge = from_dict(type(given.knowledge), asdict(given.knowledge))
+    cfg.init_std = given.init_std
+    cfg.validate()
+    return cfg, state
+
+
+def vocabulary(tokenizer_path: Path) -> list[str]:
+    """Every token's string, by id, of a SentencePiece model or a Hugging Face tokenizer folder."""
+    from data_prep.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    if hasattr(tok, "sp"):
+        return [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    return [tok.tok.id_to_token(i) for i in range(tok.vocab_size)]
+
+
+def check_same_vocabulary(init: Initial, data_tokenizer: Path, data_dir: Path) -> None:
+    """The dataset must be tokenized with the init's vocabulary, id for id (a SentencePiece model and its
+    tokenizer.json export count as the same)."""
+    if init.tokenizer is None:
+        raise FileNotFoundError(
+            f"{init.source}: no tokenizer beside the weights, so nothing says the dataset {data_dir} uses "
+            "the same vocabulary; put the tokenizer there"
+        )
+    theirs, ours = vocabulary(init.tokenizer), vocabulary(data_tokenizer)
+    if theirs != ours:
+        diff = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ValueError(
+            f"{data_dir}: tokenized with another vocabulary than train.init {init.source} ({len(ours)} vs "
+            f"{len(theirs)} tokens, first difference at id {diff}); prepare the data with "
+            f"`python -m data_prep run ... --tokenizer {init.tokenizer}`"
+        )

@@ -345,6 +345,7 @@ def test_hugging_face_tokenizer_folder(tmp_path, shared_data):
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<pad>"})
     )
+    (folder / "model.safetensors").write_bytes(b"weights")  # a model folder: its weights stay behind
     out = tmp_path / "news_hf"
     m = prepare(
         PrepConfig(
@@ -365,6 +366,10 @@ def test_hugging_face_tokenizer_folder(tmp_path, shared_data):
         and m["tokenizer"]["pad_id"] == 1
     )
     assert (out / "tokenizer" / "tokenizer.json").is_file() and m["triples_attached"] > 300
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     ds = PackedDataset(out, "train")
     assert (ds[np.arange(len(ds))] == eos).sum() > 200  # document boundaries
     spans = np.load(out / "train_spans.npy")

@@ -13,7 +13,14 @@ from conftest import REPO, TINY_MODEL, deepspeed_cmd, launch_env, pretrain, run_
 from data_prep.example_world import write_world
 from data_prep.tokenizer import load_tokenizer
 from sparsexpert.config import ConfigError
-from sparsexpert.export import hf_equivalent, load_init, save_hf, upcycle
+from sparsexpert.export import (
+    check_same_vocabulary,
+    hf_equivalent,
+    load_init,
+    model_for_init,
+    save_hf,
+    upcycle,
+)
 from sparsexpert.finetune.data import load_tokenizer_for
 from sparsexpert.generate import generate
 from sparsexpert.model import ModelConfig, build_model
@@ -173,6 +180,52 @@ def test_finetune_starts_from_a_hugging_face_folder(hf_export, tmp_path, corpus)
     assert f"initializing from Hugging Face folder {hf_export}" in run.output
     res = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert res["steps"] == 2 and "accuracy" in res["results"]["classification"]
+
+
+def test_pretraining_continues_from_a_hugging_face_folder(hf_export, example_data, tmp_path):
+    """train.init: the shape and the weights come from the folder. With learning rate 0 the weights
+    the run saves after a step are the folder's, bit for bit, so they reached the engine unchanged."""
+    ds = write_ds_config(
+        tmp_path / "lr0.json",
+        "moe_z2.json",
+        train_micro_batch_size_per_gpu=4,
+        optimizer={"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}},
+    )
+    cfg = json.loads(ds.read_text())
+    cfg.pop("scheduler")
+    ds.write_text(json.dumps(cfg))
+    run = pretrain(
+        tmp_path / "out",
+        1,
+        ds,
+        f"--train.init={hf_export}",
+        f"--data.path={example_data}",
+        "--train.max_steps=1",
+        "--train.eval_every=0",
+    )
+    assert f"initializing from Hugging Face folder {hf_export}" in run.output
+    saved, meta = load_weights(tmp_path / "out")
+    want = load_init(hf_export)
+    assert meta["run"]["model"]["d_model"] == want.cfg.d_model == 64  # TINY_MODEL's, not the default 128
+    assert saved.keys() == want.state.keys()
+    for k, v in want.state.items():
+        assert torch.equal(saved[k], v), k
+
+
+def test_init_refuses_a_shape_override_and_another_vocabulary(hf_export, tmp_path):
+    from data_prep.pipeline import PrepConfig, prepare_example
+
+    init = load_init(hf_export)
+    given = ModelConfig(d_model=256)
+    with pytest.raises(ConfigError) as e:
+        model_for_init(given, init, 0, seed=0)
+    assert e.value.field == "model.d_model" and "comes from train.init" in str(e.value)
+    cfg, state = model_for_init(ModelConfig(moe=MoEConfig(ep_size=2, aux_loss_coef=0.1)), init, 0, seed=0)
+    assert (cfg.d_model, cfg.moe.num_experts, cfg.moe.ep_size, cfg.moe.aux_loss_coef) == (64, 4, 2, 0.1)
+    other = tmp_path / "other"
+    prepare_example(other, PrepConfig(vocab_size=300, seq_len=32), log=lambda *_: None)
+    with pytest.raises(ValueError, match="another vocabulary than train.init"):
+        check_same_vocabulary(init, other / "tokenizer.model", other)
 
 
 def test_llama_import_upcycles_to_the_same_function(tmp_path):

@@ -32,13 +32,26 @@ class TrainConfig:
     """Write TensorBoard event files under <output_dir>/tensorboard."""
     collective_timeout_minutes: float = 10.0
     """A rank waiting longer than this in a collective fails instead of hanging."""
+    init: str = ""
+    """Start from these weights instead of a random initialization (step 0, a fresh optimizer): a
+    sparsexpert run folder or checkpoint (any world size, ep_size, ZeRO stage), a consolidated folder
+    (launcher/export.py) or a local Hugging Face Mixtral/Llama folder. The network's shape comes from
+    it; model.moe.ep_size, backend and routing, router loss coefficients and model.knowledge come from
+    this run. The dataset must use its vocabulary. Ignored when --resume finds a checkpoint."""
+    upcycle_experts: int = 0
+    """With a dense `init`: every MoE layer (model.moe.moe_every) becomes this many copies of the dense
+    FFN, the router starting small."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
             raise ConfigError("train.max_steps", self.max_steps, "must be >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every", self.log_every, "must be >= 1")
-        for name in ("save_every", "keep_checkpoints", "eval_every", "eval_batches"):
+        if self.upcycle_experts and not self.init:
+            raise ConfigError(
+                "train.upcycle_experts", self.upcycle_experts, "needs train.init (a dense model)"
+            )
+        for name in ("save_every", "keep_checkpoints", "eval_every", "eval_batches", "upcycle_experts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 0")
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sparsexpert import parallel
+from sparsexpert import export, parallel
 from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader, read_manifest
 from sparsexpert.knowledge.config import KnowledgeConfig
@@ -154,6 +154,14 @@ class Pretrainer:
         self.data_dir = prepare_data(cfg, self.output_dir, log)
         manifest = read_manifest(self.data_dir)
         self.tokenizer_file = self.data_dir / manifest["tokenizer"]["file"]
+        init_state = None
+        if cfg.train.init:  # the shape from the init; the weights are loaded once the model is built
+            init = export.load_init(cfg.train.init)
+            export.check_same_vocabulary(init, self.tokenizer_file, self.data_dir)
+            cfg.model, init_state = export.model_for_init(
+                cfg.model, init, cfg.train.upcycle_experts, cfg.train.seed
+            )
+            log(f"initializing from {init.source}{' (dense, upcycled)' if cfg.train.upcycle_experts else ''}")
         self.ds_config = parallel.prepare_ds_config(
             ds_json,
             cfg.model,
@@ -181,6 +189,21 @@ class Pretrainer:
             )
 
         model = build_model(cfg.model, cfg.train.seed)
+        if init_state is not None and tag_dir is None:
+            # Knowledge tables carry over when this run has the same ones; otherwise they start fresh.
+            own = model.state_dict()
+            init_state = {
+                k: v
+                for k, v in init_state.items()
+                if not k.startswith("knowledge.") or (k in own and own[k].shape == v.shape)
+            }
+            missing, unexpected = model.load_state_dict(init_state, strict=False)
+            missing = [k for k in missing if not k.startswith("knowledge.")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"train.init={cfg.train.init}: weights do not fit the model: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
         self.param_counts = model.num_params()
         # Universal loading must be on at initialize; self.ds_config (saved with checkpoints) stays as is.
         ds_config = checkpoint.universal_loading(self.ds_config) if elastic else self.ds_config
