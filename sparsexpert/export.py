@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sparsexpert.config import ConfigError, from_dict
-from sparsexpert.model.config import ModelConfig
+from sparsexpert.model.config import ModelConfig, MoEConfig
 from sparsexpert.train import checkpoint
 
 CONSOLIDATED_META = "sparsexpert_model.json"
@@ -39,12 +39,13 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
 
 
 def _tokenizer_in(folder: Path) -> Path | None:
-    for name in ("tokenizer.model", "tokenizer"):
-        if (folder / name).exists():
-            return folder / name
-    if (folder / "tokenizer.json").is_file():  # a Hugging Face model folder
+    """A checkpoint's or dataset's tokenizer (find_tokenizer), or a Hugging Face model folder itself."""
+    from data_prep.tokenizer import find_tokenizer
+
+    found = find_tokenizer(folder)
+    if found is None and (folder / "tokenizer.json").is_file():
         return folder
-    return None
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +436,16 @@ def upcycle(state: dict[str, torch.Tensor], dense: ModelConfig, target: ModelCon
     return out
 
 
+def upcycled(
+    dense: ModelConfig, state: dict[str, torch.Tensor], moe: MoEConfig, num_experts: int, seed: int
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """`dense` as an MoE model of num_experts experts per MoE layer (top_k, moe_every and the other
+    MoE fields from `moe`; each expert as wide as the dense FFN), with `upcycle`'s weights."""
+    target = from_dict(ModelConfig, asdict(dense))
+    target.moe = from_dict(MoEConfig, {**asdict(moe), "num_experts": num_experts, "d_expert": 0})
+    return target, upcycle(state, dense, target, seed)
+
+
 @dataclass
 class Initial:
     """What a run can start from."""
@@ -520,12 +531,7 @@ def model_for_init(
     cfg = from_dict(ModelConfig, asdict(init.cfg))
     state = init.state
     if upcycle_experts:
-        dense = cfg
-        cfg = from_dict(ModelConfig, asdict(dense))
-        cfg.moe = from_dict(
-            type(given.moe), {**asdict(given.moe), "num_experts": upcycle_experts, "d_expert": 0}
-        )
-        state = upcycle(state, dense, cfg, seed)
+        cfg, state = upcycled(cfg, state, given.moe, upcycle_experts, seed)
     else:
         arch = {k: getattr(cfg.moe, k) for k in _ARCH_MOE_FIELDS}
         cfg.moe = from_dict(type(given.moe), {**asdict(given.moe), **arch})

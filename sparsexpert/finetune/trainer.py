@@ -20,14 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sparsexpert import parallel
-from sparsexpert.config import ConfigError, from_dict
-from sparsexpert.export import load_init, model_config_of, upcycle
+from sparsexpert.config import ConfigError
+from sparsexpert.export import load_init, model_config_of, upcycled
 from sparsexpert.finetune import data as fdata
 from sparsexpert.finetune.config import FinetuneConfig
 from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
 from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.metrics import MetricsLogger, format_duration
-from sparsexpert.model import ModelConfig
 from sparsexpert.model.transformer import IGNORE_INDEX
 from sparsexpert.train import checkpoint
 
@@ -49,14 +48,7 @@ class Finetuner:
             if tok_path is None:
                 raise FileNotFoundError(f"{cfg.init}: no tokenizer beside the weights")
             if cfg.upcycle_experts:
-                dense = model_cfg
-                model_cfg = from_dict(ModelConfig, asdict(dense))
-                model_cfg.moe = from_dict(
-                    type(cfg.model.moe),
-                    {**asdict(cfg.model.moe), "num_experts": cfg.upcycle_experts, "d_expert": 0},
-                )
-                model_cfg.d_ff = dense.d_ff
-                state = upcycle(state, dense, model_cfg, cfg.seed)
+                model_cfg, state = upcycled(model_cfg, state, cfg.model.moe, cfg.upcycle_experts, cfg.seed)
             model_cfg.moe.ep_size = cfg.model.moe.ep_size
             model_cfg.moe.aux_loss_coef, model_cfg.moe.z_loss_coef = (
                 cfg.model.moe.aux_loss_coef,

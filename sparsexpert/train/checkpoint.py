@@ -212,12 +212,7 @@ def _universal_weights(tag: Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
     from sparsexpert.model.config import ModelConfig
     from sparsexpert.model.transformer import Transformer
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        to_universal(tag)  # collective: rank 0 converts once, the others wait
-    elif not (tag / UNIVERSAL / CONVERTED).is_file():
-        shutil.rmtree(tag / UNIVERSAL, ignore_errors=True)
-        (tag / UNIVERSAL).mkdir()
-        _ds_to_universal(tag, tag / UNIVERSAL)
+    to_universal(tag)  # under torch.distributed, collective: rank 0 converts once, the others wait
     with torch.device("meta"):
         shapes = {
             n: p.shape
@@ -257,10 +252,11 @@ def universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:
 def to_universal(tag_dir: Path) -> Path:
     """<tag>/universal/: the tag in DeepSpeed's universal format, converted by rank 0 the first time
     (DeepSpeed's ds_to_universal, in-process, its output in universal/convert.log) and reused after
-    that. Collective: the other ranks wait for rank 0 through the rendezvous store, without the
-    collective timeout, since a large model takes a while to convert."""
+    that. Collective under torch.distributed: the other ranks wait for rank 0 through the rendezvous
+    store, without the collective timeout, since a large model takes a while to convert. Without
+    torch.distributed (consolidation, export) this process converts."""
     out = tag_dir / UNIVERSAL
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     error = ""
     if rank == 0 and not (out / CONVERTED).is_file():
         shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
