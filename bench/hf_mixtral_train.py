@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsexpert import parallel  # noqa: E402
+from sparsexpert import comm, parallel  # noqa: E402
 from sparsexpert.config import load_json  # noqa: E402
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader  # noqa: E402
+from sparsexpert.device import to_device  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +43,8 @@ def main() -> None:
 
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    parallel.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device = parallel.init_distributed()
+    rank, world = comm.rank(), comm.world_size()
     data = PackedDataset(args.data, "train")
     vocab = json.loads((Path(args.data) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     cfg = MixtralConfig(
@@ -79,12 +79,12 @@ def main() -> None:
     t0 = time.time()
     for step in range(1, args.max_steps + 1):
         for m in range(triplet.grad_accum):
-            x = loader.batch(step - 1, m)
+            x = to_device(loader.batch(step - 1, m), device)
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             engine.step()
         if step % args.log_every == 0:
-            dist.barrier()
+            comm.barrier()
             elapsed = time.time() - t0
             if log:
                 log.write(

@@ -3,6 +3,8 @@ MixtralForCausalLM of the same size, 2 ranks, ZeRO-2, fp32 and bf16, one after t
 
     python bench/pretrain_throughput.py                  # prepares the example data into /tmp
     python bench/pretrain_throughput.py --steps 60 --precisions fp32
+    # this checkout against another (e.g. `git worktree add /tmp/before HEAD~1`), launches interleaved
+    python bench/pretrain_throughput.py --baseline /tmp/before --skip_hf --repeats 2
 
 Each configuration is a real `deepspeed --num_gpus 2` launch; tokens/s is the mean over the logged
 intervals after the first (start-up excluded). MFU = achieved model FLOP/s over the matmul peak
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,10 +41,10 @@ def matmul_peak_flops(threads: int, dtype: torch.dtype, n: int = 1024, reps: int
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def launch(script: str, args: list[str], out: Path) -> list[dict]:
+def launch(script: str, args: list[str], out: Path, repo: Path = REPO) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", script, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +60,10 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top_k", type=int, default=2)
     p.add_argument("--skip_hf", action="store_true")
+    p.add_argument(
+        "--baseline", type=Path, help="another checkout of sparsexpert: its launches alternate with ours"
+    )
+    p.add_argument("--repeats", type=int, default=1, help="launches of each configuration (means reported)")
     args = p.parse_args()
 
     from data_prep.pipeline import PrepConfig, prepare_example
@@ -115,14 +122,22 @@ def main() -> None:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         peak = 2 * matmul_peak_flops(threads, dtype)
         results = {}
+        trees = {"": REPO} if args.baseline is None else {"": REPO, " (baseline)": args.baseline.resolve()}
         for name, extra in variants.items():
-            out = work / f"{precision}-{name.split()[0]}"
-            recs = launch(
-                "launcher/pretrain.py",
-                ["--ds_config", str(ds), "--output_dir", str(out), *common, *extra],
-                out,
-            )
-            results[name] = (sum(r["tokens_per_s"] for r in recs[1:]) / len(recs[1:]), recs[-1]["lm_loss"])
+            for tag, repo in trees.items():
+                tps, loss = [], None
+                for i in range(args.repeats):
+                    out = work / f"{precision}-{name.split()[0]}{tag.strip(' ()')}-{i}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    recs = launch(
+                        "launcher/pretrain.py",
+                        ["--ds_config", str(ds), "--output_dir", str(out), *common, *extra],
+                        out,
+                        repo,
+                    )
+                    tps.append(sum(r["tokens_per_s"] for r in recs[1:]) / len(recs[1:]))
+                    loss = recs[-1]["lm_loss"]
+                results[name + tag] = (sum(tps) / len(tps), loss)
         if not args.skip_hf:
             out = work / f"{precision}-hf"
             recs = launch(
@@ -149,9 +164,15 @@ def main() -> None:
             )
         dense_tps = results["dense (equal active)"][0]
         print(f"\n{precision}: matmul peak {peak / 1e9:.1f} GFLOP/s (2 ranks)")
-        print(f"{'':24} {'tokens/s':>10} {'vs dense':>9} {'MFU':>6} {'final loss':>10}")
+        print(f"{'':35} {'tokens/s':>10} {'vs dense':>9} {'MFU':>6} {'final loss':>10}")
         for name, (tps, loss) in results.items():
-            print(f"{name:24} {tps:10,.0f} {tps / dense_tps:8.2f}x {tps * fpt / peak:6.1%} {loss:10.3f}")
+            print(f"{name:35} {tps:10,.0f} {tps / dense_tps:8.2f}x {tps * fpt / peak:6.1%} {loss:10.3f}")
+        if args.baseline is not None:
+            for name in variants:
+                ours, theirs = results[name][0], results[name + " (baseline)"][0]
+                print(
+                    f"{name}: this checkout / baseline = {ours / theirs:.3f} (tokens/s, mean of {args.repeats})"
+                )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Evaluate a pretraining run's latest checkpoint: perplexity, knowledge probe, link prediction.
 
-Launch it like the pretraining run it evaluates (same number of processes: the checkpoint is
-loaded into the same expert-parallel layout). Results are printed and written to <run>/eval.json.
+Any number of processes: the checkpoint's full weights (written at any world size, ep_size or ZeRO
+stage) are loaded, then DeepSpeed shards the experts over the processes at hand (model.moe.ep_size
+kept where it divides their number, else the largest that does); the scoring is split over them.
+Results are printed and written to <run>/eval.json. If a rank fails, every rank stops within seconds
+naming it (exit status 1).
 
 Built-in knowledge world (the README's main job writes runs/pretrain and runs/pretrain/data_raw):
     deepspeed launcher/evaluate.py --run runs/pretrain --probe_world runs/pretrain/data_raw
@@ -11,7 +14,7 @@ News + Nations: link prediction on the Nations test split, filtered against ever
         --link_test ../shared/data/kg/nations/test.tsv \\
         --link_known ../shared/data/kg/nations/train.tsv ../shared/data/kg/nations/valid.tsv
 
-Two processes (a run trained with `deepspeed --num_gpus 2`):
+Two processes (of a run trained on any number):
     deepspeed --num_gpus 2 launcher/evaluate.py --run runs/pretrain2 --probe_world runs/pretrain2/data_raw
 """
 
@@ -50,3 +53,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    from sparsexpert.comm import finish
+
+    finish()  # not interpreter finalization: a torch/gloo race there can abort a finished run (see finish)

@@ -76,3 +76,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    from sparsexpert.comm import finish
+
+    finish()  # not interpreter finalization: a torch/gloo race there can abort a finished run (see finish)

@@ -31,11 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_samples", type=int, default=1, help="continuations (seeds seed, seed+1, ...)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--no_eos_prefix", action="store_true", help="do not start the context with EOS")
+    parser.add_argument(
+        "--device", default="auto", help="cuda, cuda:1, cpu, ... (auto: the GPU when there is one, else cpu)"
+    )
     args = parser.parse_args(argv)
 
     from sparsexpert.generate import generate, load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, args.device)
     if tok is None:
         sys.exit(
             f"{args.model}: no tokenizer beside the weights (tokenizer.model, tokenizer/ or tokenizer.json)"

@@ -11,8 +11,10 @@
   ranking); MRR and Hits@1/3/10, by text (log-likelihood of the verbalized triple) and, with entity
   fusion, by the embeddings.
 
-Runs under the DeepSpeed engine with the checkpoint's own configuration and world size, so
-expert-parallel checkpoints evaluate as they were trained; the scoring work is split over ranks.
+Runs under a DeepSpeed engine built from the checkpoint's own configuration (`open_checkpoint`: the
+full weights of any world size, ep_size or ZeRO stage, no optimizer), at the world size at hand;
+the scoring work is split over ranks. Inputs reach the engine through `device.to_device`, scores stay
+on the device until a whole ranking is done.
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from sparsexpert import comm
 from sparsexpert.config import from_dict
-from sparsexpert.knowledge.data import DatasetKG
+from sparsexpert.data.shards import PackedDataset, read_manifest
+from sparsexpert.device import to_device
+from sparsexpert.harness import Harness, load_state
+from sparsexpert.knowledge.config import KnowledgeConfig
+from sparsexpert.knowledge.data import DatasetKG, KnowledgeLoader
 from sparsexpert.knowledge.modules import KnowledgeBatch
+from sparsexpert.model import build_model
 from sparsexpert.train import checkpoint
 from sparsexpert.train.config import RunConfig
 
@@ -74,9 +81,33 @@ def random_baseline(n_candidates: list[int], hits: tuple[int, ...] = (1, 3, 10))
 # ---------------------------------------------------------------- loading
 
 
-def load_evaluator(run_dir: str | Path):
-    """A Pretrainer holding the latest complete checkpoint of run_dir, in evaluation mode."""
-    from sparsexpert.train.trainer import Pretrainer
+@dataclass
+class Opened:
+    """A pretraining checkpoint under a DeepSpeed engine, in evaluation mode."""
+
+    h: Harness
+    engine: Any
+    cfg: RunConfig
+    step: int
+    data_dir: Path
+    tokenizer_file: Path
+    param_counts: dict[str, int]
+    valid_loader: KnowledgeLoader | None
+    """The valid split, text only, `micro` rows per rank and forward (None without rows)."""
+    batches: int = 0
+    """Forwards so far (for the failure watch's message and the failure tests)."""
+
+    def tick(self) -> None:
+        self.batches += 1
+        self.h.tick(self.batches)
+
+
+def open_checkpoint(run_dir: str | Path) -> Opened:
+    """The latest complete checkpoint of a pretraining run under an engine built with its own model
+    and DeepSpeed config at this world size: the full weights (`checkpoint.load_weights`, any world
+    size, ep_size or ZeRO stage) loaded before deepspeed.initialize shards the experts, no optimizer.
+    Collective: call on every rank."""
+    from sparsexpert.train.trainer import make_loader
 
     run_dir = Path(run_dir)
     tag = checkpoint.find_latest(run_dir / "checkpoints")
@@ -86,10 +117,38 @@ def load_evaluator(run_dir: str | Path):
         )
     meta = json.loads((tag / checkpoint.META).read_text())
     cfg = from_dict(RunConfig, meta["run"])
-    cfg.data.path = meta["data_dir"]
-    pt = Pretrainer(cfg, meta["ds_json"], run_dir, evaluate_only=True)
-    pt.engine.eval()
-    return pt
+    data_dir = Path(meta["data_dir"])
+    t = cfg.train
+    h = Harness(run_dir, t.max_steps, False, t.collective_timeout_minutes, write_files=False)
+    if cfg.model.moe.ep_size and h.world % cfg.model.moe.ep_size:
+        cfg.model.moe.ep_size = 0  # written at another world size: the largest ep_size that fits this one
+    manifest = read_manifest(data_dir)
+    ds_config, triplet = h.deepspeed_config(
+        meta["ds_json"], cfg.model, t.max_steps, manifest["tokenizer"]["vocab_size"], manifest["seq_len"]
+    )
+    model = build_model(cfg.model, t.seed)
+    state, _ = checkpoint.load_weights(tag)
+    load_state(model, state, str(tag))
+    param_counts = model.num_params()
+    engine = h.build_engine(model, ds_config, training=False)
+    engine.eval()
+    tokenizer_file = data_dir / manifest["tokenizer"]["file"]
+    valid = None
+    if len(PackedDataset(data_dir, "valid")):
+        valid = make_loader(
+            data_dir,
+            "valid",
+            KnowledgeConfig(),
+            cfg.model.causal,
+            triplet.micro,
+            1,
+            h.world,
+            h.rank,
+            cfg.data.seed,
+            tokenizer_file,
+        )
+    h.log(f"evaluating {tag} (step {meta['step']}) at world size {h.world}")
+    return Opened(h, engine, cfg, meta["step"], data_dir, tokenizer_file, param_counts, valid)
 
 
 # ---------------------------------------------------------------- scoring text
@@ -102,6 +161,8 @@ class Scorer:
     engine: Any
     eos_id: int
     batch_size: int = 64
+    tick: Any = None
+    """Called with a running batch count before each forward (the harness's failure watch)."""
 
     @torch.no_grad()
     def logprobs(
@@ -111,20 +172,28 @@ class Scorer:
         entity_spans: list[tuple[int, int, int]] | None = None,
     ) -> np.ndarray:
         """sum_{t >= score_from[i]} log p(seq_i[t] | seq_i[:t]) for every sequence. entity_spans:
-        (start, end, entity) per sequence fed to the entity fusion (None: no entity inputs)."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        (start, end, entity) per sequence fed to the entity fusion (None: no entity inputs).
+        The sums stay on the device until every batch is scored: one host synchronization."""
+        rank, world = comm.rank(), comm.world_size()
+        device = next(self.engine.parameters()).device
         n = len(seqs)
         n_batches = math.ceil(n / self.batch_size)
         n_batches += (-n_batches) % world  # every rank runs the same number of forwards (expert parallelism)
-        out = torch.zeros(n, dtype=torch.float64)
+        out = to_device(torch.zeros(n, dtype=torch.float64), device)
         for bi in range(rank, n_batches, world):
+            if self.tick is not None:
+                self.tick()
             idx = list(range(bi * self.batch_size, min(n, (bi + 1) * self.batch_size)))
-            if not idx:
+            real = bool(idx)
+            if not real:
                 idx = [0]  # a padding forward; its result is not kept
             L = max(len(seqs[i]) for i in idx)
             x = torch.full((len(idx), L), self.eos_id, dtype=torch.long)
             for b, i in enumerate(idx):
                 x[b, : len(seqs[i])] = torch.from_numpy(np.asarray(seqs[i], dtype=np.int64))
+            # scored positions of row b in the shifted log-probs: [score_from - 1, len - 1)
+            lo = torch.tensor([score_from[i] - 1 for i in idx])
+            hi = torch.tensor([len(seqs[i]) - 1 for i in idx])
             kwargs: dict[str, Any] = {}
             if entity_spans is not None:
                 ent = torch.full_like(x, -1)
@@ -133,19 +202,21 @@ class Scorer:
                     ent[b, s:e] = k
                 z = torch.zeros(0, dtype=torch.long)
                 kwargs["knowledge"] = KnowledgeBatch(ent, z, z, z, z, z.view(0, 3), z.view(0, 0, 3))
+            x, lo, hi, kwargs = to_device((x, lo, hi, kwargs), device)
             logits = self.engine(x, **kwargs).logits.float()
             logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
-            if bi * self.batch_size >= n:
+            if not real:
                 continue
-            for b, i in enumerate(idx):
-                out[i] = logp[b, score_from[i] - 1 : len(seqs[i]) - 1].sum().double()
-        if dist.is_initialized():
-            dist.all_reduce(out)
-        return out.numpy()
+            pos = torch.arange(logp.shape[1], device=device)
+            scored = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])
+            sums = (logp * scored).sum(1).double()
+            out[bi * self.batch_size : bi * self.batch_size + len(idx)] = sums
+        comm.all_reduce(out)
+        return out.cpu().numpy()
 
 
 @torch.no_grad()
-def perplexity(pt) -> dict[str, float]:
+def perplexity(pt: Opened) -> dict[str, float]:
     """exp(mean next-token loss) over all rows of the valid split (text only)."""
     loader = pt.valid_loader
     if loader is None:
@@ -153,20 +224,22 @@ def perplexity(pt) -> dict[str, float]:
     plan = loader.loader.plan
     rows_total = plan.num_rows
     per_step = plan.micro * plan.dp
-    total = torch.zeros(2, dtype=torch.float64)
+    total = pt.h.to_device(torch.zeros(2, dtype=torch.float64))
     for g in range(math.ceil(rows_total / per_step)):
-        batch = loader.batch(g, 0)
-        logits = pt.engine(batch["input_ids"]).logits.float()
-        x = batch["input_ids"]
+        pt.tick()
         global_pos = g * per_step + plan.rank * plan.micro + torch.arange(plan.micro)
-        keep = global_pos < rows_total  # the last global batch wraps around: count each row once
+        keep = (global_pos < rows_total).double()  # the last global batch wraps around: count each row once
+        x, keep = pt.h.to_device((loader.batch(g, 0)["input_ids"], keep))
+        logits = pt.engine(x).logits.float()
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(
             x.shape[0], -1
         )
-        total += torch.tensor([nll[keep].sum().item(), keep.sum().item() * nll.shape[1]], dtype=torch.float64)
-    dist.all_reduce(total)
-    loss = (total[0] / total[1]).item()
-    return {"valid_lm_loss": loss, "perplexity": math.exp(loss), "valid_tokens_scored": int(total[1].item())}
+        total[0] += (nll.double().sum(1) * keep).sum()
+        total[1] += keep.sum() * nll.shape[1]
+    comm.all_reduce(total)
+    loss_sum, tokens = total.tolist()
+    loss = loss_sum / tokens
+    return {"valid_lm_loss": loss, "perplexity": math.exp(loss), "valid_tokens_scored": int(tokens)}
 
 
 # ---------------------------------------------------------------- knowledge probe and link prediction
@@ -257,11 +330,13 @@ def knowledge_probe(
 def _embedding_scores(pt, facts, e_index, r_index, cand_idx: list[int], tails: bool) -> np.ndarray:
     """[len(facts), len(cand_idx)] TransE scores of the candidates as tails (or heads); candidates
     the entity table lacks score -inf."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
     know = pt.engine.module.knowledge
-    h = torch.tensor([e_index[f[0]] for f in facts], dtype=torch.long)
-    r = torch.tensor([r_index[f[1]] for f in facts], dtype=torch.long)
-    t = torch.tensor([e_index[f[2]] for f in facts], dtype=torch.long)
-    full = (know.tail_scores(h, r) if tails else know.head_scores(r, t)).numpy()
+    ids = [[e_index[f[0]] for f in facts], [r_index[f[1]] for f in facts], [e_index[f[2]] for f in facts]]
+    h, r, t = pt.h.to_device(torch.tensor(ids, dtype=torch.long)).unbind(0)
+    with GatheredParameters(list(know.parameters())):  # whole tables under ZeRO-3 (a method, not a forward)
+        full = (know.tail_scores(h, r) if tails else know.head_scores(r, t)).cpu().numpy()
     idx = np.asarray(cand_idx)
     out = np.full((len(facts), len(idx)), -np.inf)
     out[:, idx >= 0] = full[:, idx[idx >= 0]]
@@ -344,8 +419,15 @@ def evaluate(
     max_triples: int = 0,
 ) -> dict[str, Any]:
     """Every evaluation that applies; rank 0 writes <run_dir>/eval.json. Collective: call on every rank."""
-    pt = load_evaluator(run_dir)
-    log = pt.metrics.text
+    pt = open_checkpoint(run_dir)
+    with pt.h.watch("evaluation"):
+        return _evaluate(pt, run_dir, probe_world, link_test, link_known, max_facts, max_triples)
+
+
+def _evaluate(
+    pt: Opened, run_dir, probe_world, link_test, link_known, max_facts, max_triples
+) -> dict[str, Any]:
+    log = pt.h.log
     res: dict[str, Any] = {
         "run": str(run_dir),
         "step": pt.step,
@@ -358,14 +440,13 @@ def evaluate(
         )
     else:
         res.update(perplexity(pt))
-    scorer = Scorer(
-        pt.engine, int(json.loads((Path(pt.data_dir) / "manifest.json").read_text())["tokenizer"]["eos_id"])
-    )
+    eos = int(read_manifest(pt.data_dir)["tokenizer"]["eos_id"])
+    scorer = Scorer(pt.engine, eos, tick=pt.tick)
     if probe_world and pt.cfg.model.causal:
         res["knowledge_probe"] = knowledge_probe(pt, scorer, probe_world, max_facts)
     if link_test and pt.cfg.model.causal:
         res["link_prediction"] = link_prediction(pt, scorer, link_test, link_known or [], max_triples)
-    if pt.rank == 0:
+    if pt.h.rank == 0:
         (Path(run_dir) / "eval.json").write_text(json.dumps(res, indent=2))
         log(json.dumps(res, indent=2))
     return res

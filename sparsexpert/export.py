@@ -537,6 +537,7 @@ def model_for_init(
         cfg.moe = from_dict(type(given.moe), {**asdict(given.moe), **arch})
     cfg.knowledge = from_dict(type(given.knowledge), asdict(given.knowledge))
     cfg.init_std = given.init_std
+    cfg.activation_checkpointing = given.activation_checkpointing
     cfg.validate()
     return cfg, state
 

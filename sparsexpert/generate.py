@@ -1,19 +1,24 @@
 """Text generation for a quick look at a model: greedy, or sampling with temperature and top-k.
 
 No key-value cache: each new token runs the whole (cropped) context again, which is plenty for
-the models one inspects by eye. The context is cropped to the model's max_seq_len.
+the models one inspects by eye. The context is cropped to the model's max_seq_len. The model runs on
+the device it is given (`--device`; by default the accelerator when there is one), its inputs and the
+sampling generator with it; each new token comes to the host once (to stop at end-of-sequence).
 """
 
 from __future__ import annotations
 
 import torch
 
+from sparsexpert import device as _device
 from sparsexpert.export import load_init
+from sparsexpert.harness import load_state
 from sparsexpert.model.transformer import Transformer
 
 
-def load_model(path: str) -> tuple[Transformer, object | None]:
-    """Our model in eval mode and its tokenizer, from a checkpoint, consolidated or Hugging Face folder."""
+def load_model(path: str, device: str | torch.device | None = None) -> tuple[Transformer, object | None]:
+    """Our model in eval mode on `device` (default: the accelerator when there is one) and its
+    tokenizer, from a checkpoint, consolidated or Hugging Face folder."""
     from data_prep.tokenizer import load_tokenizer
 
     init = load_init(path)
@@ -21,12 +26,9 @@ def load_model(path: str) -> tuple[Transformer, object | None]:
     if not cfg.causal:
         raise ValueError(f"{path}: a bidirectional (masked LM) model does not generate text left to right")
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model.eval(), (load_tokenizer(tok_path) if tok_path is not None else None)
+    load_state(model, state, str(path))
+    model = _device.guard(model.to(_device.resolve(device)).eval(), "generation model")
+    return model, (load_tokenizer(tok_path) if tok_path is not None else None)
 
 
 @torch.no_grad()
@@ -42,21 +44,23 @@ def generate(
     """New token ids after `prompt_ids` (stopping after eos_id). temperature 0 = greedy."""
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = _device.to_device(torch.tensor([prompt_ids], dtype=torch.long), device)
     new: list[int] = []
     for _ in range(max_new_tokens):
-        logits_V = model(ids[:, -model.cfg.max_seq_len :]).logits[0, -1].float()
+        logits_V = model(_device.to_device(ids[:, -model.cfg.max_seq_len :], device)).logits[0, -1].float()
         if temperature <= 0:
-            nxt = int(logits_V.argmax())
+            nxt_11 = logits_V.argmax().view(1, 1)
         else:
             logits_V = logits_V / temperature
             if top_k:
                 kth = torch.topk(logits_V, min(top_k, logits_V.numel())).values[-1]
                 logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits_V, -1), 1, generator=gen))
+            nxt_11 = torch.multinomial(torch.softmax(logits_V, -1), 1, generator=gen).view(1, 1)
+        ids = torch.cat([ids, nxt_11], dim=1)
+        nxt = int(nxt_11.item())  # the one host synchronization per token: stop at end-of-sequence
         new.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         if nxt == eos_id:
             break
     return new

@@ -26,6 +26,9 @@ CONSOLE_KEYS = [
     ("dev_metric", "dev", "{:.4f}"),
     ("adv_loss", "adv", "{:.4f}"),
     ("distill_kl", "kl", "{:.4f}"),
+    ("loss_scale", "scale", "{:g}"),
+    ("skipped_steps", "skipped", "{:.0f}"),
+    ("max_memory_gb", "mem", "{:.1f} GB"),
 ]
 
 

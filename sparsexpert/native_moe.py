@@ -51,7 +51,7 @@ class NativeMoE(MoE):
     """DeepSpeed's MoE layer with our block's interface: forward(x_BSD) -> y_BSD.
 
     After each forward, `dropped` and `routed` hold this rank's token-expert assignments dropped
-    for lack of capacity and all of them (tensors, no synchronization)."""
+    for lack of capacity and all of them (device tensors, no synchronization)."""
 
     def __init__(self, block: MoEBlock, moe: MoEConfig, ep_size: int, ep_rank: int):
         D, F = block.gate.in_features, block.experts.w1.shape[1]
@@ -70,8 +70,8 @@ class NativeMoE(MoE):
             use_rts=moe.use_rts,
             top2_2nd_expert_sampling=moe.top2_2nd_expert_sampling,
         )
-        self.dropped = torch.zeros((), dtype=torch.long)
-        self.routed = torch.zeros((), dtype=torch.long)
+        self.dropped: torch.Tensor | None = None
+        self.routed: torch.Tensor | None = None
         self.deepspeed_moe.gate.register_forward_hook(self._count_drops)
         self._copy_from(block, ep_rank)
 
@@ -96,7 +96,7 @@ class NativeMoE(MoE):
         # The gate's sparse routes: (l_aux, capacity, E, expert of each route [K, T] (-1: dropped), ...).
         experts_KT = output[3]
         self.dropped = (experts_KT < 0).sum()
-        self.routed = torch.tensor(experts_KT.numel())
+        self.routed = torch.full_like(self.dropped, experts_KT.numel())  # on the same device, no sync
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         out, _l_aux, _counts = super().forward(x_BSD)
@@ -125,11 +125,12 @@ def native_layers(module: nn.Module) -> list[NativeMoE]:
 
 def drop_counts(module: nn.Module) -> torch.Tensor | None:
     """[native MoE layers, 2]: (dropped, routed) token-expert assignments of the last forward on this
-    rank, or None when the model has no native layers."""
+    rank, on the device they were counted on (no host synchronization); None when the model has no
+    native layers."""
     layers = native_layers(module)
     if not layers:
         return None
-    return torch.stack([torch.stack([m.dropped, m.routed]) for m in layers]).cpu()
+    return torch.stack([torch.stack([m.dropped, m.routed]) for m in layers])
 
 
 def plain_name(key: str) -> str:

@@ -5,7 +5,9 @@
   DeepSpeed where our MoE blocks are, and the scheduler length.
 - `initialize` builds the engine with the parameter groups the MoE path needs; with the native MoE
   backend it first puts DeepSpeed-MoE's own layers in place of our blocks (`sparsexpert/native_moe.py`).
-- `RankWatch` stops every rank, with a line naming the rank that failed, when one rank fails.
+- Precision: `check_precision` refuses what the accelerator lacks (bf16 before Ampere, fp16 without
+  kernels), `routers_in_fp32` keeps AutoEP's routers in fp32, `precision_state` reports fp16's loss scale.
+- `init_distributed` starts torch.distributed on this rank's device (collectives: `sparsexpert/comm.py`).
 - Workarounds for DeepSpeed 0.19.8 behaviour live here and nowhere else (search "DeepSpeed quirk").
 """
 
@@ -13,21 +15,17 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import math
 import os
-import sys
-import threading
-import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from sparsexpert import comm
+from sparsexpert import device as _device
 from sparsexpert.config import ConfigError
 from sparsexpert.model.config import ModelConfig
 
@@ -168,10 +166,7 @@ def check_config(
             None,
             "set it explicitly (e.g. 1.0, or 0.0 for no clipping); DeepSpeed would silently clip at 1.0",
         )
-    if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(
-            "ds_config.fp16.enabled", True, 'fp16 loss scaling is not supported for MoE here; use "bf16"'
-        )
+    _check_precision_config(model_cfg, ds, stage)
 
     m = model_cfg.moe
     ep = ds.get("expert_parallel", {}) or {}
@@ -281,8 +276,10 @@ def prepare_ds_config(
     max_steps: int,
     tokenizer_vocab: int | None = None,
     seq_len: int | None = None,
+    accelerator: str = "cpu",
 ) -> dict[str, Any]:
-    """Check `ds_json` and return the dict handed to deepspeed.initialize."""
+    """Check `ds_json` and return the dict handed to deepspeed.initialize. accelerator: the device type
+    the run computes on ("cuda" turns on AutoEP's asynchronous split plan unless the JSON says otherwise)."""
     triplet = check_config(model_cfg, ds_json, world_size, tokenizer_vocab, seq_len)
     ds = copy.deepcopy(ds_json)
     ds["train_micro_batch_size_per_gpu"] = triplet.micro
@@ -298,6 +295,10 @@ def prepare_ds_config(
         ep.setdefault("autoep_size", resolve_ep_size(model_cfg, world_size))
         ep.update(AUTOEP_MODULE_LAYOUT)
         ep["top_k"] = m.top_k
+        if accelerator == "cuda" and ep["autoep_size"] > 1:
+            # AutoEP copies its all-to-all split sizes to the host in every MoE layer's forward; on CUDA
+            # it can start that copy asynchronously on a side stream (CUDA tensors only).
+            ep.setdefault("async_split_plan", True)
         if m.num_shared_experts:
             ep["has_shared_experts"] = True
             ep["shared_experts_pattern"] = "shared_experts"
@@ -338,12 +339,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: str | None = N
     ]
 
 
-def init_distributed(timeout_minutes: float = 10.0) -> None:
-    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) with a collective timeout."""
+def init_distributed(timeout_minutes: float = 10.0) -> torch.device:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) with a collective timeout;
+    returns this rank's device. On GPUs each rank is pinned to cuda:LOCAL_RANK first: NCCL's first
+    collective (a barrier before the engine exists) would otherwise put every rank on GPU 0."""
     import logging
     import warnings
 
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     deepspeed.utils.logger.setLevel(logging.WARNING)  # our console line says what matters
     warnings.filterwarnings(
@@ -352,8 +356,12 @@ def init_distributed(timeout_minutes: float = 10.0) -> None:
     if "RANK" not in os.environ:  # plain `python launcher/pretrain.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    device = _device.accelerator_device(int(os.environ["LOCAL_RANK"]))
+    if device.type != "cpu":
+        get_accelerator().set_device(device.index)
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     release_shm_buffer()
+    return device
 
 
 def shm_buffer_path(rank: int | None = None) -> Path:
@@ -368,12 +376,10 @@ def release_shm_buffer() -> None:
     shared-memory all-reduce and nothing ever removes it: a few hundred runs filled the 24 GB
     tmpfs of our machine and the kernel killed the next job. Every rank maps every buffer during
     init_distributed, so once all ranks are past it the names can go (the mappings stay valid)."""
-    import torch.distributed as tdist
-
     path = shm_buffer_path()
     if not path.exists():
         return
-    tdist.barrier()
+    comm.barrier()
     path.unlink(missing_ok=True)
 
 
@@ -382,9 +388,11 @@ def own_gradient_clipping(ds_config: dict[str, Any]) -> float | None:
     per-rank norms over the data-parallel ranks, which is not the global norm once ranks hold
     different experts. For that path we clip ourselves (`clip_grad_norm`) and hand DeepSpeed
     gradient_clipping=0. Returns our max norm (0.0 = measure only), or None when DeepSpeed's
-    ZeRO optimizers do it (their norm is the true global one under AutoEP, checked by the tests)."""
+    ZeRO optimizers do it (their norm is the true global one under AutoEP, checked by the tests), and
+    in fp16, whose gradients carry the loss scale until DeepSpeed's optimizer unscales them inside step
+    (and clips them there: ZeRO 1-3, or FP16_UnfusedOptimizer for a dense model at ZeRO-0)."""
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-    if stage == 0 and not ds_config.get("bf16", {}).get("enabled"):
+    if stage == 0 and precision_of(ds_config) == "fp32":
         return float(ds_config.get("gradient_clipping", 0.0))
     return None
 
@@ -396,7 +404,7 @@ def global_grad_norm(module: nn.Module) -> torch.Tensor:
     from deepspeed.utils import groups
 
     grads = [p for p in module.parameters() if p.grad is not None]
-    device = grads[0].grad.device if grads else torch.device("cpu")
+    device = next(module.parameters()).device
     dense = torch.zeros((), dtype=torch.float32, device=device)
     experts: dict[str, torch.Tensor] = {}
     for p in grads:
@@ -406,34 +414,39 @@ def global_grad_norm(module: nn.Module) -> torch.Tensor:
         else:
             dense += sq
     for name in sorted(experts):
-        dist.all_reduce(experts[name], group=groups._get_expert_parallel_group(name))
-        dense += experts[name]
+        part = _device.to_device(experts[name], device)  # computed from the gradients, on their device
+        dense += comm.all_reduce(part, group=groups._get_expert_parallel_group(name))
     return dense.sqrt()
 
 
-def clip_grad_norm(module: nn.Module, max_norm: float) -> float:
-    """Scale all gradients so their global norm is at most max_norm (0 = no clipping); returns the norm."""
+def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most max_norm (0 = no clipping); returns the
+    norm as a device tensor (no host synchronization: the scale is computed on the device)."""
     norm = global_grad_norm(module)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for p in module.parameters():
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
-    return norm.item()
+    return norm
 
 
 def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None = None):
     """deepspeed.initialize with our parameter groups; returns the engine. With the native MoE backend
     the model's MoE blocks are first replaced by DeepSpeed's native layers (`native_moe.swap_in`);
     DeepSpeed then splits their expert parameters into MoE optimizer groups
-    (`split_params_into_different_moe_groups_for_optimizer`), reduced over the expert-data-parallel group."""
+    (`split_params_into_different_moe_groups_for_optimizer`), reduced over the expert-data-parallel group.
+    Afterwards the routers AutoEP put in place compute in fp32 (`routers_in_fp32`, unless
+    model.moe.router_fp32 is false). The precision is
+    checked against this rank's device first, whichever path gets here (`check_precision_supported`)."""
     import deepspeed
 
+    check_precision_supported(ds_config, _device.accelerator_device())
     cfg: ModelConfig | None = getattr(model, "cfg", None)
     if cfg is not None and cfg.moe.num_experts > 0 and cfg.moe.backend == "native":
         from sparsexpert import native_moe
 
-        ep_size = resolve_ep_size(cfg, dist.get_world_size())
+        ep_size = resolve_ep_size(cfg, comm.world_size())
         native_moe.swap_in(model, cfg.moe, ep_size, bool(ds_config.get("use_data_before_expert_parallel_")))
     if own_gradient_clipping(ds_config) is not None:
         ds_config = {**ds_config, "gradient_clipping": 0.0}
@@ -441,6 +454,8 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay, no_decay), config=ds_config
     )
+    if cfg is None or cfg.moe.router_fp32:
+        routers_in_fp32(engine.module)
     return engine
 
 
@@ -452,146 +467,147 @@ def moe_drop_counts(module: nn.Module) -> torch.Tensor | None:
     return native_moe.drop_counts(module)
 
 
-class RankWatch:
-    """When one rank fails, stop every rank within seconds, each printing one line that names the
-    failed rank(s), with exit status 1 (a context manager around the training loop).
+# ---------------------------------------------------------------------------------------------
+# Precision: fp32, bf16, or fp16 with DeepSpeed's dynamic loss scaling
 
-    A rank whose peer died gets an error from its next collective, but a rank waiting in a
-    collective with a healthy peer that has given up waits for the collective timeout, and
-    DeepSpeed's launcher stops only the ranks of its own node. So, through the rendezvous store
-    (the TCPStore in rank 0's process):
-    - a rank whose loop raises records its error there and raises the failure count;
-    - a daemon thread on every rank reads the count every `poll_s` and joins in, even while the
-      main thread waits in a collective;
-    - every rank joining marks itself alive; rank 0 waits up to `grace_s` for the marks, names
-      the ranks that never marked (their process died or hangs) and those that raised something
-      other than a communication error, publishes that verdict, and keeps the store up until
-      the others have read it;
-    - every rank prints the verdict and leaves with os._exit(1), which nothing in interpreter
-      teardown can hang; a timer does the same if the store itself does not answer.
-    In a world of one, exceptions propagate as usual.
-    """
 
-    PREFIX = "sparsexpert/failure"
+def precision_of(ds_config: dict[str, Any]) -> str:
+    """What a DeepSpeed config trains in: "fp16", "bf16" or "fp32"."""
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        return "fp16"
+    if (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled"):
+        return "bf16"
+    return "fp32"
 
-    def __init__(self, rank: int, world: int, poll_s: float = 1.0, grace_s: float = 5.0):
-        self.rank, self.world, self.poll_s, self.grace_s = rank, world, poll_s, grace_s
-        self.step = 0  # the step being computed, for the message (the training loop sets it)
-        self._stopped = threading.Event()
-        self._reporting = threading.Lock()
-        self._store = dist.distributed_c10d._get_default_store() if world > 1 else None
-        self._thread = threading.Thread(target=self._poll, name="sparsexpert-rank-watch", daemon=True)
 
-    def __enter__(self) -> RankWatch:
-        if self._store is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._stopped.set()
-        if self._store is None:
-            return
-        if isinstance(exc, Exception):
-            self.fail(exc)
-        self._thread.join(timeout=self.poll_s + 5)  # not in the store when the interpreter goes
-
-    def _key(self, *parts: object) -> str:
-        return "/".join((self.PREFIX, *map(str, parts)))
-
-    def _poll(self) -> None:
-        while not self._stopped.wait(self.poll_s):
-            try:
-                failed = self._store.add(self._key("count"), 0)
-            except Exception:  # the store went with rank 0: the main thread's next collective fails
-                return
-            if failed and not self._stopped.is_set():
-                self._stop_all(None)
-
-    def fail(self, exc: Exception) -> NoReturn:
-        """This rank's loop raised `exc`: tell the other ranks, stop them all."""
-        self._stop_all(exc)
-
-    def _stop_all(self, exc: Exception | None) -> NoReturn:
-        if not self._reporting.acquire(blocking=False):
-            while True:  # the other thread of this process is reporting; it ends the process
-                time.sleep(60)
-        backstop = threading.Timer(2 * self.grace_s + 10, os._exit, (1,))
-        backstop.daemon = True
-        backstop.start()
-        try:
-            if exc is not None:
-                self._record(exc)
-            verdict = self._verdict()
-        except Exception as err:
-            verdict = f"rank 0 (which hosts the rendezvous store) is unreachable ({type(err).__name__})"
-        print(
-            f"sparsexpert: training failed: {verdict}; rank {self.rank} stops at step {self.step} "
-            "with exit status 1",
-            file=sys.stderr,
-            flush=True,
+def _check_precision_config(model_cfg: ModelConfig, ds: dict[str, Any], stage: int) -> None:
+    """What check_config refuses of fp16/bf16 whatever the accelerator."""
+    fp16 = bool((ds.get("fp16") or {}).get("enabled"))
+    bf16 = bool((ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled"))
+    if fp16 and bf16:
+        raise ConfigError(
+            "ds_config.fp16.enabled", True, "ds_config.bf16.enabled is true as well; enable one"
         )
-        sys.stdout.flush()
-        os._exit(1)
-
-    def _record(self, exc: Exception) -> None:
-        comm = _raised_by_a_collective(exc)
-        if not comm:  # the root cause is here: its traceback helps (a peer's death gives no news)
-            traceback.print_exception(exc, file=sys.stderr)
-        msg = str(exc).strip()
-        what = f"{type(exc).__name__}: {msg.splitlines()[0]}" if msg else type(exc).__name__
-        self._store.set(self._key("error", self.rank), json.dumps({"comm": comm, "what": what[:300]}))
-        self._store.add(self._key("count"), 1)
-
-    def _verdict(self) -> str:
-        store, key = self._store, self._key
-        store.set(key("alive", self.rank), "1")
-        store.add(key("alive_count"), 1)
-        if self.rank != 0:
-            store.wait([key("verdict")], datetime.timedelta(seconds=self.grace_s + 5))
-            verdict = store.get(key("verdict")).decode()
-            store.add(key("read"), 1)
-            return verdict
-        deadline = time.monotonic() + self.grace_s
-        while store.add(key("alive_count"), 0) < self.world and time.monotonic() < deadline:
-            time.sleep(0.05)
-        silent = [r for r in range(self.world) if not store.check([key("alive", r)])]
-        errors = {
-            r: json.loads(store.get(key("error", r)))
-            for r in range(self.world)
-            if store.check([key("error", r)])
-        }
-        verdict = describe_failure(silent, errors)
-        store.set(key("verdict"), verdict)
-        deadline = time.monotonic() + self.grace_s
-        while store.add(key("read"), 0) < self.world - len(silent) - 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return verdict
+    if fp16 and stage == 0 and model_cfg.moe.num_experts > 0:
+        # DeepSpeed quirk: at ZeRO-0 fp16 runs in FP16_UnfusedOptimizer (any optimizer but a compiled
+        # FusedAdam), whose norm for clipping and for get_global_grad_norm() drops the expert gradients
+        # (split_params_grads_into_shared_and_expert_params, the experts' half discarded). Our own
+        # clipping cannot step in: the gradients carry the loss scale until DeepSpeed's step unscales
+        # them. Refused whichever optimizer, rather than depend on which of its two fp16 paths DeepSpeed takes.
+        raise ConfigError(
+            "ds_config.fp16.enabled",
+            True,
+            "fp16 with MoE layers needs ZeRO 1-3 (DeepSpeed's ZeRO-0 fp16 optimizer leaves the experts out of "
+            "the gradient norm it clips by): use ds_configs/moe_z2_fp16.json, or bf16/fp32 at ZeRO-0",
+        )
 
 
-def _raised_by_a_collective(exc: BaseException) -> bool:
-    """NCCL raises DistErrors; gloo plain RuntimeErrors (e.g. "Connection reset by peer"), from
-    inside torch.distributed."""
-    if isinstance(exc, dist.DistError):
-        return True
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename
+@dataclass(frozen=True)
+class AcceleratorInfo:
+    """What the precision check needs to know of a rank's accelerator."""
+
+    name: str
+    """DeepSpeed's accelerator: "cuda", "cpu", ..."""
+    device: str
+    """The device, e.g. "Tesla V100-SXM2-32GB", for the message."""
+    bf16: bool
+    """Native bf16 arithmetic (CUDA: compute capability 8.0 or newer; emulation does not count)."""
+    fp16: bool
+    """DeepSpeed trains fp16 there (CUDA: compute capability 7.0 or newer; CPU: oneDNN fp16 kernels)."""
+    capability: tuple[int, int] | None = None
+    """CUDA compute capability."""
 
 
-def describe_failure(silent: list[int], errors: dict[int, dict[str, Any]]) -> str:
-    """Which ranks failed: those that never answered, and those whose own code raised; when every
-    error came from communication (a collective timed out), the ranks that saw it."""
+def check_precision(ds: dict[str, Any], acc: AcceleratorInfo) -> None:
+    """Refuse a precision this accelerator lacks, before deepspeed.initialize, naming the field, the device
+    and the fix. A pure function of its inputs (see `accelerator_info` for where they come from)."""
+    precision = precision_of(ds)
+    cap = f" (compute capability {acc.capability[0]}.{acc.capability[1]})" if acc.capability else ""
+    if precision == "bf16" and not acc.bf16:
+        # DeepSpeed quirk: its CUDA accelerator asks torch.cuda.is_bf16_supported(), which counts emulated
+        # bf16 as supported, so on a V100 or T4 it would train bf16 without a word.
+        raise ConfigError(
+            "ds_config.bf16.enabled",
+            True,
+            f"{acc.device}{cap} has no bf16 arithmetic (a GPU needs compute capability 8.0 or newer: A100, "
+            "H100, L4, RTX 30xx and later); use ds_configs/moe_z2_fp16.json (fp16 with dynamic loss scaling) "
+            "or fp32 (ds_configs/moe_z2.json)",
+        )
+    if precision == "fp16" and not acc.fp16:
+        why = (
+            "DeepSpeed's CPU accelerator trains fp16 only where oneDNN has fp16 kernels (AVX512-FP16 or AMX-FP16)"
+            if acc.name == "cpu"
+            else "DeepSpeed trains fp16 on compute capability 7.0 or newer"
+        )
+        fix = "bf16 (ds_configs/moe_z2_bf16.json) or fp32" if acc.bf16 else "fp32"
+        raise ConfigError(
+            "ds_config.fp16.enabled",
+            True,
+            f"{acc.device}{cap} lacks fp16 ({why}); use {fix} (ds_configs/moe_z2.json)",
+        )
 
-    def ranks(rs) -> str:
-        rs = sorted(rs)
-        return f"rank {rs[0]}" if len(rs) == 1 else "ranks " + ", ".join(map(str, rs))
 
-    parts = []
-    if silent:
-        parts.append(f"{ranks(silent)} stopped responding (process exited or hangs)")
-    parts += [f"rank {r} raised {e['what']}" for r, e in sorted(errors.items()) if not e["comm"]]
-    if not parts and errors:
-        first = errors[min(errors)]["what"]
-        parts.append(f"a collective failed on {ranks(errors)} ({first})")
-    return "; ".join(parts) or "a rank failed without telling which"
+def accelerator_info(device: torch.device) -> AcceleratorInfo:
+    """This process's accelerator as `check_precision` needs it (on CUDA, after the device is set)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return AcceleratorInfo(
+            name="cuda",
+            device=torch.cuda.get_device_name(device),
+            bf16=bool(torch.version.hip) or major >= 8,
+            fp16=bool(acc.is_fp16_supported()),
+            capability=(major, minor),
+        )
+    if device.type == "cpu":
+        model = next(
+            (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+            "this CPU",
+        )
+        return AcceleratorInfo("cpu", model, bf16=acc.is_bf16_supported(), fp16=bool(acc.is_fp16_supported()))
+    return AcceleratorInfo(device.type, str(device), acc.is_bf16_supported(), bool(acc.is_fp16_supported()))
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def check_precision_supported(ds: dict[str, Any], device: torch.device) -> None:
+    """The harness's check before deepspeed.initialize: the config's precision against this rank's device."""
+    check_precision(ds, accelerator_info(device))
+
+
+def routers_in_fp32(module: nn.Module) -> int:
+    """Make every MoE router Linear of `module` compute in fp32 (`RouterLinear`); returns how many it changed.
+
+    Our blocks' gates already are RouterLinear; AutoEP's replacement builds its own nn.Linear gate
+    (`TokenChoiceTopKRouter.gate`: softmax and top-k in fp32, the matmul in the module's 16-bit dtype), and
+    the native gate computes in fp32 itself. The class of the existing module is changed in place rather
+    than the module replaced: the Parameter, every hook on it (our logits recorder, ZeRO-3's gathering),
+    its name and the optimizer's references all stay as they are.
+    """
+    from sparsexpert.model.moe import RouterLinear, RouterLogitsRecorder
+
+    blocks = module.moe_blocks() if hasattr(module, "moe_blocks") else []
+    changed = 0
+    for block in blocks:
+        gate = RouterLogitsRecorder.find_gate(block)
+        if type(gate) is nn.Linear:
+            gate.__class__ = RouterLinear
+            changed += 1
+    return changed
+
+
+def precision_state(engine) -> dict[str, float | int]:
+    """For the metrics, once per log interval: under fp16 the current loss scale and the optimizer steps
+    DeepSpeed skipped for overflowing gradients so far (kept in checkpoints, so counted across resumes);
+    nothing otherwise. Host numbers DeepSpeed already holds: no synchronization."""
+    if not engine.fp16_enabled():
+        return {}
+    # Every DeepSpeed fp16 optimizer (ZeRO 1-2, ZeRO-3, FP16_Optimizer, FP16_UnfusedOptimizer) has loss_scale.
+    return {"loss_scale": float(engine.optimizer.loss_scale), "skipped_steps": int(engine.skipped_steps)}

@@ -20,6 +20,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPARSEXPERT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
+# The suite runs on the CPU, also on a GPU host (bench/gpu_smoke.sh runs it there): DeepSpeed's CPU
+# accelerator with gloo, no CUDA device visible. In device check mode every tensor reaching a model
+# or a collective must have passed through sparsexpert.device.to_device (see that module), which a
+# CPU run cannot otherwise tell from a batch left on the host. Launched processes inherit both.
+os.environ["DS_ACCELERATOR"] = "cpu"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["SPARSEXPERT_CHECK_DEVICE"] = "1"
+
 # Small enough that one launch spends its time in start-up, not in training.
 TINY_MODEL = [
     "--model.d_model=64",

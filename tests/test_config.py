@@ -126,7 +126,20 @@ def test_batch_triplet_derivations():
         (model(), ds(zero_optimization={"stage": 4}), 1, None, r"zero_optimization.stage=4: must be one of"),
         (model(top_k=5), ds(), 1, None, r"model.moe.top_k=5: must be between 1 and model.moe.num_experts=4"),
         (ModelConfig(d_model=64, n_heads=5), ds(), 1, None, r"model.n_heads=5: must divide model.d_model=64"),
-        (model(), ds(fp16={"enabled": True}), 1, None, r"ds_config.fp16.enabled=True"),
+        (
+            model(),
+            ds(fp16={"enabled": True}, zero_optimization={"stage": 0}),
+            1,
+            None,
+            r"ds_config.fp16.enabled=True: fp16 with MoE layers needs ZeRO 1-3",
+        ),
+        (
+            model(),
+            ds(fp16={"enabled": True}, bf16={"enabled": True}),
+            1,
+            None,
+            r"ds_config.fp16.enabled=True: ds_config.bf16.enabled is true as well",
+        ),
     ],
 )
 def test_check_config_rejects(mcfg, dsc, world, vocab, match):
@@ -173,3 +186,13 @@ def test_every_shipped_ds_config_is_valid_json_and_passes_checks(path):
     cfg = json.loads(path.read_text())
     for world in (1, 2):
         prepare_ds_config(cfg, model(), world, max_steps=10, tokenizer_vocab=256)
+
+
+def test_activation_checkpointing_is_a_checked_bool():
+    cfg = apply_overrides(RunConfig(), ["--model.activation_checkpointing=true"])
+    assert cfg.model.activation_checkpointing is True
+    with pytest.raises(ConfigError, match="model.activation_checkpointing='yes': expected true or false"):
+        from_dict(RunConfig, {"model": {"activation_checkpointing": "yes"}})
+    with pytest.raises(ConfigError, match="model.activation_checkpointing=1: expected true or false"):
+        ModelConfig(activation_checkpointing=1).validate()
+    check_config(ModelConfig(d_model=64, activation_checkpointing=True), ds(), 1, None)

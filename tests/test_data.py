@@ -4,9 +4,11 @@ import hashlib
 import json
 from collections import Counter
 
+import former_data_path as former
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 from data_prep.example_world import RELATIONS, WorldSpec, build_world, write_world
 from data_prep.pipeline import EOS_ID, DataError, PrepConfig, pack, prepare_text
@@ -151,3 +153,51 @@ def test_ranks_and_accumulation_steps_cover_the_global_batch():
     # One epoch of the stream visits every row once.
     stream = np.concatenate([one.rows(g, m) for g in range(20) for m in range(2)])
     assert sorted(stream[:n].tolist()) == list(range(n))
+
+
+def _write_shards(out, sizes: list[int], seq_len: int, dtype: str) -> None:
+    """A hand-made dataset: train shards of the given numbers of rows, row r holding r * 1000 + column."""
+    out.mkdir()
+    shards, first = [], 0
+    for n, size in enumerate(sizes):
+        rows = (np.arange(first, first + size)[:, None] * 1000 + np.arange(seq_len)).astype(dtype)
+        rows.tofile(out / f"train_{n:05d}.bin")
+        shards.append({"file": f"train_{n:05d}.bin", "num_sequences": size})
+        first += size
+    manifest = {"seq_len": seq_len, "dtype": dtype, "splits": {"train": {"shards": shards}}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_vectorized_gather_matches_the_per_row_reference(tmp_path, dtype):
+    seq_len = 6
+    _write_shards(tmp_path / "d", [5, 1, 7, 3], seq_len, dtype)  # a one-row shard among them
+    ds = PackedDataset(tmp_path / "d", "train")
+    assert len(ds) == 16
+    cases = {
+        "across shards, unsorted": np.array([12, 0, 5, 6, 15, 3]),
+        "repeated": np.array([7, 7, 2, 7, 2, 13, 13]),
+        "single": np.array([9]),
+        "every row, reversed": np.arange(16)[::-1],
+        "one shard": np.array([8, 6, 11]),
+        "a list": [4, 5, 6],
+    }
+    for name, idx in cases.items():
+        want = former.gather(ds, idx)
+        rows = ds.rows(idx)
+        assert rows.dtype == np.int64 and rows.shape == (len(idx), seq_len), name
+        assert torch.equal(torch.from_numpy(rows), want), name
+        got = ds[idx]
+        assert got.dtype == torch.long and torch.equal(got, want), name
+        assert np.array_equal(rows[:, 0] // 1000, np.asarray(idx)), name  # the rows asked for, in order
+    assert ds.rows(np.zeros(0, dtype=np.int64)).shape == (0, seq_len)
+    for bad in ([16], [-1], [3, 99]):
+        with pytest.raises(IndexError, match=r"row indices must be in \[0, 16\)"):
+            ds.rows(bad)
+
+
+def test_vectorized_gather_matches_on_the_example_world(example_data):
+    ds = PackedDataset(example_data, "train")
+    idx = BatchPlan(len(ds), micro=64, grad_accum=1, dp=1, rank=0, seed=4).rows(3, 0)
+    idx = np.concatenate([idx, idx[:5], [len(ds) - 1, 0]])
+    assert torch.equal(torch.from_numpy(ds.rows(idx)), former.gather(ds, idx))

@@ -1,5 +1,6 @@
 """Knowledge components against hand computations and plain-model references."""
 
+import former_data_path as former
 import numpy as np
 import pytest
 import torch
@@ -282,3 +283,125 @@ def test_random_baseline_by_hand():
     m = random_baseline([1, 4])
     assert m["mrr"] == pytest.approx((1.0 + (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4) / 2)
     assert (m["hits@1"], m["hits@3"], m["hits@10"]) == (pytest.approx((1 + 0.25) / 2), (1 + 0.75) / 2, 1.0)
+
+
+# The references are the per-row implementations from before the data path was vectorized
+# (former_data_path): the new code must give the same arrays and make the same random draws, in order.
+
+
+def _assert_same_injection(inj: Injector, x: np.ndarray, mentions: list[np.ndarray], seed: int) -> dict:
+    """inject (the whole micro-batch) against the reference row by row: equal arrays, the same draws."""
+    rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+    row_M = np.repeat(np.arange(len(mentions)), [len(m) for m in mentions])
+    got = inj.inject(x, np.concatenate(mentions).reshape(-1, 3), row_M, rng)
+    former_inj = former.Injector(inj.kg, inj.tok, inj.cfg)
+    parts = [former_inj.inject_row(x[b], m, ref_rng) for b, m in enumerate(mentions)]
+    for key in ("input_ids", "targets", "position_ids", "attn_mask"):
+        want = np.stack([p[key] for p in parts])
+        assert got[key].dtype == want.dtype and np.array_equal(got[key], want), key
+    assert rng.bit_generator.state == ref_rng.bit_generator.state  # as many draws
+    return got
+
+
+def test_vectorized_injection_matches_the_reference_by_hand():
+    """Mentions at the start and the end of the row, branches past S, a row without mentions, an
+    entity heading no triple, nested mentions (one anchor spans another's branches), shared ends."""
+    S = 12
+    x = np.arange(10, 10 + 4 * S).reshape(4, S)
+    rows = [
+        np.array([[0, 1, 0], [4, 6, 2], [9, 12, 0]]),  # the last mention ends the row
+        np.array(
+            [[2, 7, 0], [3, 4, 2], [5, 7, 0], [8, 9, 1]]
+        ),  # nested; two ending at token 6; e1 heads none
+        np.zeros((0, 3), dtype=np.int64),  # no mentions
+        np.array([[7, 10, 0], [10, 11, 2]]),  # branches overflow S
+    ]
+    for per, prob in [(1, 1.0), (2, 1.0), (3, 1.0), (2, 0.5), (2, 0.0), (0, 1.0)]:
+        inj = Injector(
+            toy_kg(),
+            WordTokenizer(),
+            KnowledgeConfig(mode="inject", inject_per_mention=per, inject_prob=prob),
+        )
+        former_inj = former.Injector(inj.kg, inj.tok, inj.cfg)
+        for seed in range(4):
+            got = _assert_same_injection(inj, x, rows, seed)
+            for b, m in enumerate(rows):  # inject_row is inject on one row
+                one = inj.inject_row(x[b], m, np.random.default_rng(seed))
+                ref = former_inj.inject_row(x[b], m, np.random.default_rng(seed))
+                assert all(np.array_equal(one[k], ref[k]) for k in ref)
+        if prob == 0.0 or per == 0:
+            assert np.array_equal(got["input_ids"], x)  # nothing injected
+
+
+def test_vectorized_injection_matches_the_reference_on_the_example_world(example_data):
+    from data_prep.tokenizer import load_tokenizer
+    from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader
+    from sparsexpert.knowledge.data import KnowledgeLoader
+
+    data = PackedDataset(example_data, "train")
+    kg, rk = DatasetKG.load(example_data), RowKnowledge(example_data, "train")
+    tok = load_tokenizer(example_data / "tokenizer.model")
+    plan = BatchPlan(len(data), 16, 1, 1, 0, seed=5)
+    for per, prob in [(2, 1.0), (1, 0.7), (4, 1.0), (2, 0.0)]:
+        inj = Injector(kg, tok, KnowledgeConfig(mode="inject", inject_per_mention=per, inject_prob=prob))
+        for g in range(3):
+            rows = plan.rows(g, 0)
+            mentions = [former.select(rk.spans, int(r))[:, 1:] for r in rows]
+            got = _assert_same_injection(inj, data.rows(rows), mentions, seed=g)
+        assert (got["position_ids"] != np.arange(data.seq_len)).any() == (prob > 0)
+    # The loader end to end: its micro-batch equals the reference's, rows gathered one at a time.
+    cfg = KnowledgeConfig(mode="inject")
+    loader = KnowledgeLoader(
+        ShardLoader(data, plan), example_data, "train", cfg, True, None, 512, example_data / "tokenizer.model"
+    )
+    former_inj = former.Injector(kg, tok, cfg)
+    for g, m in [(0, 0), (7, 0)]:
+        batch = loader.batch(g, m)
+        rows, rng = plan.rows(g, m), np.random.default_rng([plan.seed, g, m, 7])
+        x = np.stack([np.asarray(data.shards[0][r], dtype=np.int64) for r in rows])
+        parts = [
+            former_inj.inject_row(x[b], former.select(rk.spans, int(r))[:, 1:], rng)
+            for b, r in enumerate(rows)
+        ]
+        for key in parts[0]:
+            assert torch.equal(batch[key], torch.from_numpy(np.stack([p[key] for p in parts]))), key
+
+
+def _assert_same_fusion(kg, rk, rows, S, cfg, seed) -> KnowledgeBatch:
+    rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+    got, want = fusion_batch(kg, rk, rows, S, cfg, rng), former.fusion_batch(kg, rk, rows, S, cfg, ref_rng)
+    for name in KnowledgeBatch.__dataclass_fields__:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert rng.bit_generator.state == ref_rng.bit_generator.state
+    return got
+
+
+def test_vectorized_fusion_batch_matches_the_reference(example_data, tmp_path):
+    kg, rk = DatasetKG.load(example_data), RowKnowledge(example_data, "train")
+    S = 32
+    rows = np.random.default_rng(0).permutation(len(np.unique(rk.spans[:, 0])))[:24]
+    rows = np.concatenate([rows, rows[:3]])  # repeated rows too
+    cfgs = [
+        KnowledgeConfig(mode="fusion"),
+        KnowledgeConfig(mode="fusion", entity_negatives=0, replace_prob=0.5, drop_prob=0.3),
+        KnowledgeConfig(mode="fusion", triple_batch=5),  # fewer than attached: a random choice
+        KnowledgeConfig(mode="fusion", triple_source="kg", replace_prob=1.0, drop_prob=0.0),
+        KnowledgeConfig(mode="fusion", replace_prob=0.0, drop_prob=1.0),
+    ]
+    for seed, cfg in enumerate(cfgs):
+        _assert_same_fusion(kg, rk, rows, S, cfg, seed)
+    # By hand: a row without mentions or triples, overlapping mentions, a mention ending the row.
+    np.save(tmp_path / "t_spans.npy", np.array([[0, 1, 3, 2], [0, 2, 4, 5], [2, 14, 16, 1], [3, 0, 16, 4]]))
+    np.save(tmp_path / "t_triples.npy", np.array([[0, 1], [2, 0], [2, 2], [3, 1]]))
+    small = DatasetKG(
+        [f"e{i}" for i in range(6)],
+        [f"e{i}" for i in range(6)],
+        ["r0", "r1"],
+        np.array([[0, 0, 1], [1, 1, 2], [2, 0, 3]]),
+    )
+    rk = RowKnowledge(tmp_path, "t")
+    for seed, cfg in enumerate(cfgs):
+        _assert_same_fusion(small, rk, np.array([3, 1, 0, 2, 1]), 16, cfg, seed)
+        empty = _assert_same_fusion(small, rk, np.array([1, 4]), 16, cfg, seed)
+        assert empty.num_mentions == 0 and (empty.entity_ids == -1).all()

@@ -1,9 +1,16 @@
-"""The model against hand computations: routing, router losses, initialization, attention masks."""
+"""The model against hand computations: routing, router losses, initialization, attention masks;
+activation checkpointing against the same model without it, in-process and under DeepSpeed."""
+
+import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_ds_config
 
+from sparsexpert.knowledge.config import KnowledgeConfig
+from sparsexpert.knowledge.modules import KnowledgeBatch
 from sparsexpert.model import IGNORE_INDEX, ModelConfig, MoEConfig, build_model
 from sparsexpert.model.moe import MoEBlock, router_stats
 
@@ -153,3 +160,147 @@ def test_param_counts():
     expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["active"] == counts["total"] - expert // 2  # top-2 of 4 experts
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing: the same losses and gradients, with each block recomputed in backward
+
+
+def _fusion_batch(B: int, S: int) -> KnowledgeBatch:
+    """Mentions at tokens 2-3 (entity 1) and 6 (entity 4) of every row, two triples with negatives."""
+    ent = torch.full((B, S), -1)
+    ent[:, 2:4], ent[:, 6] = 1, 4
+    tokens = torch.tensor([b * S + s for b in range(B) for s in (2, 3, 6)])
+    mention_of = torch.tensor([2 * b + m for b in range(B) for m in (0, 0, 1)])
+    return KnowledgeBatch(
+        entity_ids=ent,
+        mention_tokens=tokens,
+        mention_of_token=mention_of,
+        candidates=torch.tensor([1, 4, 0, 5]),
+        mention_labels=torch.tensor([0, 1] * B),
+        triples=torch.tensor([[1, 0, 4], [4, 1, 2]]),
+        negatives=torch.tensor([[[1, 0, 3], [5, 0, 4]], [[4, 1, 0], [3, 1, 2]]]),
+    )
+
+
+def _losses_and_grads(cfg: ModelConfig, x, knowledge, objective: str):
+    model = build_model(cfg, seed=0).train()
+    out = model(x, x, knowledge=knowledge)
+    loss = out.loss if objective == "loss" else out.aux_loss + out.z_loss
+    loss.backward()
+    terms = {
+        k: getattr(out, k) for k in ("loss", "lm_loss", "aux_loss", "z_loss", "entity_loss", "triple_loss")
+    }
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return model, {k: v for k, v in terms.items() if v is not None}, grads
+
+
+@pytest.mark.parametrize(
+    "kind,objective",
+    [("dense", "loss"), ("moe", "loss"), ("moe", "router"), ("fusion", "loss"), ("masked", "loss")],
+)
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(kind, objective):
+    """Dense and MoE (shared experts), causal, with knowledge fusion entering at layer 1, a masked LM;
+    objective "router": the aux and z losses alone, whose gradient reaches the router only through the
+    logits recorded inside the checkpointed blocks."""
+    cfg = tiny(num_experts=0 if kind == "dense" else 4, num_shared_experts=0 if kind == "dense" else 1)
+    cfg.n_layers, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef = 3, 0.5, 0.1
+    cfg.causal = kind != "masked"
+    knowledge = None
+    if kind == "fusion":
+        cfg.knowledge = KnowledgeConfig(mode="fusion", num_entities=6, num_relations=2, entity_dim=8)
+        knowledge = _fusion_batch(3, 16)
+    x = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    _, terms, grads = _losses_and_grads(cfg, x, knowledge, objective)
+    ckpt_cfg = copy.deepcopy(cfg)
+    ckpt_cfg.activation_checkpointing = True
+    model, ckpt_terms, ckpt_grads = _losses_and_grads(ckpt_cfg, x, knowledge, objective)
+
+    assert model._router_recorder.logits == []  # the recomputation recorded nothing
+    assert terms.keys() == ckpt_terms.keys() and grads.keys() == ckpt_grads.keys()
+    if kind == "fusion":
+        assert {"entity_loss", "triple_loss", "knowledge.entities.weight"} <= terms.keys() | grads.keys()
+    if objective == "router":
+        assert grads["layers.1.mlp.gate.weight"].abs().sum() > 0
+    for k in terms:
+        torch.testing.assert_close(ckpt_terms[k], terms[k], rtol=1e-6, atol=0, msg=k)
+    for n in grads:
+        torch.testing.assert_close(ckpt_grads[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_activation_checkpointing_recomputes_only_while_training_with_gradients():
+    cfg = tiny()
+    cfg.activation_checkpointing = True
+    model = build_model(cfg, seed=0)
+    calls = []
+    model.layers[0].register_forward_hook(lambda *_: calls.append(1))  # at the end: no early stop
+    x = torch.randint(0, 97, (2, 8))
+    model.train()
+    model(x, x).loss.backward()
+    assert len(calls) == 2  # forward, and again in backward
+    calls.clear()
+    with torch.no_grad():
+        model(x, x)
+    model.eval()
+    model(x, x).loss.backward()
+    assert len(calls) == 2  # once each: no grad, then eval mode
+
+
+def test_activation_checkpointing_recomputes_again_for_a_second_backward():
+    """Adversarial fine-tuning's pattern: the gradient w.r.t. the embeddings (graph kept), a perturbed
+    forward, then one backward through both graphs; the first graph's blocks are recomputed twice."""
+    results = []
+    for on in (False, True):
+        cfg = tiny()
+        cfg.n_layers, cfg.activation_checkpointing = 3, on
+        model = build_model(cfg, seed=0).train()
+        x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+        h, emb = model.hidden_states(x)
+        loss = model.output(h).logsumexp(-1).mean() + sum(model.router_losses(h)[:2])
+        (g,) = torch.autograd.grad(loss, emb, retain_graph=True)
+        h2, _ = model.hidden_states(x, embed_delta=1e-2 * g / g.norm())
+        (loss + model.output(h2).logsumexp(-1).mean() + sum(model.router_losses(h2)[:2])).backward()
+        results.append((g, {n: p.grad for n, p in model.named_parameters()}))
+    (g, grads), (ckpt_g, ckpt_grads) = results
+    torch.testing.assert_close(ckpt_g, g, rtol=1e-5, atol=1e-7)
+    for n in grads:
+        torch.testing.assert_close(ckpt_grads[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_activation_checkpointing_under_deepspeed_matches(tmp_path, example_data):
+    """2 processes, ep_size=2, ZeRO-2, AutoEP (its all-to-alls repeat in backward on every rank), knowledge
+    fusion: the logged losses and gradient norm equal those of the same run without checkpointing."""
+    ds = write_ds_config(tmp_path / "ds.json", gradient_clipping=1.0, train_micro_batch_size_per_gpu=4)
+    common = [
+        *TINY_MODEL,
+        "--model.moe.ep_size=2",
+        "--model.knowledge.mode=fusion",
+        "--model.knowledge.entity_dim=16",
+        f"--data.path={example_data}",
+        "--train.max_steps=4",
+        "--train.log_every=1",
+        "--train.save_every=0",
+    ]
+    ref = pretrain(tmp_path / "plain", 2, ds, *common)
+    run = pretrain(tmp_path / "ckpt", 2, ds, *common, "--model.activation_checkpointing=true")
+    assert [r["step"] for r in run.metrics()] == [r["step"] for r in ref.metrics()] == [1, 2, 3, 4]
+    for a, b in zip(run.metrics(), ref.metrics()):
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "entity_loss", "triple_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key, a[key], b[key])
+
+
+def test_activation_checkpointing_with_the_native_backend(tmp_path):
+    """DeepSpeed's native layer draws random numbers while routing (Random Token Selection, Jitter) and
+    counts dropped assignments in a hook: the recomputation routes alike (same RNG state), so losses,
+    gradients and drop counters equal those without checkpointing."""
+    out = tmp_path / "native.jsonl"
+    run_cmd(deepspeed_cmd(1, "tests/scripts/checkpointing_native.py", str(out)), tmp_path, timeout=300)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        plain, ckpt = r["plain"], r["checkpointed"]
+        assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+        assert ckpt["aux_z"] == pytest.approx(plain["aux_z"], rel=1e-6)
+        assert r["same_grad_names"] and r["grad_diff"] < 1e-6
+        assert ckpt["drops_forward"] == ckpt["drops_after_backward"] == plain["drops_forward"]
+    assert any(dropped > 0 for dropped, _ in rows[0]["plain"]["drops_forward"])  # capacity really binds

@@ -28,7 +28,8 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 
 class PackedDataset:
-    """The rows of one split, memory-mapped: dataset[indices] -> LongTensor [len(indices), seq_len]."""
+    """The rows of one split, memory-mapped: dataset[indices] -> LongTensor [len(indices), seq_len];
+    dataset.rows(indices) gives the same rows as an int64 numpy array."""
 
     def __init__(self, data_dir: str | Path, split: str = "train"):
         self.dir = Path(data_dir)
@@ -54,11 +55,30 @@ class PackedDataset:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """int64 [len(indices), seq_len]: the rows asked for, in the order asked (repeats allowed)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"{self.dir}: row indices must be a 1-D array, got shape {idx.shape}")
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(
+                f"{self.dir}: row indices must be in [0, {len(self)}), got {idx.min()}..{idx.max()}"
+            )
+        out = np.empty((len(idx), self.seq_len), dtype=np.int64)
+        # Sorting the indices groups them by shard (and reads each shard front to back): one fancy
+        # index per shard, scattered back to the requested order. Shard s holds
+        # sorted_idx[bounds[s]:bounds[s + 1]].
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        bounds = np.searchsorted(sorted_idx, self.offsets)
+        for s in np.flatnonzero(np.diff(bounds)).tolist():
+            lo, hi = bounds[s], bounds[s + 1]
+            # np.asarray: a plain view of the memmap, which indexes faster than the memmap itself
+            out[order[lo:hi]] = np.asarray(self.shards[s])[sorted_idx[lo:hi] - self.offsets[s]]
+        return out
+
     def __getitem__(self, indices: np.ndarray) -> torch.Tensor:
-        indices = np.asarray(indices)
-        shard_ids = np.searchsorted(self.offsets, indices, side="right") - 1
-        rows = np.stack([self.shards[s][i - self.offsets[s]] for s, i in zip(shard_ids, indices)])
-        return torch.from_numpy(rows.astype(np.int64))
+        return torch.from_numpy(self.rows(indices))
 
 
 @dataclass

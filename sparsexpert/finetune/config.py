@@ -134,6 +134,8 @@ class FinetuneConfig:
     """Knowledge distillation."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
+    collective_timeout_minutes: float = 10.0
+    """A rank waiting longer than this in a collective fails instead of hanging."""
 
     def validate(self) -> None:
         if not self.tasks:

@@ -34,6 +34,8 @@ class TaskOutput:
     z_loss: torch.Tensor | None = None
     embeds: torch.Tensor | None = None
     """[B, S, D] the token embeddings of this pass (adversarial training differentiates w.r.t. them)."""
+    expert_counts: torch.Tensor | None = None
+    """[num_moe_layers, E] token-expert assignments in this pass (None for a dense model)."""
 
 
 class TaskModel(Transformer):
@@ -81,8 +83,8 @@ class TaskModel(Transformer):
         else:
             rows = torch.arange(h.shape[0], device=h.device)
             logits = head(torch.cat([h[rows, markers[:, 0]], h[rows, markers[:, 1]]], dim=-1))
-        aux, z, _ = self.router_losses(logits)
-        out = TaskOutput(logits=logits, aux_loss=aux, z_loss=z, embeds=emb)
+        aux, z, counts = self.router_losses(logits)
+        out = TaskOutput(logits=logits, aux_loss=aux, z_loss=z, embeds=emb, expert_counts=counts)
         if labels is None:
             return out
         out.task_loss = F.cross_entropy(

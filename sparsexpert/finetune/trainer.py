@@ -1,4 +1,5 @@
-"""Fine-tuning: a pretrained (or dense, or fresh) backbone, one head per task, the DeepSpeed engine.
+"""Fine-tuning on the run harness (`sparsexpert/harness.py`): a pretrained (or dense, or fresh)
+backbone, one head per task, the DeepSpeed engine.
 
 `Finetuner(cfg, ds_json, output_dir).train()` is what `launcher/finetune.py` calls. Writes under
 output_dir: config.json, metrics.jsonl, tensorboard/, best/ (the checkpoint with the best dev
@@ -16,17 +17,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from sparsexpert import parallel
+from sparsexpert import comm
+from sparsexpert import device as _device
 from sparsexpert.config import ConfigError
 from sparsexpert.export import load_init, model_config_of, upcycled
 from sparsexpert.finetune import data as fdata
 from sparsexpert.finetune.config import FinetuneConfig
 from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
 from sparsexpert.finetune.model import TaskModel, TaskSpec
-from sparsexpert.metrics import MetricsLogger, format_duration
+from sparsexpert.harness import Harness, MicroOut, expert_metrics, load_state
+from sparsexpert.metrics import format_duration
 from sparsexpert.model.transformer import IGNORE_INDEX
 from sparsexpert.train import checkpoint
 
@@ -34,11 +36,10 @@ from sparsexpert.train import checkpoint
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, ds_json: dict[str, Any], output_dir: str | Path):
         cfg.validate()
-        parallel.init_distributed()
+        self.h = h = Harness(output_dir, cfg.max_steps, cfg.tensorboard, cfg.collective_timeout_minutes)
         self.cfg, self.output_dir = cfg, Path(output_dir)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.metrics = MetricsLogger(self.output_dir, self.rank == 0, cfg.max_steps, cfg.tensorboard)
-        log = self.metrics.text
+        self.rank, self.world = h.rank, h.world
+        log = h.log
 
         # Backbone config and weights.
         state = None
@@ -50,10 +51,12 @@ class Finetuner:
             if cfg.upcycle_experts:
                 model_cfg, state = upcycled(model_cfg, state, cfg.model.moe, cfg.upcycle_experts, cfg.seed)
             model_cfg.moe.ep_size = cfg.model.moe.ep_size
+            model_cfg.activation_checkpointing = cfg.model.activation_checkpointing
             model_cfg.moe.aux_loss_coef, model_cfg.moe.z_loss_coef = (
                 cfg.model.moe.aux_loss_coef,
                 cfg.model.moe.z_loss_coef,
             )
+            model_cfg.moe.router_fp32 = cfg.model.moe.router_fp32
             log(f"initializing from {init.source}{' (dense, upcycled)' if cfg.upcycle_experts else ''}")
         else:
             model_cfg, tok_path = cfg.model, Path(cfg.tokenizer)
@@ -93,9 +96,9 @@ class Finetuner:
                 f"{len(labels)} labels{'; ' + str(dict(c)) if c else ''}"
             )
 
-        # Model, teacher, engine.
-        ds = parallel.prepare_ds_config(
-            ds_json, model_cfg, self.world, cfg.max_steps, self.tok.vocab_size, self.max_len
+        # DeepSpeed config.
+        ds, self.triplet = h.deepspeed_config(
+            ds_json, model_cfg, cfg.max_steps, self.tok.vocab_size, self.max_len
         )
         if ds.get("zero_optimization", {}).get("stage", 0) == 3:
             raise ConfigError(
@@ -104,37 +107,33 @@ class Finetuner:
                 "fine-tuning supports ZeRO 0-2; use ds_configs/moe_z2.json",
             )
         self.ds_config, self.ds_json = ds, ds_json
-        self.triplet = parallel.batch_triplet(ds, self.world)
+
+        # Model and weights, teacher, engine.
         model_cfg.validate()
         model = TaskModel(model_cfg, self.specs, cfg.task_aware_routing)
         model.init_weights(cfg.seed)
         model.init_heads(cfg.seed)
         if state is not None:
-            state = {
-                k: v
-                for k, v in state.items()
-                if not k.startswith(("knowledge.", "heads.", "task_embeddings."))
-            }
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            backbone_missing = [k for k in missing if not k.startswith(("heads.", "task_embeddings."))]
-            if backbone_missing or unexpected:
-                raise ValueError(
-                    f"{cfg.init}: weights do not fit the model: missing {backbone_missing[:5]}, unexpected {unexpected[:5]}"
-                )
+            load_state(
+                model,
+                state,
+                str(cfg.init),
+                skip=("knowledge.", "heads.", "task_embeddings."),
+                fresh=("heads.", "task_embeddings."),
+            )
         if not model_cfg.tie_embeddings:
             model.output.weight.requires_grad_(False)  # the LM head has no part in the tasks
         if cfg.freeze_embeddings:
             model.tok_embeddings.weight.requires_grad_(False)
         self.param_counts = model.num_params()
-        self.teacher = self._load_teacher() if cfg.distill.teacher else None
         # DeepSpeed wants the experts in an optimizer group even when they are frozen, so frozen
         # experts stay in it without weight decay and with their gradients zeroed: Adam moves them by 0.
-        self.engine = parallel.initialize(model, ds, no_decay=".experts." if cfg.freeze_experts else None)
+        self.engine = h.build_engine(model, ds, no_decay=".experts." if cfg.freeze_experts else None)
         if cfg.freeze_experts:
             for n, p in self.engine.module.named_parameters():
                 if ".experts." in n:
                     p.register_hook(torch.zeros_like)
-        self.own_clip = parallel.own_gradient_clipping(ds)
+        self.teacher = self._load_teacher() if cfg.distill.teacher else None
         self.schedule = fdata.TaskSchedule(
             [len(d.ids) for d in self.train_sets],
             self.triplet.micro,
@@ -169,6 +168,7 @@ class Finetuner:
         }
 
     def _load_teacher(self) -> TaskModel:
+        """The frozen teacher, on this rank's device in the student's compute dtype."""
         state, meta = checkpoint.load_weights(self.cfg.distill.teacher)
         if meta.get("kind") != "finetune":
             raise ConfigError(
@@ -192,49 +192,60 @@ class Finetuner:
         tcfg = model_config_of(meta)
         tcfg.moe.ep_size = 1
         teacher = TaskModel(tcfg, specs, meta["run"].get("task_aware_routing", False))
-        teacher.load_state_dict(state)
+        load_state(teacher, state, str(self.cfg.distill.teacher))
         self._teacher_task = {s.name: i for i, s in enumerate(specs)}
         for p in teacher.parameters():
             p.requires_grad_(False)
-        return teacher.eval()
+        dtype = next(self.engine.module.parameters()).dtype
+        return _device.guard(teacher.to(device=self.h.device, dtype=dtype).eval(), "teacher")
 
     # ------------------------------------------------------------------ one micro-batch
-    def _batch(self, step: int, m: int) -> tuple[int, dict[str, Any]]:
+    def _batch(self, step: int, m: int) -> tuple[int, dict[str, Any], int]:
+        """(task, model inputs on the host, tokens): a function of (step, m), so it can be prefetched."""
         task, idx = self.schedule.examples(step, m)
         kind = self.specs[task].kind
-        return task, fdata.collate(self.train_sets[task], kind, idx, self.pad_id, self.model_cfg.causal)
+        batch = fdata.collate(self.train_sets[task], kind, idx, self.pad_id, self.model_cfg.causal)
+        return task, batch, int(batch["lengths"].sum())
 
-    def _loss(self, task: int, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward(self, item: tuple[int, dict[str, Any], int]) -> MicroOut:
+        task, batch, tokens = item
+        loss, scalars, counts = self._loss(task, batch)
+        scalars[f"{self.specs[task].name}/loss"] = scalars["task_loss"]
+        return MicroOut(loss, scalars, {"expert_counts": counts} if counts is not None else None, tokens)
+
+    def _loss(
+        self, task: int, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """The weighted loss of a micro-batch (on the device), the terms to log (device tensors, no
+        host sync) and the expert counts."""
         cfg = self.cfg
         out = self.engine(task=task, **batch)
         w = cfg.tasks[task].loss_weight
         loss = out.loss
-        stats = {"task_loss": out.task_loss.item(), "aux_loss": out.aux_loss.item()}
+        stats = {"task_loss": out.task_loss, "aux_loss": out.aux_loss}
         adv = cfg.adversarial
         if adv.method != "none":
             delta = self._adversary(task, batch, out)
             adv_out = self.engine(task=task, embed_delta=delta, **batch)
             loss = loss + adv_out.loss
-            stats["adv_loss"] = adv_out.task_loss.item()
+            stats["adv_loss"] = adv_out.task_loss
         if self.teacher is not None:
             with torch.no_grad():
                 name = self.specs[task].name
                 t_logits = self.teacher(task=self._teacher_task[name], **batch).logits.float()
             T = cfg.distill.temperature
-            s_logits = out.logits.float()
-            if s_logits.dim() == 3:  # tokens: only labelled positions
-                keep = batch["labels"] != IGNORE_INDEX
-                s_logits, t_logits = s_logits[keep], t_logits[keep]
-            kl = F.kl_div(
-                F.log_softmax(s_logits / T, -1),
-                F.log_softmax(t_logits / T, -1),
-                log_target=True,
-                reduction="batchmean",
-            )
+            s_logp = F.log_softmax(out.logits.float() / T, -1)
+            t_logp = F.log_softmax(t_logits / T, -1)
+            kl_rows = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # KL(teacher || student) per row or token
+            if kl_rows.dim() == 2:  # tokens: the mean over labelled positions (a mask, no host sync)
+                keep = (batch["labels"] != IGNORE_INDEX).to(kl_rows.dtype)
+                kl = (kl_rows * keep).sum() / keep.sum().clamp_min(1)
+            else:
+                kl = kl_rows.mean()
             loss = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * T * T * kl
-            stats["distill_kl"] = kl.item()
-        stats["total_loss"] = loss.item()
-        return w * loss, stats
+            stats["distill_kl"] = kl
+        stats["total_loss"] = loss
+        return w * loss, stats, out.expert_counts
 
     def _adversary(self, task: int, batch: dict[str, Any], out) -> torch.Tensor:
         """FGM: epsilon * g / ||g||; PGD: `steps` ascent steps of size alpha on the embedding
@@ -248,27 +259,28 @@ class Finetuner:
 
         (g,) = torch.autograd.grad(out.task_loss, out.embeds, retain_graph=True)
         if adv.method == "fgm":
-            return (adv.epsilon * normalized(g)).detach()
+            return self.h.to_device((adv.epsilon * normalized(g)).detach())
         delta = torch.zeros_like(out.embeds)
         for _ in range(adv.steps):
             delta = (delta + adv.alpha * normalized(g)).detach()
             norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-            delta = delta * (adv.epsilon / norm).clamp(max=1.0)[:, None, None]
+            delta = self.h.to_device(delta * (adv.epsilon / norm).clamp(max=1.0)[:, None, None])
             delta.requires_grad_(True)
             probe = self.engine(task=task, embed_delta=delta, **batch)
             (g,) = torch.autograd.grad(probe.task_loss, delta)
-        return delta.detach()
+        return self.h.to_device(delta.detach())
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, task: int, data: fdata.Encoded) -> list:
-        """Predictions for every example of `data` (every rank returns all of them)."""
+        """Predictions for every example of `data` (every rank returns all of them). The argmaxes stay
+        on the device until the last batch: one host synchronization per call, not per batch or token."""
         self.engine.eval()
         kind, n = self.specs[task].kind, len(data.ids)
         size = self.triplet.micro
         n_batches = math.ceil(n / size)
         n_batches += (-n_batches) % self.world  # equal forward counts on every rank
-        mine: list[tuple[int, Any]] = []
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []
         for bi in range(self.rank, n_batches, self.world):
             idx = np.arange(bi * size, min(n, (bi + 1) * size))
             real = len(idx) > 0
@@ -276,10 +288,12 @@ class Finetuner:
                 data, kind, idx if real else np.array([0]), self.pad_id, self.model_cfg.causal
             )
             batch.pop("labels")
-            logits = self.engine(task=task, **batch).logits
-            if not real:
-                continue
-            pred = logits.argmax(-1)
+            logits = self.engine(task=task, **self.h.to_device(batch)).logits
+            if real:
+                pending.append((idx, logits.argmax(-1)))
+        mine: list[tuple[int, Any]] = []
+        for idx, pred in pending:
+            pred = pred.cpu().numpy()
             for b, i in enumerate(idx):
                 if kind == "ner":
                     fp = data.first_piece[i]
@@ -287,10 +301,8 @@ class Finetuner:
                 else:
                     mine.append((int(i), int(pred[b])))
         self.engine.train()
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, mine)
         out: list = [None] * n
-        for part in gathered:
+        for part in comm.all_gather_object(mine):
             for i, p in part:
                 out[i] = p
         return out
@@ -362,74 +374,69 @@ class Finetuner:
     # ------------------------------------------------------------------ the loop
     def save_best(self, metric: float) -> Path:
         meta = {**self._describe(), "step": self.step, "dev_metric": metric}
-        return checkpoint.save(
-            self.engine, self.output_dir / "best", self.step, meta, self.tokenizer_file, keep=1
-        )
+        return self.h.save(self.output_dir / "best", self.step, meta, self.tokenizer_file, keep=1)
 
     def train(self) -> dict[str, Any]:
-        cfg, engine = self.cfg, self.engine
+        """Train to max_steps (or an early stop). If any rank fails, every rank stops within seconds
+        with exit status 1 and a line naming the failed rank (comm.RankWatch)."""
+        with self.h.watch("fine-tuning"):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
+        cfg, h, engine = self.cfg, self.h, self.engine
+        moe_layers = self.model_cfg.moe_layer_ids
+        layer_experts = self.model_cfg.moe.layer_experts(len(moe_layers))
         best, best_step, bad_evals = -math.inf, 0, 0
-        sums: dict[str, float] = {}
-        n_micro, t0, t_int = 0, time.time(), time.time()
-        tokens = 0
+        t0, t_int = time.time(), time.time()
         history = []
+        accum = self.triplet.grad_accum
         engine.train()
-        while self.step < cfg.max_steps:
-            for m in range(self.triplet.grad_accum):
-                task, batch = self._batch(self.step, m)
-                loss, stats = self._loss(task, batch)
-                engine.backward(loss)
-                if self.own_clip is not None and m == self.triplet.grad_accum - 1:
-                    parallel.clip_grad_norm(engine.module, self.own_clip)
-                engine.step()
-                stats[f"{self.specs[task].name}/loss"] = stats["task_loss"]
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_micro += 1
-                tokens += int(batch["lengths"].sum())
-            self.step += 1
-            done = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or done:
-                t = torch.tensor(
-                    [sums.get(k, 0.0) for k in sorted(sums)] + [n_micro, tokens], dtype=torch.float64
-                )
-                dist.all_reduce(t)
-                keys = sorted(sums)
-                record = {k: (t[i] / max(t[-2].item(), 1)).item() for i, k in enumerate(keys)}
-                record["loss"] = record.pop("task_loss")
-                record["lr"] = float(engine.get_lr()[0])
-                record["tokens_per_s"] = t[-1].item() / max(time.time() - t_int, 1e-9)
-                self.metrics.log(record, self.step)
-                sums, n_micro, tokens, t_int = {}, 0, 0, time.time()
-            if self.step % cfg.eval_every == 0 or done:
-                metric, results = self.evaluate()
-                rec = {"dev_metric": metric}
-                for name, (s, _) in results.items():
-                    rec.update({f"dev/{name}/{k}": v for k, v in s.items() if isinstance(v, float)})
-                history.append({"step": self.step, **rec})
-                self.metrics.log(rec, self.step)
-                if metric > best:
-                    best, best_step, bad_evals = metric, self.step, 0
-                    self.save_best(metric)
-                    if self.rank == 0:
-                        for task, (_, preds) in enumerate(results.values()):
-                            self.write_predictions("dev", task, self.dev_sets[task], preds)
-                    self._best_results = {n: s for n, (s, _) in results.items()}
-                    for task, data in enumerate(self.test_sets):
-                        if data is not None:
-                            preds = self.predict(task, data)
-                            self._best_results[f"{self.specs[task].name}/test"] = self.score(
-                                task, data, preds
+        batches = h.prefetch(self._batch, self.step, cfg.max_steps, accum)
+        try:
+            while self.step < cfg.max_steps:
+                h.tick(self.step + 1)
+                h.step(self.step, batches, accum, self._forward)
+                self.step += 1
+                done = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or done:
+                    r = h.interval()
+                    record = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "tokens"}
+                    record["loss"] = record.pop("task_loss")
+                    record["tokens_per_s"] = r["tokens"] / max(time.time() - t_int, 1e-9)
+                    record.update(expert_metrics(r, moe_layers, layer_experts))
+                    h.metrics.log(record, self.step)
+                    t_int = time.time()
+                if self.step % cfg.eval_every == 0 or done:
+                    metric, results = self.evaluate()
+                    rec = {"dev_metric": metric}
+                    for name, (sc, _) in results.items():
+                        rec.update({f"dev/{name}/{k}": v for k, v in sc.items() if isinstance(v, float)})
+                    history.append({"step": self.step, **rec})
+                    h.metrics.log(rec, self.step)
+                    if metric > best:
+                        best, best_step, bad_evals = metric, self.step, 0
+                        self.save_best(metric)
+                        if self.rank == 0:
+                            for task, (_, preds) in enumerate(results.values()):
+                                self.write_predictions("dev", task, self.dev_sets[task], preds)
+                        self._best_results = {n: sc for n, (sc, _) in results.items()}
+                        for task, data in enumerate(self.test_sets):
+                            if data is not None:
+                                preds = self.predict(task, data)
+                                self._best_results[f"{self.specs[task].name}/test"] = self.score(
+                                    task, data, preds
+                                )
+                                if self.rank == 0:
+                                    self.write_predictions("test", task, data, preds)
+                    else:
+                        bad_evals += 1
+                        if cfg.patience and bad_evals >= cfg.patience:
+                            h.log(
+                                f"early stop at step {self.step}: no better dev metric in {bad_evals} evaluations"
                             )
-                            if self.rank == 0:
-                                self.write_predictions("test", task, data, preds)
-                else:
-                    bad_evals += 1
-                    if cfg.patience and bad_evals >= cfg.patience:
-                        self.metrics.text(
-                            f"early stop at step {self.step}: no better dev metric in {bad_evals} evaluations"
-                        )
-                        break
+                            break
+        finally:
+            batches.close()
         summary = {
             "best_dev_metric": best,
             "best_step": best_step,
@@ -448,10 +455,10 @@ class Finetuner:
             from sparsexpert.finetune.metrics import format_report
 
             for name, rep in summary["reports"].items():
-                self.metrics.text(f"{name} (best dev, step {best_step}):\n{format_report(rep)}")
-            self.metrics.text(
+                h.log(f"{name} (best dev, step {best_step}):\n{format_report(rep)}")
+            h.log(
                 f"done: best dev metric {best:.4f} at step {best_step}; {format_duration(summary['seconds'])}; "
                 f"best checkpoint {self.output_dir / 'best'}"
             )
-        self.metrics.close()
+        h.metrics.close()
         return summary

@@ -4,6 +4,10 @@ micro-batch inputs the knowledge modes need (fusion tensors, or K-BERT injected 
 Every random choice (ERNIE's corruption, sampled negatives, which triples are injected) comes
 from a generator seeded by (data seed, global batch, micro-batch index in the global batch), so a
 micro-batch is the same whichever rank reads it: a 2-process run equals a 1-process run.
+
+A micro-batch is built with numpy over all its rows at once; the only Python loops left run over
+mentions, where a random draw depends on the one before (tests/test_knowledge.py holds the former
+per-row code as the reference the output must equal, draw for draw).
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ def _read_tsv(path: Path, min_cols: int) -> list[list[str]]:
             raise ValueError(f"{path}:{n}: expected {min_cols} tab-separated columns; re-run data_prep")
         rows.append(cols)
     return rows
+
+
+def _ranges(length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For consecutive ranges of the given lengths: the range of each element, and its offset in it."""
+    owner = np.repeat(np.arange(len(length)), length)
+    return owner, np.arange(len(owner)) - np.repeat(np.cumsum(length) - length, length)
+
+
+def _in_intervals(lo: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """[B, S, S] bool, [b, q, k]: lo[b, q] <= k < lo[b, q] + length[b, q] (lo in [0, S], length >= 0);
+    one subtraction and one unsigned comparison per element, in 16 bits where S allows."""
+    S = lo.shape[-1]
+    signed, unsigned = (np.int16, np.uint16) if S < 2**15 else (np.int32, np.uint32)
+    offset = np.arange(S, dtype=signed) - lo.astype(signed)[..., None]
+    return offset.view(unsigned) < length.astype(unsigned)[..., None]
 
 
 @dataclass
@@ -77,20 +96,31 @@ class RowKnowledge:
         self.row_triples = np.load(d / f"{split}_triples.npy", mmap_mode="r")  # row, triple index
 
     @staticmethod
-    def _select(table: np.ndarray, row: int) -> np.ndarray:
-        lo, hi = np.searchsorted(table[:, 0], [row, row + 1])
-        return np.asarray(table[lo:hi])
+    def _select(table: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The entries of `rows` (table sorted by row), row after row in the order given, each row's in
+        file order; and the position in `rows` of each entry's row."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        lo = np.searchsorted(table[:, 0], rows, side="left")
+        n = np.searchsorted(table[:, 0], rows, side="right") - lo
+        owner, k = _ranges(n)
+        return np.asarray(table[lo[owner] + k]), owner
 
     def mentions(self, row: int) -> np.ndarray:
         """[k, 3] start, end (exclusive), entity of the row's mentions, in order."""
-        return self._select(self.spans, row)[:, 1:]
+        return self._select(self.spans, [row])[0][:, 1:]
 
     def triples(self, row: int) -> np.ndarray:
-        return self._select(self.row_triples, row)[:, 1]
+        return self._select(self.row_triples, [row])[0][:, 1]
 
+    def batch_mentions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[M, 3] the mentions of all `rows` (row after row, as `mentions` gives each), and [M] the
+        position in `rows` of each mention's row."""
+        spans, owner = self._select(self.spans, rows)
+        return spans[:, 1:], owner
 
-def _cat(xs: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate(xs).astype(np.int64)) if xs else torch.zeros(0, dtype=torch.long)
+    def batch_triples(self, rows: np.ndarray) -> np.ndarray:
+        """The triples attached to `rows`, row after row (repeats kept)."""
+        return self._select(self.row_triples, rows)[0][:, 1]
 
 
 def fusion_batch(
@@ -102,23 +132,26 @@ def fusion_batch(
     rng: np.random.Generator,
 ) -> KnowledgeBatch:
     n_ent = len(kg.entities)
-    entity_ids = np.full((len(rows), seq_len), -1, dtype=np.int64)
-    tokens, owner, truth = [], [], []
-    for b, row in enumerate(rows):
-        for s, e, ent in rk.mentions(int(row)):
-            u = rng.random()
-            shown = (
-                rng.integers(n_ent)
-                if u < cfg.replace_prob
-                else -1
-                if u < cfg.replace_prob + cfg.drop_prob
-                else ent
-            )
-            entity_ids[b, s:e] = shown
-            tokens.append(np.arange(b * seq_len + s, b * seq_len + e))
-            owner.append(np.full(e - s, len(truth)))
-            truth.append(ent)
-    truth_M = np.asarray(truth, dtype=np.int64)
+    B, S = len(rows), seq_len
+    mentions, owner_M = rk.batch_mentions(rows)
+    start_M, end_M, truth_M = mentions.T
+    # One rng.random() per mention, in order, and a random entity right after each replaced one:
+    # the draws interleave, so this loop stays; the rest is vectorized.
+    u_M = np.empty(len(truth_M))
+    replaced = []
+    for m in range(len(u_M)):
+        u_M[m] = u = rng.random()
+        if u < cfg.replace_prob:
+            replaced.append(rng.integers(n_ent))
+    shown_M = np.where(u_M < cfg.replace_prob + cfg.drop_prob, -1, truth_M)
+    shown_M[u_M < cfg.replace_prob] = np.asarray(replaced, dtype=np.int64)
+    # Every token of every mention (P of them, as in KnowledgeBatch), mention after mention, as
+    # an index into [B * S].
+    owner_P, k_P = _ranges(end_M - start_M)
+    tokens_P = owner_M[owner_P] * S + start_M[owner_P] + k_P
+    entity_ids = np.full((B, S), -1, dtype=np.int64)
+    entity_ids.reshape(-1)[tokens_P] = shown_M[owner_P]  # a later mention overwrites an earlier one
+
     if cfg.entity_negatives == 0:
         candidates, labels = np.arange(n_ent), truth_M
     else:
@@ -126,7 +159,7 @@ def fusion_batch(
         labels = np.searchsorted(candidates, truth_M)
 
     if cfg.triple_source == "attached":
-        idx = np.unique(np.concatenate([rk.triples(int(r)) for r in rows]))
+        idx = np.unique(rk.batch_triples(rows))
         if len(idx) > cfg.triple_batch:
             idx = np.sort(rng.choice(idx, cfg.triple_batch, replace=False))
         pos = kg.triples[idx]
@@ -145,8 +178,8 @@ def fusion_batch(
 
     return KnowledgeBatch(
         entity_ids=torch.from_numpy(entity_ids),
-        mention_tokens=_cat(tokens),
-        mention_of_token=_cat(owner),
+        mention_tokens=torch.from_numpy(tokens_P),
+        mention_of_token=torch.from_numpy(owner_P),
         candidates=torch.from_numpy(candidates.astype(np.int64)),
         mention_labels=torch.from_numpy(labels.astype(np.int64)),
         triples=torch.from_numpy(pos.astype(np.int64)),
@@ -160,7 +193,9 @@ class Injector:
     A row of S tokens becomes S tokens again (the text that no longer fits is cut). Original
     tokens keep their positions and see only earlier original tokens; the tokens of a branch (one
     triple, " relation words tail name") take positions end, end+1, ... after their anchor mention
-    and see only that mention and the earlier tokens of their own branch."""
+    and see only that mention and the earlier tokens of their own branch.
+
+    Shape letters: B rows, S tokens a row, M mentions, J branches, I branch tokens."""
 
     def __init__(self, kg: DatasetKG, tokenizer, cfg: KnowledgeConfig):
         self.kg, self.tok, self.cfg = kg, tokenizer, cfg
@@ -168,6 +203,7 @@ class Injector:
         for i in np.flatnonzero(kg.triples[:, 0] >= 0):
             heads.setdefault(int(kg.triples[i, 0]), []).append(int(i))
         self.by_head = {h: np.asarray(v) for h, v in heads.items()}  # entity -> the triples it heads
+        self._heads = np.array(sorted(self.by_head), dtype=np.int64)
         self._branch_ids: dict[int, np.ndarray] = {}
 
     def verbalize(self, triple: int) -> str:
@@ -179,56 +215,98 @@ class Injector:
             self._branch_ids[triple] = self.tok.encode([self.verbalize(triple)])[0]
         return self._branch_ids[triple]
 
+    def _choose(self, entity_M: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The mention and the triple of each branch (J of them), mention after mention, each
+        mention's triples in increasing order."""
+        per = self.cfg.inject_per_mention
+        mention, chosen = [], []
+        if per:
+            # One rng.random() per mention, in order, and a rng.choice right after each that gets an
+            # injection: the draws interleave, so this loop stays.
+            heads = np.isin(entity_M, self._heads).tolist()
+            for m, ent in enumerate(entity_M.tolist()):
+                if rng.random() < self.cfg.inject_prob and heads[m]:
+                    cand = self.by_head[ent]
+                    mention.append(m)
+                    chosen.append(rng.choice(cand, min(per, len(cand)), replace=False))
+        mention_J = np.repeat(np.asarray(mention, dtype=np.int64), [len(c) for c in chosen])
+        triple_J = np.concatenate([np.zeros(0, np.int64), *chosen]).astype(np.int64)
+        order = np.lexsort((triple_J, mention_J))
+        return mention_J[order], triple_J[order]
+
+    def inject(
+        self, x: np.ndarray, mentions: np.ndarray, mention_row: np.ndarray, rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        """The injected rows of a micro-batch. x: [B, S] token ids; mentions: [M, 3] start, end
+        (exclusive), entity, row after row; mention_row: [M] the row of x of each mention.
+        Returns input_ids, targets, position_ids [B, S] (int64) and attn_mask [B, S, S] (bool)."""
+        x = np.asarray(x, dtype=np.int64)
+        mentions = np.asarray(mentions, dtype=np.int64).reshape(-1, 3)
+        mention_row = np.asarray(mention_row, dtype=np.int64)
+        B, S = x.shape
+        mention_J, triple_J = self._choose(mentions[:, 2], rng)
+        # The layout before the cut at S: every text token, each followed by the branches of the
+        # mentions it ends (in draw order). Branches in layout order:
+        b_J, anchor_J, end_J = mention_row[mention_J], mentions[mention_J, 0], mentions[mention_J, 1] - 1
+        key_J = b_J * S + end_J
+        order = np.argsort(key_J, kind="stable")
+        b_J, anchor_J, end_J, key_J = b_J[order], anchor_J[order], end_J[order], key_J[order]
+        tokens = [self.branch(t) for t in triple_J[order].tolist()]
+        len_J = np.array([len(t) for t in tokens], dtype=np.int64)
+        inserted_BS = np.zeros((B, S), dtype=np.int64)
+        np.add.at(inserted_BS, (b_J, end_J), len_J)
+        text_out_BS = np.arange(S) + np.cumsum(inserted_BS, axis=1) - inserted_BS  # where text token i goes
+        before_J = np.cumsum(len_J) - len_J
+        same_place = before_J - before_J[np.searchsorted(key_J, key_J)]  # earlier branches after that token
+        start_J = text_out_BS[b_J, end_J] + 1 + same_place
+
+        ids = np.empty((B, S), dtype=np.int64)
+        pos = np.empty((B, S), dtype=np.int64)
+        targets = np.full((B, S), IGNORE_INDEX, dtype=np.int64)
+        # Text tokens: those laid out before S, a prefix of the row. Each predicts the next one.
+        kept_BS = text_out_BS < S
+        b_text, i_text = np.nonzero(kept_BS)
+        out_text = text_out_BS[b_text, i_text]
+        ids[b_text, out_text], pos[b_text, out_text] = x[b_text, i_text], i_text
+        has_next = np.zeros((B, S), dtype=bool)
+        has_next[:, :-1] = kept_BS[:, 1:]
+        b_next, i_next = np.nonzero(has_next)
+        targets[b_next, text_out_BS[b_next, i_next]] = x[b_next, i_next + 1]
+        # Branch tokens (I of them before the cut): branch j's k-th token at start_J + k, position
+        # end + 1 + k; each predicts the next token of its branch.
+        j_I, k_I = _ranges(len_J)
+        tok_I = np.concatenate([np.zeros(0, np.int64), *tokens]).astype(np.int64)
+        out_I = start_J[j_I] + k_I
+        has_next_I = (k_I < len_J[j_I] - 1) & (out_I + 1 < S)
+        keep = out_I < S
+        j_I, k_I, tok_I, out_I, has_next_I = j_I[keep], k_I[keep], tok_I[keep], out_I[keep], has_next_I[keep]
+        b_I = b_J[j_I]
+        ids[b_I, out_I], pos[b_I, out_I] = tok_I, end_J[j_I] + 1 + k_I
+        targets[b_I[has_next_I], out_I[has_next_I]] = tok_I[np.flatnonzero(has_next_I) + 1]
+
+        # Visibility, causal in output order: query q sees the keys of its own branch up to itself
+        # (none for a text token) and the text tokens of an interval: all text up to itself for a text
+        # token, its anchor mention for a branch token.
+        own_lo = np.zeros((B, S), dtype=np.int64)
+        own_len = np.zeros((B, S), dtype=np.int64)
+        text_lo = np.zeros((B, S), dtype=np.int64)
+        text_len = np.broadcast_to(np.arange(1, S + 1), (B, S)).copy()
+        text = np.ones((B, S), dtype=bool)
+        text[b_I, out_I] = False
+        own_lo[b_I, out_I] = start_J[j_I]
+        own_len[b_I, out_I] = out_I + 1 - start_J[j_I]
+        text_lo[b_I, out_I] = text_out_BS[b_I, anchor_J[j_I]]
+        text_len[b_I, out_I] = text_out_BS[b_I, end_J[j_I]] + 1 - text_lo[b_I, out_I]
+        mask = _in_intervals(own_lo, own_len)
+        mask |= _in_intervals(text_lo, text_len) & text[:, None, :]
+        return {"input_ids": ids, "targets": targets, "position_ids": pos, "attn_mask": mask}
+
     def inject_row(
         self, x: np.ndarray, mentions: np.ndarray, rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        S = len(x)
-        ids, pos, group = [], [], []  # group -1: original text; g >= 0: branch g
-        anchors: list[tuple[int, int]] = []  # out index range [lo, hi) of branch g's mention
-        orig_out = np.full(S, -1)
-        ends: dict[int, list[tuple[int, int]]] = {}
-        for s, e, ent in mentions:
-            if (
-                self.cfg.inject_per_mention
-                and rng.random() < self.cfg.inject_prob
-                and int(ent) in self.by_head
-            ):
-                cand = self.by_head[int(ent)]
-                k = min(self.cfg.inject_per_mention, len(cand))
-                for t in np.sort(rng.choice(cand, k, replace=False)):
-                    ends.setdefault(int(e) - 1, []).append((int(s), int(t)))
-        for i in range(S):
-            if len(ids) >= S:
-                break
-            orig_out[i] = len(ids)
-            ids.append(x[i])
-            pos.append(i)
-            group.append(-1)
-            for s, t in ends.get(i, []):
-                g = len(anchors)
-                anchors.append((orig_out[s], orig_out[i] + 1))
-                for k, tok in enumerate(self.branch(t)):
-                    ids.append(tok)
-                    pos.append(i + 1 + k)
-                    group.append(g)
-        ids, pos, group = np.asarray(ids[:S]), np.asarray(pos[:S]), np.asarray(group[:S])
-        # Targets: an original token predicts the next original token, a branch token the next
-        # token of its branch; the last of a branch and the last kept text token predict nothing.
-        targets = np.full(S, IGNORE_INDEX, dtype=np.int64)
-        kept = orig_out[orig_out >= 0]
-        targets[kept[:-1]] = x[1 : len(kept)]
-        for g in range(len(anchors)):
-            members = np.flatnonzero(group == g)
-            targets[members[:-1]] = ids[members[1:]]
-        # Visibility: causal in output order, restricted by group.
-        q, k = np.arange(S)[:, None], np.arange(S)[None, :]
-        orig = group < 0
-        lo = np.array([a[0] for a in anchors] + [0])[group]
-        hi = np.array([a[1] for a in anchors] + [0])[group]
-        sees_anchor = ~orig[:, None] & orig[None, :] & (k >= lo[:, None]) & (k < hi[:, None])
-        same_group = (group[:, None] == group[None, :]) & ~orig[:, None]
-        mask = (k <= q) & ((orig[:, None] & orig[None, :]) | sees_anchor | same_group)
-        return {"input_ids": ids, "targets": targets, "position_ids": pos, "attn_mask": mask}
+        """One row: x [S], mentions [k, 3]; `inject` with B = 1, without the batch dimension."""
+        out = self.inject(np.asarray(x)[None], mentions, np.zeros(len(mentions), dtype=np.int64), rng)
+        return {k: v[0] for k, v in out.items()}
 
 
 class KnowledgeLoader:
@@ -262,19 +340,16 @@ class KnowledgeLoader:
     def batch(self, global_batch: int, micro_step: int) -> dict[str, Any]:
         plan = self.loader.plan
         rows = plan.rows(global_batch, micro_step)
-        x = self.loader.dataset[rows]
+        x = self.loader.dataset.rows(rows)
         j = micro_step * plan.dp + plan.rank  # the micro-batch's index in the global batch
         rng = np.random.default_rng([self.seed, global_batch, j, 7])
         if self.cfg.mode == "none":
-            return self._lm(x, rng)
+            return self._lm(torch.from_numpy(x), rng)
         if self.cfg.mode == "fusion":
             kb = fusion_batch(self.kg, self.rows, rows, x.shape[1], self.cfg, rng)
-            return {**self._lm(x, rng), "knowledge": kb}
-        parts = [
-            self.injector.inject_row(x[b].numpy(), self.rows.mentions(int(r)), rng)
-            for b, r in enumerate(rows)
-        ]
-        return {k: torch.from_numpy(np.stack([p[k] for p in parts])) for k in parts[0]}
+            return {**self._lm(torch.from_numpy(x), rng), "knowledge": kb}
+        out = self.injector.inject(x, *self.rows.batch_mentions(rows), rng)
+        return {k: torch.from_numpy(v) for k, v in out.items()}
 
     def _lm(self, x: torch.Tensor, rng: np.random.Generator) -> dict[str, Any]:
         if self.causal:

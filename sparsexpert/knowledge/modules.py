@@ -69,7 +69,12 @@ class KnowledgeEmbeddings(nn.Module):
         sums_MD = h_TD.new_zeros(M, h_TD.shape[-1]).index_add_(
             0, kb.mention_of_token, h_TD[kb.mention_tokens]
         )
-        lens_M = torch.bincount(kb.mention_of_token, minlength=M).clamp_min(1).to(h_TD.dtype)
+        # tokens per mention (whole numbers, exact in any dtype) by index_add_, not bincount, which on
+        # CUDA reads its largest index back to the host
+        lens_M = h_TD.new_zeros(M).index_add_(
+            0, kb.mention_of_token, h_TD.new_ones(kb.mention_of_token.shape)
+        )
+        lens_M = lens_M.clamp_min(1)
         q_ME = self.entity_head(sums_MD / lens_M.unsqueeze(-1))
         logits_MC = q_ME.float() @ self.entities(kb.candidates).float().t()
         return F.cross_entropy(logits_MC, kb.mention_labels)

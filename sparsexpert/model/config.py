@@ -31,6 +31,12 @@ class MoEConfig:
     """Weight of the load-balancing loss (Switch Transformer / Mixtral); it equals 1 under perfect balance."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss, mean(logsumexp(router logits)^2) (ST-MoE)."""
+    router_fp32: bool = True
+    """Compute the router logits in fp32 from the 16-bit inputs and weights under bf16 and fp16 (ours and
+    AutoEP's router; the native gate always does), as Megatron-Core's moe_router_dtype=fp32: 16-bit logits
+    swap near-equal experts. Costs a little: 3.5-4% of the MoE step on our 2-core CPU in bf16, where the
+    fp32 product runs without the bf16 matrix units (bench/pretrain_throughput.py). false: in the model's
+    dtype (softmax and top-k stay fp32). No effect in fp32."""
     backend: str = "autoep"
     """How the experts are sharded across ranks and how tokens are routed to them:
     "autoep": DeepSpeed AutoEP swaps each block for its expert-parallel layer (dropless, ZeRO 0-3).
@@ -88,6 +94,8 @@ class MoEConfig:
             raise ConfigError("model.moe.num_shared_experts", self.num_shared_experts, "must be >= 0")
         if self.ep_size < 0:
             raise ConfigError("model.moe.ep_size", self.ep_size, "must be >= 1, or 0 for automatic")
+        if not isinstance(self.router_fp32, bool):
+            raise ConfigError("model.moe.router_fp32", self.router_fp32, "expected true or false")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             raise ConfigError(
                 "model.moe.aux_loss_coef/z_loss_coef", (self.aux_loss_coef, self.z_loss_coef), "must be >= 0"
@@ -184,6 +192,12 @@ class ModelConfig:
     """Standard deviation of the normal initialization; residual output projections are scaled by 1/sqrt(2*n_layers)."""
     tie_embeddings: bool = False
     """Share the token embedding and the output projection."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations during backward instead of keeping them from the
+    forward pass (torch.utils.checkpoint, non-reentrant): a block then keeps only its input, at the cost
+    of one more forward per step (about a third more compute). Applies while training with gradients;
+    evaluation and generation never recompute. A runtime setting, not part of the network: a run can
+    resume with it switched on or off, and exports do not carry it into the Hugging Face config."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """The MoE layers."""
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
@@ -221,6 +235,10 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(
                 "model.n_heads", self.n_heads, "d_model / n_heads must be even for rotary embeddings"
+            )
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError(
+                "model.activation_checkpointing", self.activation_checkpointing, "expected true or false"
             )
         self.moe.validate(self.d_ff)
         per_layer = self.moe.num_experts_per_layer

@@ -34,6 +34,22 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class RouterLinear(nn.Linear):
+    """A Linear that computes in fp32 whatever the dtype of its weight: the router's logits.
+
+    Under fp16 or bf16 DeepSpeed casts every parameter to 16 bits, and a 16-bit matmul returns rounded
+    logits (bf16 keeps 8 significant bits, fp16 11): near-equal experts swap places, the top-k choice
+    with them, and the router losses see the rounding. Here the product is taken in fp32 from the
+    16-bit input and weight. The weight stays in the model's dtype: DeepSpeed's fp16/bf16 optimizers
+    keep the fp32 master copy and hold one flat 16-bit buffer per parameter group. The state dict is a
+    Linear's; in fp32 it computes exactly what nn.Linear computes.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts held as stacked weights."""
 
@@ -86,12 +102,13 @@ class MoEBlock(nn.Module):
         num_shared_experts: int = 0,
         renormalize: bool = True,
         residual: bool = False,
+        router_fp32: bool = True,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.gate = (RouterLinear if router_fp32 else nn.Linear)(d_model, num_experts, bias=False)
         self.experts = Experts(num_experts, d_model, d_expert)
         self.shared_experts = SwiGLU(d_model, d_expert * num_shared_experts) if num_shared_experts else None
         self.residual_mlp = SwiGLU(d_model, d_expert) if residual else None
@@ -110,7 +127,12 @@ class MoEBlock(nn.Module):
         # Dispatch: sort the T*K assignments by expert so each expert sees a contiguous slice.
         order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
         token_N = order_N // self.top_k
-        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts).tolist()
+        # The split sizes go to the host: one synchronization per layer (counted with scatter_add_: a
+        # CUDA bincount would add one). Training never runs this block (DeepSpeed's AutoEP or native
+        # layer replaces it); generation, a distillation teacher and the tests do.
+        experts_N = experts_TK.reshape(-1)
+        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=experts_N.device)
+        counts_E = counts_E.scatter_add_(0, experts_N, torch.ones_like(experts_N)).tolist()
         # index_select, not x_TD[token_N]: its backward is an index_add, several times faster on CPU
         # than the accumulating index_put that advanced indexing uses.
         y_ND = self.experts(x_TD.index_select(0, token_N), counts_E)
@@ -155,8 +177,10 @@ def router_stats(logits_per_layer: list[torch.Tensor], top_k: int) -> RouterStat
         logits_TE = logits_TE.float()
         T, E = logits_TE.shape
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices
-        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=E)
+        experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices.reshape(-1)
+        # scatter_add_, not bincount: on CUDA bincount reads the largest index back to the host.
+        counts_E = torch.zeros(E, dtype=torch.long, device=logits_TE.device)
+        counts_E.scatter_add_(0, experts_TK, torch.ones_like(experts_TK))
         share_E = counts_E.to(probs_TE.dtype) / (T * top_k)
         aux.append(E * torch.sum(share_E * probs_TE.mean(dim=0)))
         z.append(torch.logsumexp(logits_TE, dim=-1).square().mean())
@@ -172,15 +196,36 @@ class RouterLogitsRecorder:
     The router is the module called `gate` inside the MoE block: ours is the Linear `mlp.gate`,
     AutoEP's replacement keeps it as the Linear `mlp.router.gate`; DeepSpeed's native layer has
     `mlp.deepspeed_moe.gate`, a gate module that computes its logits from its Linear `wg` inside
-    (in fp32), so for it they are computed again from its input. Hooks are (re)attached whenever
-    the modules change, so the losses survive the swaps DeepSpeed and sparsexpert make at
-    initialization.
+    (in fp32), so for it they are computed again from its input, when `logits` is read. Hooks are
+    (re)attached whenever the modules change, so the losses survive the swaps DeepSpeed and
+    sparsexpert make at initialization.
+
+    Activation checkpointing runs each block's forward again during backward: inside `paused()`
+    nothing is recorded, so no layer counts twice. The hooks therefore must not compute anything that
+    autograd saves (the recomputation would save fewer tensors than the forward, which torch's
+    checkpoint refuses): the native logits are computed in `logits`, outside the blocks.
     """
 
     def __init__(self) -> None:
         self._hooked: list[nn.Module] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.logits: list[torch.Tensor] = []
+        self._paused = 0
+        self._recorded: list[torch.Tensor | tuple[nn.Linear, torch.Tensor]] = []
+
+    @property
+    def logits(self) -> list[torch.Tensor]:
+        """[T, E] router logits of each MoE layer of the last forward pass, in order."""
+        self._recorded = [
+            r if isinstance(r, torch.Tensor) else F.linear(r[1].float(), r[0].weight.float())
+            for r in self._recorded
+        ]
+        return self._recorded
+
+    def paused(self) -> _Paused:
+        """A context manager that may be entered again and again: torch's checkpoint reuses the one
+        it was given for every recomputation of the block (a second backward through the same graph
+        recomputes again, e.g. adversarial fine-tuning's gradient w.r.t. the embeddings)."""
+        return _Paused(self)
 
     @staticmethod
     def find_gate(moe_block: nn.Module) -> nn.Module:
@@ -202,13 +247,26 @@ class RouterLogitsRecorder:
         self._handles = [g.register_forward_hook(self._record) for g in gates]
 
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._paused:
+            return
         if isinstance(module, nn.Linear):
-            self.logits.append(output)
+            self._recorded.append(output)
         else:  # the native gate: logits = x_TD @ wg^T in fp32, as it computes them (before any noise)
-            self.logits.append(F.linear(inputs[0].float(), module.wg.weight.float()))
+            self._recorded.append((module.wg, inputs[0]))
 
     def reset(self) -> None:
-        self.logits = []
+        self._recorded = []
+
+
+class _Paused:
+    def __init__(self, recorder: RouterLogitsRecorder):
+        self.recorder = recorder
+
+    def __enter__(self) -> None:
+        self.recorder._paused += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.recorder._paused -= 1
 
 
 def residual_out_std(init_std: float, n_layers: int) -> float:

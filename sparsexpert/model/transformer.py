@@ -7,12 +7,14 @@ MoE feed-forward, the model, its initialization.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sparsexpert.knowledge.modules import KnowledgeBatch, KnowledgeEmbeddings
 from sparsexpert.model.config import ModelConfig
@@ -100,6 +102,7 @@ class Block(nn.Module):
                 # its top-k gates, and AutoEP, renormalize the k weights to sum to 1.
                 renormalize=not (m.backend == "native" and m.top_k == 1),
                 residual=m.use_residual,
+                router_fp32=m.router_fp32,
             )
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
@@ -133,6 +136,10 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    # DeepSpeed casts buffers only when the JSON sets data_types.buffer_dtype; its default
+    # keep_in_fp32_modules="auto" reads this (Hugging Face's) list and keeps these in fp32 even then.
+    _keep_in_fp32_modules_strict = ["rope_cos", "rope_sin"]
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size < 1:
@@ -150,6 +157,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._router_recorder = RouterLogitsRecorder()
 
+    def _apply(self, fn, recurse=True):
+        """Every cast and move (.half(), .bfloat16(), .to(...), .cuda(), .to_empty()) runs through here:
+        the rotary tables follow the device but are rebuilt in fp32, as 16-bit tables would shift every
+        position's angle (bf16 keeps 3 significant digits of cos/sin). apply_rope computes in fp32."""
+        super()._apply(fn, recurse)
+        cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     def moe_blocks(self) -> list[nn.Module]:
         return [layer.mlp for layer in self.layers if layer.is_moe]
 
@@ -164,7 +180,8 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(final normalized hidden states [B, S, D], token embeddings [B, S, D]). The router logits
         of this pass are recorded for `router_losses`. embed_delta [B, S, D] is added to the token
-        embeddings (adversarial training perturbs them)."""
+        embeddings (adversarial training perturbs them). With model.activation_checkpointing, while
+        training with gradients, each block keeps only its input and runs again in backward."""
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -179,10 +196,30 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         fuse = self.knowledge is not None and knowledge is not None
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if fuse and i == self.cfg.knowledge.fusion_layer:
                 h = self.knowledge.fuse(h, knowledge.entity_ids)
-            h = layer(h, cos, sin, attn_mask)
+            if recompute:
+                # Non-reentrant: the forward records autograd as usual, so the router logits recorded
+                # inside the block keep their graph and the aux and z losses reach the router (a
+                # reentrant checkpoint, deepspeed.checkpointing's too, runs it under no_grad and would
+                # drop that gradient silently). The recomputation runs with the RNG state of the forward
+                # (same routing under noisy gates), with the recorder paused, and to the block's end
+                # (early_stop=False): an expert-parallel layer's all-to-alls must be repeated by every
+                # rank, whichever tensors that rank's backward happens to need.
+                h = checkpoint(
+                    layer,
+                    h,
+                    cos,
+                    sin,
+                    attn_mask,
+                    use_reentrant=False,
+                    early_stop=False,
+                    context_fn=lambda: (contextlib.nullcontext(), recorder.paused()),
+                )
+            else:
+                h = layer(h, cos, sin, attn_mask)
         return self.norm(h), emb
 
     def router_losses(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from sparsexpert import comm
 
 COMPLETE = "COMPLETE.json"
 META = "sparsexpert.json"
@@ -62,13 +63,20 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's generators: Python's, NumPy's, torch's CPU one and, on a GPU, its CUDA one (the native
+    MoE backend's noisy gating and random token selection draw from the CUDA generator)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # of the current device: this rank's
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -112,13 +120,13 @@ def save(
     root = Path(ckpt_root)
     tag = tag_for(step)
     tag_dir = root / tag
-    rank = dist.get_rank()
+    rank = comm.rank()
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a leftover of an interrupted save of the same step
-    dist.barrier()
+    comm.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"sparsexpert_step": step}, save_latest=False)
     torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
-    dist.barrier()
+    comm.barrier()
     if rank == 0:
         if tokenizer_file is not None:  # a SentencePiece file or a Hugging Face tokenizer folder
             src = Path(tokenizer_file)
@@ -133,7 +141,7 @@ def save(
             complete = [d for d in sorted(root.glob("step_*")) if d.is_dir() and is_complete(d)]
             for old in complete[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return tag_dir
 
 
@@ -145,9 +153,9 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
     )
     if path is None:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
-    rng_file = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
+    rng_file = tag_dir / f"rng_rank{comm.rank():05d}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return meta
 
 
@@ -256,7 +264,7 @@ def to_universal(tag_dir: Path) -> Path:
     store, without the collective timeout, since a large model takes a while to convert. Without
     torch.distributed (consolidation, export) this process converts."""
     out = tag_dir / UNIVERSAL
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = comm.rank(), comm.world_size()
     error = ""
     if rank == 0 and not (out / CONVERTED).is_file():
         shutil.rmtree(out, ignore_errors=True)  # a leftover of an interrupted conversion
@@ -266,7 +274,7 @@ def to_universal(tag_dir: Path) -> Path:
         except Exception as exc:  # reported on every rank below
             error = f"{type(exc).__name__}: {exc}"
     if world > 1:
-        store, key = dist.distributed_c10d._get_default_store(), f"sparsexpert/universal/{tag_dir.name}"
+        store, key = comm.store(), f"sparsexpert/universal/{tag_dir.name}"
         if rank == 0:
             store.set(key, error)
         else:
@@ -329,15 +337,15 @@ def load_elastic(engine, tag_dir: Path, seed: int) -> tuple[dict[str, Any], list
     for state in engine.optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    rank = dist.get_rank()
+    rank = comm.rank()
     rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     else:
         s = zlib.crc32(f"{seed}/{meta['step']}/{rank}".encode())
         random.seed(s)
         np.random.seed(s)
-        torch.manual_seed(s)
+        torch.manual_seed(s)  # CUDA generators too
     return meta, check_elastic_load(engine, tag_dir, meta)
 
 
@@ -349,7 +357,9 @@ def _reference(tag_dir: Path, stage: int):
     if stage == 3:
 
         def universal(name: str, ids: list[int] | None) -> torch.Tensor:
-            saved = torch.load(tag_dir / UNIVERSAL / "zero" / name / "fp32.pt", weights_only=False)
+            saved = torch.load(
+                tag_dir / UNIVERSAL / "zero" / name / "fp32.pt", map_location="cpu", weights_only=False
+            )
             full = saved["param"] if isinstance(saved, dict) else saved  # experts: stacked by global id
             return full if ids is None else full[ids]
 
@@ -391,7 +401,7 @@ def check_elastic_load(engine, tag_dir: Path, meta: dict[str, Any]) -> list[dict
     problems = []
     for name, p in engine.module.named_parameters():
         with GatheredParameters([p]):  # ZeRO-3: the whole parameter (the same on every rank)
-            have = p.detach().clone()
+            have = p.detach().cpu().clone()  # the reference is read on the host
         want = reference(name, experts.get(name)).to(have.dtype)
         if have.numel() != want.numel() or not torch.equal(have.flatten(), want.flatten()):
             ids = f" (experts {experts[name]})" if name in experts else ""
@@ -419,8 +429,7 @@ def check_elastic_load(engine, tag_dir: Path, meta: dict[str, Any]) -> list[dict
     adam_steps = {int(opt.state.get(p, {}).get("step", -1)) for p in flat if p.numel()}
     if adam_steps != {step}:
         problems.append(f"the optimizer states are at steps {sorted(adam_steps)} (-1: missing)")
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (owned, problems))
+    everyone = comm.all_gather_object((owned, problems))
     wrong = [f"rank {r}: {'; '.join(probs)}" for r, (_, probs) in enumerate(everyone) if probs]
     if wrong:
         raise RuntimeError(

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sparsexpert import parallel  # noqa: E402
+from sparsexpert import comm, parallel  # noqa: E402
 from sparsexpert.model import ModelConfig, MoEConfig, build_model  # noqa: E402
 
 
@@ -77,3 +77,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    comm.finish()  # a torch/gloo race at interpreter finalization can abort a finished run (see finish)
