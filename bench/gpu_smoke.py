@@ -53,6 +53,10 @@ class Smoke:
         self.out = Path(args.out or tempfile.mkdtemp(prefix="sparsexpert-smoke-"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", SPARSEXPERT_CHECK_DEVICE="1")
+        # the failure steps' fault injection (SPARSEXPERT_FAIL_AT): tests/faults/sitecustomize.py
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO / "tests" / "faults"), self.env.get("PYTHONPATH")])
+        )
         self.env.pop("RANK", None)
         self.env.pop("WORLD_SIZE", None)
         if self.cpu:
@@ -123,6 +127,8 @@ class Smoke:
         args = ["launcher/pretrain.py", "--ds_config", str(ds), "--output_dir", str(self.out / name)]
         args += [*self.model, f"--data.path={self.data}", f"--train.max_steps={steps}", "--train.log_every=1"]
         args += ["--train.eval_every=0", f"--model.moe.ep_size={ranks}", *extra]
+        if "--resume" not in extra:
+            args.append("--overwrite")  # a smoke folder given again with --out: this script's runs
         return self.run(args, ranks, **kw)
 
     def metrics(self, name: str) -> list[dict]:
@@ -314,6 +320,7 @@ class Smoke:
             "--max_steps=4",
             "--eval_every=4",
             "--log_every=1",
+            "--overwrite",  # a smoke folder given again with --out: this script's runs
         ]
         self.run(
             [
@@ -435,7 +442,7 @@ class Smoke:
             "--train.eval_every=0",
             "--model.moe.ep_size=2",
         ]
-        args += ["--train.collective_timeout_minutes=1"]
+        args += ["--train.collective_timeout_minutes=1", "--overwrite"]
         launcher = str(Path(sys.executable).with_name("deepspeed"))
         cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), *args]
         log = self.out / "hang.log"

@@ -23,13 +23,15 @@ Scale-out over K machines sharing a filesystem:
     python -m data_prep merge --corpus ... --output data/big                # once, after all K
 
 Writes tokenizer.model, {train,valid}_*.bin, *_spans.npy, *_triples.npy, entities.tsv,
-relations.tsv, triples.tsv, stats.json and, last, manifest.json into --output.
+relations.tsv, triples.tsv, stats.json and, last, manifest.json into --output. An existing
+--output that is not a dataset data_prep wrote is refused unless --overwrite is given; an input
+inside it is refused always. --max-doc-chars cuts longer documents into pieces;
+--max-rejected-fraction bounds the share of invalid records --on-error skip may drop.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -47,6 +49,7 @@ from data_prep.pipeline import (
     stage_tokenizer,
 )
 from data_prep.relations import RelationsConfig, prepare_relations
+from sparsexpert.config import ConfigError, from_dict, load_json
 
 DEFAULTS = PrepConfig()
 
@@ -95,7 +98,49 @@ def _add_run_args(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument(
         "--keep-parts", action="store_true", help="keep <output>.parts to re-pack with another --seq-len"
     )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --output that is not a data_prep dataset (deleting what is in it)",
+    )
+    run.add_argument(
+        "--max-rejected-fraction",
+        type=float,
+        default=DEFAULTS.max_rejected_fraction,
+        help="with --on-error skip: fail when a larger share of the records is invalid",
+    )
+    run.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=DEFAULTS.max_doc_chars,
+        help="longer documents are cut at whitespace into pieces of at most this many characters",
+    )
     return run
+
+
+def _config(args: argparse.Namespace) -> PrepConfig:
+    """PrepConfig from --config (checked whole: an unknown key, with the nearest name, or a wrong
+    type is an error naming the file and the field) with the flags given on top."""
+    base: dict = {}
+    if getattr(args, "config", None):
+        try:
+            base = load_json(args.config)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(str(e)) from None
+        if not isinstance(base, dict):
+            raise DataError(f"{args.config}: expected a JSON object of PrepConfig fields")
+    names = {f.name for f in fields(PrepConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    try:
+        from_dict(PrepConfig, base)
+    except ConfigError as e:
+        raise DataError(f"{args.config}: {e}") from None
+    for key, value in flags.items():
+        if value != getattr(DEFAULTS, key) or key not in base:
+            base[key] = value
+    if not base.get("output"):
+        raise DataError("no output folder: pass --output DIR")
+    return from_dict(PrepConfig, base)  # PrepConfig.validate runs when the inputs are loaded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,15 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError("no output folder: pass --output DIR")
             prepare_relations(RelationsConfig(**{k: v for k, v in given.items() if v is not None}))
             return 0
-        given = {k.replace("-", "_"): v for k, v in vars(args).items()}
-        names = {f.name for f in fields(PrepConfig)}
-        base = json.loads(Path(args.config).read_text()) if getattr(args, "config", None) else {}
-        for key, value in given.items():
-            if key in names and value is not None and (value != getattr(DEFAULTS, key) or key not in base):
-                base[key] = value
-        if not base.get("output"):
-            raise DataError("no output folder: pass --output DIR")
-        cfg = PrepConfig(**base)
+        cfg = _config(args)
         if args.command == "example":
             manifest = prepare_example(cfg.output, cfg)
         elif args.command == "ingest":
@@ -178,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
             manifest = prepare(cfg, dry_run=args.dry_run)
             if not manifest:  # a dry run, or one shard of several
                 return 0
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rejected = ", ".join(f"{k} {v}" for k, v in manifest["documents_rejected"].items()) or "none"
+    split = f" ({manifest['documents_split']} cut into pieces)" if manifest["documents_split"] else ""
     print(
-        f"documents in {manifest['documents_in']}, written {manifest['documents_written']}, rejected: {rejected}; "
+        f"documents in {manifest['documents_in']}, written {manifest['documents_written']}{split}, rejected: {rejected}; "
         f"tokens {manifest['tokens']} (tail dropped {manifest['tokens_dropped_tail']}); mentions "
         f"{manifest['mentions']}; triples attached {manifest['triples_attached']}"
     )

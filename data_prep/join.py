@@ -96,38 +96,59 @@ def distant_supervision(
     return out
 
 
+def _batches(docs: list[RawDoc], max_chars: int = 1 << 22) -> list[list[RawDoc]]:
+    """Consecutive documents, about max_chars characters of text at a time: a tokenizer's batch
+    encode holds every id as a Python int (~36 bytes a token), so a batch bounds that memory."""
+    batches, n = [[]], 0
+    for doc in docs:
+        if batches[-1] and n + len(doc.text) > max_chars:
+            batches.append([])
+            n = 0
+        batches[-1].append(doc)
+        n += len(doc.text)
+    return batches
+
+
 def process_chunk(docs: list[RawDoc]) -> list[dict]:
     """Stage join for a chunk: token ids, mention token spans, attached triples with token spans."""
     tok, linker, pairs, extractor = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"], _WORKER["extractor"]
-    texts = [d.text for d in docs]
     out = []
-    for doc, text, ids in zip(docs, texts, tok.encode(texts)):
-        mentions, extracted = find_mentions(doc, linker, extractor)
-        # (char start, char end, triple): KG triples by index, an extractor's as Triple (the main
-        # process gives new ones an index)
-        evidence = distant_supervision(text, mentions, pairs) + extracted
-        spans, attached = [], []
-        if mentions or evidence:
-            begin, end = tok.char_bounds(text, ids)
-            # Tokens overlapping characters [start, end): first ending after start, up to the last beginning before end.
-            if mentions:
-                m = np.array([(s, e) for s, e, _ in mentions], dtype=np.int64)
-                t_start, t_end = (
-                    np.searchsorted(end, m[:, 0], side="right"),
-                    np.searchsorted(begin, m[:, 1], side="left"),
-                )
-                spans = [(int(a), int(b), x[2]) for a, b, x in zip(t_start, t_end, mentions) if b > a]
-            for cs, ce, t in evidence:
-                ts = int(np.searchsorted(end, cs, side="right"))
-                te = int(np.searchsorted(begin, ce, side="left"))
-                attached.append((ts, max(te, ts + 1), t))
-        out.append(
-            {
-                "ids": ids,
-                "spans": spans,
-                "triples": attached,
-                "n_mentions": len(mentions),
-                "valid_key": zlib.crc32(doc.text.encode()),
-            }
+    for batch in _batches(docs):
+        texts = [d.text for d in batch]
+        out.extend(
+            _join(doc, text, ids, tok, linker, pairs, extractor)
+            for doc, text, ids in zip(batch, texts, tok.encode(texts))
         )
     return out
+
+
+def _join(doc: RawDoc, text: str, ids: np.ndarray, tok, linker, pairs, extractor) -> dict:
+    """One document: its mentions as token spans, the triples attached with their token spans."""
+    mentions, extracted = find_mentions(doc, linker, extractor)
+    # (char start, char end, triple): KG triples by index, an extractor's as Triple (the main
+    # process gives new ones an index)
+    evidence = distant_supervision(text, mentions, pairs) + extracted
+    spans, attached = [], []
+    if mentions or evidence:
+        begin, end = tok.char_bounds(text, ids)
+        # Tokens overlapping characters [start, end): first ending after start, up to the last beginning before end.
+        if mentions:
+            m = np.array([(s, e) for s, e, _ in mentions], dtype=np.int64)
+            t_start, t_end = (
+                np.searchsorted(end, m[:, 0], side="right"),
+                np.searchsorted(begin, m[:, 1], side="left"),
+            )
+            spans = [(int(a), int(b), x[2]) for a, b, x in zip(t_start, t_end, mentions) if b > a]
+        for cs, ce, t in evidence:
+            ts = int(np.searchsorted(end, cs, side="right"))
+            te = int(np.searchsorted(begin, ce, side="left"))
+            attached.append((ts, max(te, ts + 1), t))
+    return {
+        "ids": ids,
+        "spans": spans,
+        "triples": attached,
+        "n_mentions": len(mentions),
+        "valid_key": doc.key if doc.key is not None else zlib.crc32(doc.text.encode()),
+        "part": doc.part,
+        "last": doc.last,
+    }

@@ -1,8 +1,14 @@
-"""The pack stage: documents to fixed-length rows, entity spans and triples to row coordinates."""
+"""The pack stage: documents to fixed-length rows, entity spans and triples to row coordinates.
+
+Files are written with plain writes, never through a writable memory map: on a full disk a write
+raises ENOSPC (which the pipeline reports), where a store into a mapped page kills the process
+with SIGBUS. Shards are fsynced as they are written.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -57,11 +63,12 @@ class Packer:
         self._spans_file = open(out / f".{split}_spans.tmp", "wb") if out is not None else None
         self._triples_file = open(out / f".{split}_triples.tmp", "wb") if out is not None else None
 
-    def add(self, ids: np.ndarray, spans: list, triples: list) -> None:
+    def add(self, ids: np.ndarray, spans: list, triples: list, eos: bool = True) -> None:
+        """Append a document (eos=False: a piece of one, which the next piece continues)."""
         base = self.n_rows * self.L + len(self.buf)  # global position of this document's first token
         L = self.L
         self._flush_triples(before_row=base // L)  # no later document reaches rows before this one
-        self.buf = np.concatenate([self.buf, ids, [self.eos_id]])
+        self.buf = np.concatenate([self.buf, ids, [self.eos_id] if eos else []])
         rows = []
         for ts, te, ent in spans:
             s, e = base + ts, base + te
@@ -71,7 +78,7 @@ class Packer:
                 self.counts["spans_clipped"] += 1
             rows.append((row, s - row * L, e - row * L, ent))
         if rows and self._spans_file is not None:
-            np.asarray(rows, dtype=np.int64).tofile(self._spans_file)
+            self._spans_file.write(np.asarray(rows, dtype=np.int64).tobytes())
             for row, *_ in rows:  # rows arrive in order: count each row with an entity once
                 if row > self._last_entity_row:
                     self.rows_with_entity += 1
@@ -91,18 +98,20 @@ class Packer:
         if not done or self._triples_file is None:
             return
         pairs = [(r, t) for r in done for t in sorted(self.pending_triples.pop(r))]
-        np.asarray(pairs, dtype=np.int64).tofile(self._triples_file)
+        self._triples_file.write(np.asarray(pairs, dtype=np.int64).tobytes())
         self.n_triples += len(pairs)
 
     def _flush(self) -> None:
         if not self.rows or self.out is None:
             return
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        chunk = np.concatenate(self.rows)
-        chunk.tofile(self.out / name)
-        self.shards.append(
-            {"file": name, "num_sequences": int(len(chunk)), "sha256": sha256_file(self.out / name)}
-        )
+        data = memoryview(np.concatenate(self.rows)).cast("B")
+        with open(self.out / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = hashlib.sha256(data).hexdigest()
+        self.shards.append({"file": name, "num_sequences": len(self.rows), "sha256": sha})
         self.rows = []
 
     def _finish_array(self, kind: str, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,17 +125,16 @@ class Packer:
             else np.zeros((0, width), np.int64)
         )
         keep = int(np.searchsorted(data[:, 0], self.n_rows, side="left"))  # entries are written in row order
-        final = np.lib.format.open_memmap(
-            self.out / f"{self.split}_{kind}.npy", mode="w+", dtype=np.int64, shape=(keep, width)
-        )
-        for start in range(0, keep, 1 << 20):
-            stop = min(keep, start + (1 << 20))
-            final[start:stop] = data[start:stop]
-        final.flush()
+        final = self.out / f"{self.split}_{kind}.npy"
+        with open(final, "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(f, {**header, "shape": (keep, width)})
+            for start in range(0, keep, 1 << 20):
+                f.write(np.ascontiguousarray(data[start : min(keep, start + (1 << 20))]).tobytes())
         tail = np.array(data[keep:])
         del data
         tmp.unlink()
-        return final, tail
+        return np.load(final, mmap_mode="r"), tail
 
     def finish(self) -> dict:
         self._flush()

@@ -25,7 +25,10 @@ Output folder, read by `sparsexpert.data.shards.PackedDataset`:
     manifest.json                written last: config, inputs and hashes, counts, shard checksums
 
 The same inputs and config give byte-identical output for any number of workers: documents are
-processed in chunks by a pool but consumed in input order.
+processed in chunks by a pool but consumed in input order. Finished chunks wait in <output>.parts
+(data_prep/chunks.py: .npz, no pickle). The dataset is built in a temporary folder beside the
+output, every file fsynced, the manifest last, then swapped in for the old one; an existing output
+that data_prep did not write is refused unless overwrite is set (data_prep/output.py).
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ import contextlib
 import hashlib
 import json
 import multiprocessing as mp
-import pickle
+import os
 import shutil
 import sys
 import tempfile
 import time
 import unicodedata
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,15 +52,19 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import output
+from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_pickles
 from data_prep.join import init_worker, process_chunk
 from data_prep.pack import EOS_ID, Packer, pack, sha256_file
-from data_prep.readers import DataError, RawDoc, read_corpus
+from data_prep.readers import INVALID_REASONS, DataError, RawDoc, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
+from data_prep.wikitext import WikiLink
 
 __all__ = ["EOS_ID", "DataError", "PrepConfig", "pack", "prepare", "prepare_example", "prepare_text"]
 
 MANIFEST = "manifest.json"
 FORMAT = "sparsexpert-packed/3"
+MIN_DOC_CHARS, MAX_DOC_CHARS = 1000, 4_000_000
 PAD_ID, UNK_ID, BOS_ID = 3, 0, 1  # and EOS_ID = 2 (data_prep.pack): the ids of the tokenizers we train
 SPECIAL_SYMBOLS = ["<mask>"]
 
@@ -105,18 +113,62 @@ class PrepConfig:
     """Machines sharing the join stage (a Slurm array, or one process per node)."""
     shard_index: int = 0
     """This machine's share: the chunks c with c % num_shards == shard_index."""
+    overwrite: bool = False
+    """Replace an existing output folder that is not a dataset data_prep wrote (everything in it is
+    deleted). Without it such a folder is refused; an earlier dataset of ours is always replaced.
+    An input file inside the output folder is refused either way."""
+    max_doc_chars: int = 1_000_000
+    """Longer documents are cut into pieces of at most this many characters, at whitespace, packed
+    one after the other with no EOS between (one split, counted in the manifest as documents_split).
+    1 M characters (~250 k tokens) is far beyond any row length and any real article, and keeps each
+    text SentencePiece and the join see small: whole, a 50 MB line is silently dropped by SentencePiece
+    (over 16 MB) and costs 2.3 GB of memory in the join. At most 4 M (SentencePiece's 16 MB limit)."""
+    max_rejected_fraction: float = 0.1
+    """With on_error="skip": the run fails when more than this share of the records read is invalid
+    (bad UTF-8, malformed JSON, no text field), naming the counts by reason. Empty, duplicate and
+    filtered pages (redirects, non-articles) do not count."""
 
     def validate(self) -> None:
+        """All fields, before any work: the first wrong one is an error naming it and the fix."""
+
+        def bad(name: str, fix: str) -> DataError:
+            return DataError(f"{name}={getattr(self, name)!r}: {fix}")
+
         if not self.corpus:
             raise DataError("no corpus: pass --corpus FILE...")
         if not self.output:
             raise DataError("no output folder: pass --output DIR")
-        if self.on_error not in ("fail", "skip"):
-            raise DataError(f"on_error={self.on_error!r}: use 'fail' or 'skip'")
+        choices = {
+            "on_error": ("fail", "skip"),
+            "case": ("ignore", "exact"),
+            "tokenizer_type": ("bpe", "unigram"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"use one of {', '.join(map(repr, allowed))}")
+        at_least = {
+            "seq_len": 2,
+            "vocab_size": 16,
+            "workers": 1,
+            "chunk_docs": 1,
+            "rows_per_shard": 1,
+            "num_shards": 1,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise bad(name, f"must be >= {low}")
         if not 0 <= self.shard_index < self.num_shards:
-            raise DataError(f"shard_index={self.shard_index}: must be in [0, num_shards={self.num_shards})")
-        if self.seq_len < 2 or self.workers < 1 or self.vocab_size < 16:
-            raise DataError("seq_len must be >= 2, workers >= 1, vocab_size >= 16")
+            raise bad("shard_index", f"must be in [0, num_shards={self.num_shards})")
+        if not 0 <= self.valid_fraction < 1:
+            raise bad("valid_fraction", "must be in [0, 1): the share of documents held out for validation")
+        if not 0 <= self.max_rejected_fraction <= 1:
+            raise bad("max_rejected_fraction", "must be in [0, 1] (0: no invalid record allowed)")
+        if not MIN_DOC_CHARS <= self.max_doc_chars <= MAX_DOC_CHARS:
+            raise bad(
+                "max_doc_chars",
+                f"must be in [{MIN_DOC_CHARS:,}, {MAX_DOC_CHARS:,}] (shorter pieces cut sentences apart; "
+                "SentencePiece drops longer texts, over 16 MB)",
+            )
 
 
 def _treesha256_file(path: Path) -> str:
@@ -137,9 +189,62 @@ def documents_in(counts: Counter, rejected: Counter) -> int:
     return counts["in"] + sum(n for reason, n in rejected.items() if reason not in INGEST_REASONS)
 
 
+def check_rejected(cfg: PrepConfig, records: int, rejected: Counter) -> None:
+    """Fail when more than max_rejected_fraction of the records read were invalid (and skipped)."""
+    invalid = {reason: n for reason, n in sorted(rejected.items()) if reason in INVALID_REASONS and n}
+    n_bad = sum(invalid.values())
+    if records and n_bad / records > cfg.max_rejected_fraction:
+        by_reason = ", ".join(f"{reason} {n}" for reason, n in invalid.items())
+        raise DataError(
+            f"{', '.join(cfg.corpus)}: {n_bad} of {records} records ({n_bad / records:.1%}) are invalid "
+            f"({by_reason}), more than max_rejected_fraction={cfg.max_rejected_fraction}; check --text-field "
+            "and the input's format (--on-error fail stops at the first bad record with its file and line), "
+            "or raise --max-rejected-fraction if this share is expected"
+        )
+
+
+_SPACES = (" ", "\n", "\t", "\r", "\u3000")
+
+
+def split_document(doc: RawDoc, limit: int) -> list[RawDoc]:
+    """A document of more than `limit` characters as consecutive pieces of at most `limit`, each cut
+    at the last whitespace of the second half of its window (the whitespace is dropped: our
+    tokenizers never join pieces across it), else hard at the limit. A wiki link the cut would
+    split moves the cut before it, or, where it starts in the first half, is dropped."""
+    text = doc.text
+    if len(text) <= limit:
+        return [doc]
+    pieces, start, links = [], 0, list(doc.links)
+    while start < len(text):
+        end = rest = min(start + limit, len(text))
+        if end < len(text):
+            lo = start + limit // 2
+            ws = max(text.rfind(c, lo, end) for c in _SPACES)
+            crossing = [link for link in links if link.start < (ws if ws >= 0 else end) < link.end]
+            if crossing and crossing[0].start > lo:
+                ws = max(text.rfind(c, lo, crossing[0].start) for c in _SPACES)
+                ws = ws if ws >= 0 else crossing[0].start
+                end, rest = ws, ws + (text[ws] in _SPACES)
+            elif ws >= 0:
+                end, rest = ws, ws + 1
+        mine = [
+            WikiLink(link.start - start, link.end - start, link.target)
+            for link in links
+            if start <= link.start and link.end <= end
+        ]
+        pieces.append(RawDoc(text[start:end], f"{doc.source} (piece {len(pieces) + 1})", mine, len(pieces)))
+        start = rest
+    key = zlib.crc32(text.encode())
+    for piece in pieces:
+        piece.key, piece.last = key, False
+    pieces[-1].last = True
+    return pieces
+
+
 def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[RawDoc]:
     """Stage ingest: records the readers pass on are counted in counts["in"]; rejections by reason
-    (readers count what they filter or skip, ingest counts empty and duplicate documents)."""
+    (readers count what they filter or skip, ingest counts empty and duplicate documents). A
+    document over max_doc_chars comes out as its pieces (counts["split"], counts["pieces"])."""
     seen: set[bytes] = set()
     for path in cfg.corpus:
         for raw in read_corpus(Path(path), cfg.text_field, rejected, cfg.on_error):
@@ -153,7 +258,11 @@ def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[R
                 rejected["duplicate"] += 1
                 continue
             seen.add(key)
-            yield RawDoc(text, raw.source, raw.links)
+            pieces = split_document(RawDoc(text, raw.source, raw.links), cfg.max_doc_chars)
+            if len(pieces) > 1:
+                counts["split"] += 1
+                counts["pieces"] += len(pieces)
+            yield from pieces
 
 
 def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Path:
@@ -206,7 +315,7 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.getvalue())
     proto.trainer_spec.num_threads = 1
-    out_file.write_bytes(proto.SerializeToString())
+    output.write_durable(out_file, proto.SerializeToString())
     return out_file
 
 
@@ -272,9 +381,12 @@ def load_inputs(cfg: PrepConfig) -> Knowledge:
 
 
 # Fields that do not change the output: they may differ between the machines or runs sharing a parts folder.
-_RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output", "keep_parts")
+_RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output", "keep_parts", "overwrite")
 # Fields only the pack stage reads: joined chunks can be packed again with other values.
-_PACK_FIELDS = ("seq_len", "rows_per_shard", "valid_fraction")
+_PACK_FIELDS = ("seq_len", "rows_per_shard", "valid_fraction", "max_rejected_fraction")
+
+
+_PARTS_NAMES = {"config.json", "chunks", "num_chunks", "tokenizer.model", "tokenizer"}
 
 
 def parts_dir(cfg: PrepConfig) -> Path:
@@ -285,9 +397,17 @@ def parts_dir(cfg: PrepConfig) -> Path:
 def _open_parts(cfg: PrepConfig) -> Path:
     """The folder of finished work units, reused by a resumed run and shared by scale-out machines."""
     parts = parts_dir(cfg)
-    (parts / "chunks").mkdir(parents=True, exist_ok=True)
-    fingerprint = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS + _PACK_FIELDS}
     fp_file = parts / "config.json"
+    foreign = [p.name for p in parts.iterdir() if p.name not in _PARTS_NAMES] if parts.is_dir() else []
+    foreign = [name for name in foreign if not name.startswith(".")]  # ours: temporary files
+    if foreign:
+        raise DataError(
+            f"{parts}: holds {', '.join(sorted(foreign)[:3])}, which data_prep did not write, and a run deletes "
+            "its parts folder when done; move that out, or choose another --output"
+        )
+    (parts / "chunks").mkdir(parents=True, exist_ok=True)
+    refuse_pickles(parts / "chunks")
+    fingerprint = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS + _PACK_FIELDS}
     started = find_tokenizer(parts) is not None or any((parts / "chunks").iterdir())
     if fp_file.is_file() and started:
         if json.loads(fp_file.read_text()) != fingerprint:
@@ -296,14 +416,8 @@ def _open_parts(cfg: PrepConfig) -> Path:
                 "or delete the folder to start over"
             )
     else:
-        _atomic_write(fp_file, json.dumps(fingerprint, indent=1).encode())
+        output.atomic_write(fp_file, json.dumps(fingerprint, indent=1).encode())
     return parts
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def stage_ingest(cfg: PrepConfig, log=print) -> dict:
@@ -313,15 +427,17 @@ def stage_ingest(cfg: PrepConfig, log=print) -> dict:
     chars = 0
     for doc in iter_docs(cfg, counts, rejected):
         chars += len(doc.text)
-        progress.update()
+        progress.update(doc.last)
     progress.close()
     report = {
         "documents_in": documents_in(counts, rejected),
         "documents_written": progress.done,
         "documents_rejected": dict(rejected),
+        "documents_split": counts["split"],
         "characters": chars,
     }
     log(f"data_prep ingest: {report}")
+    check_rejected(cfg, report["documents_in"], rejected)
     return report
 
 
@@ -401,21 +517,34 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
         given = load_tokenizer(cfg.tokenizer)
         model = parts / given.name
         tmp = parts / f".{given.name}.{uuid.uuid4().hex}"
-        copy_tokenizer(cfg.tokenizer, tmp)
     else:
         model = parts / "tokenizer.model"
         tmp = parts / f".tokenizer.{uuid.uuid4().hex}.model"
-        log(f"data_prep tokenizer: training SentencePiece {cfg.tokenizer_type}, vocabulary {cfg.vocab_size}")
-        progress = Progress("tokenizer (reading)")
+    counts, rejected = Counter(), Counter()
+    try:
+        with output.disk_full(parts, parts):
+            if cfg.tokenizer:
+                copy_tokenizer(cfg.tokenizer, tmp)
+            else:
+                log(
+                    f"data_prep tokenizer: training SentencePiece {cfg.tokenizer_type}, vocabulary {cfg.vocab_size}"
+                )
+                progress = Progress("tokenizer (reading)")
 
-        def texts() -> Iterator[str]:
-            for d in iter_docs(cfg, Counter(), Counter()):
-                progress.update()
-                yield d.text
+                def texts() -> Iterator[str]:
+                    for d in iter_docs(cfg, counts, rejected):
+                        progress.update()
+                        yield d.text
 
-        train_tokenizer(texts(), tmp, cfg)
-        progress.close()
-    tmp.replace(model)
+                train_tokenizer(texts(), tmp, cfg)
+                progress.close()
+                check_rejected(cfg, documents_in(counts, rejected), rejected)  # all was read: fail early
+            output.fsync_tree(tmp)
+            tmp.replace(model)
+            output.fsync_dir(parts)
+    finally:
+        if tmp.exists():
+            output.remove(tmp)
     return model
 
 
@@ -456,7 +585,7 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
             total[0] = c + 1
             if c % cfg.num_shards != cfg.shard_index:
                 continue
-            if (chunk_dir / f"chunk_{c:07d}.pkl").is_file():
+            if chunk_file(chunk_dir, c).is_file():
                 skipped += 1
                 continue
             todo_meta[c] = (n_in, rej)
@@ -470,20 +599,23 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     if pool is None:
         init_worker(*init)
     progress = Progress("join")
+    kept = f"the chunks already joined stay in {parts}: a re-run resumes from them"
+    done = False
     try:
-        results = pool.imap(process_chunk, mine()) if pool else map(process_chunk, mine())
-        for k, result in enumerate(results):
-            c = order[k]
-            n_in, rej = todo_meta.pop(c)
-            payload = {"docs": result, "records": n_in, "rejected": dict(rej)}
-            _atomic_write(chunk_dir / f"chunk_{c:07d}.pkl", pickle.dumps(payload, protocol=4))
-            progress.update(len(result))
+        with output.disk_full(parts, parts, then=kept):
+            results = pool.imap(process_chunk, mine()) if pool else map(process_chunk, mine())
+            for k, result in enumerate(results):
+                c = order[k]
+                n_in, rej = todo_meta.pop(c)
+                output.atomic_write(chunk_file(chunk_dir, c), encode_chunk(result, n_in, rej))
+                progress.update(len(result))
+            output.atomic_write(parts / "num_chunks", str(total[0]).encode())
+        done = True
     finally:
         if pool is not None:
-            pool.close()
+            (pool.close if done else pool.terminate)()  # on an error, do not join the rest first
             pool.join()
     progress.close()
-    _atomic_write(parts / "num_chunks", str(total[0]).encode())
     if skipped:
         log(f"data_prep join: resumed, {skipped} chunks were already done")
     return total[0]
@@ -502,18 +634,31 @@ class Packed:
     mentions: int = 0
     written: int = 0
     attached_by_extractor: int = 0
+    documents_split: int = 0  # documents longer than max_doc_chars, cut into pieces
+    pieces: int = 0  # the pieces they were cut into
+
+
+def _inputs(cfg: PrepConfig) -> list[str]:
+    return [*cfg.corpus, *(x for x in (cfg.kg, cfg.aliases, cfg.tokenizer, cfg.extractor_args) if x)]
+
+
+def check_output(cfg: PrepConfig) -> None:
+    """Refuse an output folder (or parts folder) whose replacement would delete what we did not write."""
+    output.check_output(Path(cfg.output), parts_dir(cfg), _inputs(cfg), cfg.overwrite)
 
 
 def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
-    """Pack every chunk, in input order, into the output folder (complete or not at all), then
-    remove the parts folder. On several machines this is the merge step, run once."""
-
+    """Pack every chunk, in input order, into a new folder beside the output, fsynced, its manifest
+    written last; swap it in for the old output (complete or not at all), then remove the parts
+    folder. On several machines this is the merge step, run once."""
+    check_output(cfg)
     parts = _open_parts(cfg)
     n_file = parts / "num_chunks"
     if not n_file.is_file():
         raise DataError(f"{parts}: the join stage has not run yet")
     n_chunks = int(n_file.read_text())
-    missing = [c for c in range(n_chunks) if not (parts / "chunks" / f"chunk_{c:07d}.pkl").is_file()]
+    chunk_files = [chunk_file(parts / "chunks", c) for c in range(n_chunks)]
+    missing = [c for c, f in enumerate(chunk_files) if not f.is_file()]
     if missing:
         raise DataError(
             f"{parts}: {len(missing)} of {n_chunks} chunks are not joined yet (first: chunk {missing[0]}, "
@@ -523,71 +668,85 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
     out_dir = Path(cfg.output)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(work, 0o777 & ~output.umask())  # mkdtemp makes it 0700; a dataset folder follows the umask
+
+    def needed() -> str:
+        total = sum(f.stat().st_size for f in chunk_files)
+        return f"the dataset needs about {output.size(total)} (the size of its joined chunks)"
+
     try:
-        src = find_tokenizer(parts)
-        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, work / src.name)
-        tok = load_tokenizer(work / src.name)
-        vocab = tok.vocab_size
-        dtype = np.dtype(np.uint16 if vocab < 2**16 else np.uint32)
-        # Vocabularies: KG entities sorted; entities first met in wiki links appended in input order.
-        entity_index = {
-            e: i
-            for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))
-        }
-        packers = {
-            s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in ("train", "valid")
-        }
-        res = Packed(entity_index, list(know.triples), Counter(), {}, 0, Counter())
-        counts = Counter()
-        progress = Progress("pack", "chunks")
-        # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
-        triple_index = {t: i for i, t in enumerate(know.triples)}
-        triples = res.triples
-        for c in range(n_chunks):
-            payload = pickle.loads((parts / "chunks" / f"chunk_{c:07d}.pkl").read_bytes())
-            res.records += payload["records"]
-            res.rejected.update(payload["rejected"])
-            for r in payload["docs"]:
-                split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
-                spans = [
-                    (ts, te, entity_index.setdefault(ent, len(entity_index))) for ts, te, ent in r["spans"]
-                ]
-                row_triples = []
-                for ts, te, t in r["triples"]:
-                    if not isinstance(t, int):
-                        res.attached_by_extractor += 1
-                        if t not in triple_index:
-                            triple_index[t] = len(triples)
-                            triples.append(t)
-                        t = triple_index[t]
-                    row_triples.append((ts, te, t))
-                packers[split].add(r["ids"], spans, row_triples)
-                counts[split] += 1
-                res.mentions += r["n_mentions"]
-                res.triple_hits.update(t for _, _, t in row_triples)
-            progress.update()
-        progress.close()
-        res.splits = splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
-        res.written = counts["train"] + counts["valid"]
-        if not splits["train"]["shards"]:
-            raise DataError(
-                f"{cfg.corpus[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens"
-            )
-        manifest = _write_metadata(work, cfg, know, tok, dtype, res)
-        if out_dir.exists():  # an earlier dataset (or one that died before its manifest) is replaced
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
+        kept = f"the joined chunks stay in {parts}: run `merge` with the same config once there is space"
+        with output.disk_full(out_dir, work, needed, then=kept):
+            manifest, res = _pack(work, cfg, know, parts, chunk_files)
+            output.replace_dir(work, out_dir)
     finally:
         if work.exists():
             shutil.rmtree(work)
     if not cfg.keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
+    split = f", {res.documents_split} split into {res.pieces} pieces" if res.documents_split else ""
     log(
-        f"data_prep: {manifest['documents_in']} documents in, {res.written} written, rejected {dict(res.rejected)}; "
-        f"{manifest['tokens']} tokens, {res.mentions} mentions, {manifest['triples_attached']} triples attached -> "
-        f"{out_dir} ({time.time() - t0:.1f}s packing)"
+        f"data_prep: {manifest['documents_in']} documents in, {res.written} written{split}, rejected "
+        f"{dict(res.rejected)}; {manifest['tokens']} tokens, {res.mentions} mentions, "
+        f"{manifest['triples_attached']} triples attached -> {out_dir} ({time.time() - t0:.1f}s packing)"
     )
     return manifest
+
+
+def _pack(
+    work: Path, cfg: PrepConfig, know: Knowledge, parts: Path, chunk_files: list[Path]
+) -> tuple[dict, Packed]:
+    """The dataset, written into `work`: shards, arrays, vocabularies, stats and, last, the manifest."""
+    src = find_tokenizer(parts)
+    (shutil.copytree if src.is_dir() else shutil.copyfile)(src, work / src.name)
+    tok = load_tokenizer(work / src.name)
+    vocab = tok.vocab_size
+    dtype = np.dtype(np.uint16 if vocab < 2**16 else np.uint32)
+    # Vocabularies: KG entities sorted; entities first met in wiki links appended in input order.
+    entity_index = {
+        e: i for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))
+    }
+    packers = {
+        s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in ("train", "valid")
+    }
+    res = Packed(entity_index, list(know.triples), Counter(), {}, 0, Counter())
+    counts = Counter()
+    progress = Progress("pack", "chunks")
+    # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
+    triple_index = {t: i for i, t in enumerate(know.triples)}
+    triples = res.triples
+    for path in chunk_files:
+        payload = read_chunk(path)
+        res.records += payload["records"]
+        res.rejected.update(payload["rejected"])
+        for r in payload["docs"]:
+            split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
+            spans = [(ts, te, entity_index.setdefault(ent, len(entity_index))) for ts, te, ent in r["spans"]]
+            row_triples = []
+            for ts, te, t in r["triples"]:
+                if not isinstance(t, int):
+                    res.attached_by_extractor += 1
+                    if t not in triple_index:
+                        triple_index[t] = len(triples)
+                        triples.append(t)
+                    t = triple_index[t]
+                row_triples.append((ts, te, t))
+            packers[split].add(r["ids"], spans, row_triples, eos=r["last"])
+            counts[split] += r["last"]  # a document, once its last piece is in
+            res.documents_split += r["part"] == 0 and not r["last"]
+            res.pieces += r["part"] > 0 or not r["last"]
+            res.mentions += r["n_mentions"]
+            res.triple_hits.update(t for _, _, t in row_triples)
+        progress.update()
+    progress.close()
+    check_rejected(cfg, res.records, res.rejected)
+    res.splits = splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
+    res.written = counts["train"] + counts["valid"]
+    if not splits["train"]["shards"]:
+        raise DataError(
+            f"{cfg.corpus[0]}: the corpus is too small to fill one training row of {cfg.seq_len} tokens"
+        )
+    return _write_metadata(work, cfg, know, tok, dtype, res), res
 
 
 def _surface(entity: str, aliases: dict[str, list[str]]) -> str:
@@ -655,6 +814,8 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "documents_in": res.records,
         "documents_written": written,
         "documents_rejected": dict(rejected),
+        "documents_split": res.documents_split,
+        "document_pieces": res.pieces,
         "tokens": tokens,
         "tokens_dropped_tail": sum(s["tokens_dropped_tail"] for s in splits.values()),
         "mentions": mentions,
@@ -672,9 +833,11 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "triples_per_relation": dict(sorted(per_relation.items())),
         "splits": splits,
     }
+    output.fsync_tree(work)  # every file and entry on disk before the manifest that vouches for them
     tmp = work / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
+    output.write_durable(tmp, json.dumps(manifest, indent=2).encode())
     tmp.rename(work / MANIFEST)
+    output.fsync_dir(work)
     return manifest
 
 
@@ -683,6 +846,7 @@ def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
     in <output>.parts; with --num-shards > 1 it stops after this machine's share of the join
     (run `merge` once all shards are done). Returns the manifest ({} when not packing)."""
     know = load_inputs(cfg)
+    check_output(cfg)
     if dry_run:
         log(f"data_prep: inputs are valid ({len(cfg.corpus)} corpus files, {len(know.triples)} triples)")
         return {}

@@ -24,6 +24,11 @@ class DataError(ValueError):
     """Bad input: the message names the file, the line and what to do."""
 
 
+INVALID_REASONS = ("invalid_utf8", "malformed_json", "missing_text_field")
+"""Rejections of records that are broken (skipped with on_error="skip"), as opposed to records
+filtered by design (empty, duplicate, redirect, not_an_article): `max_rejected_fraction` bounds these."""
+
+
 @dataclass
 class RawDoc:
     text: str
@@ -31,6 +36,12 @@ class RawDoc:
     """file:line (or file:page title) of the record."""
     links: list[WikiLink] = field(default_factory=list)
     """Wiki links as character spans of `text` (MediaWiki dumps only)."""
+    part: int = 0
+    """A document longer than max_doc_chars is cut into pieces: this one's position among them."""
+    last: bool = True
+    """Whether this piece ends its document (only the last piece is followed by EOS)."""
+    key: int | None = None
+    """The whole document's content hash when this is a piece, so that all pieces go to one split."""
 
 
 def corpus_format(path: Path) -> str:

@@ -148,8 +148,8 @@ def prepare_relations(rc: RelationsConfig, log=print) -> dict:
     progress = Progress("relations")
     n_docs = 0
     for doc in iter_docs(cfg, counts, rejected):
-        n_docs += 1
-        progress.update()
+        n_docs += doc.last  # a document over max_doc_chars comes in pieces
+        progress.update(doc.last)
         mentions, _ = find_mentions(doc, linker, None)
         starts = [m[0] for m in mentions]
         for s, e in _sentences(doc.text):

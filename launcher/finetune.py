@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev", help="the single task's dev file")
     parser.add_argument("--test", help="the single task's test file (optional)")
     parser.add_argument("--output_dir", default="runs/finetune")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --output_dir from its checkpoints/"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output folder that holds a run (its files go)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     for item in rest:
@@ -69,9 +77,21 @@ def main(argv: list[str] | None = None) -> None:
         ]
     apply_overrides(cfg, rest)
 
+    from sparsexpert.config import ConfigError
     from sparsexpert.finetune.trainer import Finetuner
+    from sparsexpert.harness import RunStopped
+    from sparsexpert.train.checkpoint import CheckpointError, NoSpaceError
 
-    Finetuner(cfg, load_json(args.ds_config), args.output_dir).train()
+    try:
+        Finetuner(cfg, load_json(args.ds_config), args.output_dir, args.resume, args.overwrite).train()
+    except (
+        RunStopped,
+        CheckpointError,
+        NoSpaceError,
+        ConfigError,
+    ) as stop:  # explained in its message: no traceback
+        print(f"sparsexpert: {stop}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--config", help="run config JSON with 'model', 'data' and 'train' sections")
     parser.add_argument("--output_dir", default="runs/pretrain", help="everything the run writes goes here")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output folder that holds a run (its checkpoints, metrics and TensorBoard files go)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
@@ -102,9 +107,21 @@ def main(argv: list[str] | None = None) -> None:
     apply_overrides(cfg, overrides)
     ds_json = load_json(args.ds_config)
 
+    from sparsexpert.config import ConfigError
+    from sparsexpert.harness import RunStopped
+    from sparsexpert.train.checkpoint import CheckpointError, NoSpaceError
     from sparsexpert.train.trainer import pretrain
 
-    pretrain(cfg, ds_json, args.output_dir, resume=args.resume)
+    try:
+        pretrain(cfg, ds_json, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    except (
+        RunStopped,
+        CheckpointError,
+        NoSpaceError,
+        ConfigError,
+    ) as stop:  # explained in its message: no traceback
+        print(f"sparsexpert: {stop}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,9 @@ def run_ablation(
             print(f"ablation: arm {arm}: reusing {checkpoint.find_latest(run / 'checkpoints')}", flush=True)
         else:
             print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
+            # an arm trained before (without --reuse) is trained again: its folder is this command's
             args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
+            args.append("--overwrite")
             _launch(
                 nproc, "launcher/pretrain.py", [*args, *overrides, *arm_overrides(arm)], Path(f"{run}.log")
             )

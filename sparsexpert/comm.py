@@ -6,7 +6,6 @@
   mistakes on our CPU machines) and, in check mode, one that did not pass through
   `sparsexpert.device.to_device`.
 - `RankWatch`: when one rank fails, every rank stops within seconds naming it.
-- `inject_fault`: the failure tests' switch (SPARSEXPERT_FAIL_AT).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import datetime
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -89,31 +87,6 @@ def finish() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-FAIL_ENV = "SPARSEXPERT_FAIL_AT"
-
-
-def inject_fault(rank: int, step: int) -> None:
-    """Test-only fault injection at the start of a step (or evaluation batch): SPARSEXPERT_FAIL_AT=
-    "rank:step" makes that rank's process die abruptly (os._exit), "rank:step:raise" makes it raise,
-    "rank:step:hang" stops the whole process (SIGSTOP: alive to the kernel, its sockets open, silent
-    to its peers, as a frozen process or a node cut off is; its peers' collectives wait instead of
-    raising, as under NCCL). Unset: nothing."""
-    spec = os.environ.get(FAIL_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[:2] != [str(rank), str(step)]:
-        return
-    if parts[2:] == ["raise"]:
-        raise RuntimeError(f"injected failure ({FAIL_ENV})")
-    if parts[2:] == ["hang"]:
-        print(f"sparsexpert: rank {rank} stops itself (SIGSTOP) at step {step}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGSTOP)
-        return
-    os._exit(1)
 
 
 UNREACHABLE = "rank 0 (which hosts the rendezvous store) is unreachable"
@@ -371,7 +344,11 @@ def describe_failure(silent: list[int], errors: dict[int, dict[str, Any]]) -> st
     parts = []
     if silent:
         parts.append(f"{ranks(silent)} stopped responding (process exited or hangs)")
-    parts += [f"rank {r} raised {e['what']}" for r, e in sorted(errors.items()) if not e["comm"]]
+    raised: dict[str, list[int]] = {}  # the same error on several ranks (a decision they all made) once
+    for r, e in sorted(errors.items()):
+        if not e["comm"]:
+            raised.setdefault(e["what"], []).append(r)
+    parts += [f"{ranks(rs)} raised {what}" for what, rs in raised.items()]
     if not parts and errors:
         first = errors[min(errors)]["what"]
         parts.append(f"a collective failed on {ranks(errors)} ({first})")

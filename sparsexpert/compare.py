@@ -91,7 +91,7 @@ def run_comparison(
                 _launch(
                     nproc,
                     "launcher/pretrain.py",
-                    [*base, "--output_dir", str(run), *extra],
+                    [*base, "--output_dir", str(run), "--overwrite", *extra],  # this command's folder
                     Path(f"{run}.log"),
                 )
             init = ["--init", str(run)]
@@ -103,7 +103,8 @@ def run_comparison(
         ft = out / f"finetune_{slug}"
         if not (reuse and (ft / "results.json").is_file()):
             print(f"compare: {name}: fine-tuning into {ft}", flush=True)
-            args = ["--ds_config", ds_config, "--output_dir", str(ft), *init, *task_args, *finetune_overrides]
+            args = ["--ds_config", ds_config, "--output_dir", str(ft), "--overwrite", *init, *task_args]
+            args += finetune_overrides
             _launch(nproc, "launcher/finetune.py", args, Path(f"{ft}.log"))
         res = json.loads((ft / "results.json").read_text())
         p = res["params"]

@@ -110,16 +110,15 @@ def open_checkpoint(run_dir: str | Path) -> Opened:
     from sparsexpert.train.trainer import make_loader
 
     run_dir = Path(run_dir)
-    tag = checkpoint.find_latest(run_dir / "checkpoints")
-    if tag is None:
-        raise FileNotFoundError(
-            f"{run_dir}/checkpoints: no complete checkpoint; is {run_dir} a pretraining output folder?"
-        )
+    try:  # the newest usable checkpoint, those passed over logged with the reason
+        tag = checkpoint.resolve_tag(run_dir / "checkpoints")
+    except checkpoint.CheckpointError as exc:
+        raise FileNotFoundError(f"{exc}; is {run_dir} a pretraining output folder?") from None
     meta = json.loads((tag / checkpoint.META).read_text())
     cfg = from_dict(RunConfig, meta["run"])
     data_dir = Path(meta["data_dir"])
     t = cfg.train
-    h = Harness(run_dir, t.max_steps, False, t.collective_timeout_minutes, write_files=False)
+    h = Harness(run_dir, t.max_steps, False, t.collective_timeout_minutes, claim="read")
     if cfg.model.moe.ep_size and h.world % cfg.model.moe.ep_size:
         cfg.model.moe.ep_size = 0  # written at another world size: the largest ep_size that fits this one
     manifest = read_manifest(data_dir)
@@ -134,7 +133,7 @@ def open_checkpoint(run_dir: str | Path) -> Opened:
     engine.eval()
     tokenizer_file = data_dir / manifest["tokenizer"]["file"]
     valid = None
-    if len(PackedDataset(data_dir, "valid")):
+    if len(PackedDataset(data_dir, "valid", verify=cfg.data.verify)):
         valid = make_loader(
             data_dir,
             "valid",
@@ -146,6 +145,7 @@ def open_checkpoint(run_dir: str | Path) -> Opened:
             h.rank,
             cfg.data.seed,
             tokenizer_file,
+            verify=cfg.data.verify,
         )
     h.log(f"evaluating {tag} (step {meta['step']}) at world size {h.world}")
     return Opened(h, engine, cfg, meta["step"], data_dir, tokenizer_file, param_counts, valid)

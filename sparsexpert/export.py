@@ -9,6 +9,10 @@
 - `load_init`: model config + weights from any of: a sparsexpert checkpoint (tag, run folder), a
   consolidated folder, a Hugging Face Mixtral or Llama folder (a dense one can be upcycled into an MoE).
 
+Folders from elsewhere are read as data only: safetensors and JSON here, a sparsexpert checkpoint
+through `checkpoint.load_weights` (every file checked against its COMPLETE.json, read with torch's
+weights-only unpickler; see sparsexpert/train/checkpoint.py).
+
 Two layout differences are converted, not approximated. Rotary embeddings: ours rotate channel
 pairs (2i, 2i+1) of a head, Hugging Face's rotate halves (i, i + d/2); the rows of wq and wk are
 permuted per head, which leaves q.k unchanged. Experts: ours hold w1 (gate) and w3 (up) apart,
@@ -461,7 +465,9 @@ class Initial:
 
 def load_init(path: str | Path) -> Initial:
     """Model config, fp32 weights and tokenizer from a sparsexpert checkpoint (a tag or run folder,
-    any world size and ep_size), a consolidated folder, or a Hugging Face Mixtral/Llama folder."""
+    any world size and ep_size: checked, then read as data), a consolidated folder, or a Hugging Face
+    Mixtral/Llama folder (safetensors). A damaged or unsafe checkpoint raises checkpoint.CheckpointError
+    naming the file."""
     p = Path(path)
     if (p / CONSOLIDATED_META).is_file():
         from safetensors.torch import load_file

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,6 +246,57 @@ class Prefetcher:
         self._thread.join(timeout=10)
 
 
+def claim_output_dir(output_dir: Path, run_files: tuple[str, ...], claim: str, rank: int) -> None:
+    """Never write over a run by accident: if `output_dir` holds any of `run_files` (what a run of this
+    kind writes), a new run ("new") is refused, naming them; "resume" continues it; "overwrite" starts
+    over, deleting those files only (rank 0; nothing else in the folder is touched)."""
+    found = [name for name in run_files if (output_dir / name).exists()]
+    if not found or claim == "resume":
+        return
+    if claim == "overwrite":
+        if rank == 0:
+            for name in found:
+                path = output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            print(f"--overwrite: removed the former run's {', '.join(found)} from {output_dir}", flush=True)
+        return
+    raise RunStopped(
+        f"{output_dir} holds a run ({', '.join(found)}): continue it with --resume, start it over with "
+        f"--overwrite (deletes {', '.join(found)}), or choose another --output_dir"
+    )
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (its loss or gradients stopped being finite, ...): the message says why,
+    what was kept and what to do; the launcher exits with status 1."""
+
+
+class NonFiniteSteps:
+    """Counts the steps in a row whose update was not applied because the loss or gradient norm was not
+    finite. fp16 overflow steps do not count: skipping them is how dynamic loss scaling searches its
+    scale (DeepSpeed stops the run itself when the scale reaches its minimum)."""
+
+    def __init__(self, limit: int, fp16: bool):
+        self.limit, self.fp16 = limit, fp16
+        self.in_a_row = 0
+        self.first = 0  # the first step of the current streak
+
+    def update(self, step: int, applied: bool) -> bool:
+        """After `step`: whether the run must stop (`limit` non-finite steps in a row)."""
+        if applied or self.fp16:
+            self.in_a_row = 0
+            return False
+        if self.in_a_row == 0:
+            self.first = step
+        self.in_a_row += 1
+        return self.in_a_row >= self.limit
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last step was applied: the weights are those of finite steps only."""
+        return self.in_a_row == 0
+
+
 class Harness:
     """One run's distributed context, engine and loop machinery (see the module docstring)."""
 
@@ -254,12 +306,20 @@ class Harness:
         max_steps: int,
         tensorboard: bool = True,
         collective_timeout_minutes: float = 10.0,
-        write_files: bool = True,
+        claim: str = "new",
+        run_files: tuple[str, ...] = (),
     ):
+        """claim: what this run does with `output_dir` (see `claim_output_dir`): "new", "resume",
+        "overwrite", or "read" (evaluation: writes nothing but its report)."""
         self.device = parallel.init_distributed(collective_timeout_minutes)
         self.rank, self.world = comm.rank(), comm.world_size()
         self.output_dir = Path(output_dir)
-        self.metrics = MetricsLogger(self.output_dir, self.rank == 0, max_steps, tensorboard, write_files)
+        if claim != "read":
+            claim_output_dir(self.output_dir, run_files, claim, self.rank)
+            comm.barrier()
+        self.metrics = MetricsLogger(
+            self.output_dir, self.rank == 0, max_steps, tensorboard, write_files=claim != "read"
+        )
         self.log = self.metrics.text
         self.engine: Any = None
         self.own_clip: float | None = None
@@ -313,11 +373,10 @@ class Harness:
         return self._watch
 
     def tick(self, step: int) -> None:
-        """The loop is at `step` (an optimizer step, or an evaluation batch): for the failure message,
-        and the failure tests' fault injection."""
+        """The loop is at `step` (an optimizer step, or an evaluation batch), for the failure message.
+        (The failure tests inject their faults here: tests/faults/sitecustomize.py.)"""
         if self._watch is not None:
             self._watch.step = step
-        comm.inject_fault(self.rank, step)
 
     def prefetch(
         self, make: Callable[[int, int], Any], start_step: int, end_step: int, grad_accum: int
@@ -326,18 +385,23 @@ class Harness:
 
     def step(
         self, step: int, batches: Prefetcher, grad_accum: int, forward: Callable[[Any], MicroOut]
-    ) -> None:
+    ) -> bool:
         """One optimizer step: each micro-batch's forward and backward, our clipping before the last
         engine.step (DeepSpeed steps the optimizer at the accumulation boundary), the loss terms summed
-        on the device. No host synchronization of ours."""
+        on the device. Returns whether the update was applied: DeepSpeed skips a step whose gradient
+        norm is not finite (and, in fp16, one that overflowed), as we do on the ZeRO-0 fp32 path, which
+        reads the norm on the host for it; otherwise no host synchronization of ours."""
         engine = self.engine
+        skipped = engine.skipped_steps
         for m in range(grad_accum):
             out = forward(batches.get(step, m))
             engine.backward(out.loss)
             if self.own_clip is not None and m == grad_accum - 1:
                 self._grad_norm = parallel.clip_grad_norm(engine.module, self.own_clip)
+                parallel.skip_step_if_not_finite(engine, self._grad_norm)
             engine.step()
             self.sums.add(out)
+        return engine.skipped_steps == skipped
 
     def interval(self) -> dict[str, Any]:
         """The interval's figures on every rank (collective): scalar means, array sums, tokens, the
@@ -354,9 +418,17 @@ class Harness:
 
     # ------------------------------------------------------------------ checkpoints
     def save(
-        self, ckpt_root: Path, step: int, meta: dict[str, Any], tokenizer: Path | None, keep: int
+        self,
+        ckpt_root: Path,
+        step: int,
+        meta: dict[str, Any],
+        tokenizer: Path | None,
+        keep: int,
+        healthy: bool = True,
     ) -> Path:
-        return checkpoint.save(self.engine, ckpt_root, step, meta, tokenizer, keep=keep)
+        """A checkpoint tag (collective); healthy=False writes it marked unhealthy, leaving `latest` and
+        rotation alone (checkpoint.save)."""
+        return checkpoint.save(self.engine, ckpt_root, step, meta, tokenizer, keep=keep, healthy=healthy)
 
     def resume(self, tag_dir: Path, elastic: bool, seed: int, ep_size: int) -> dict[str, Any]:
         """Load `tag_dir` into the engine: as written, or resharded when `elastic` (the engine must have

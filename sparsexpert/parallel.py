@@ -6,7 +6,7 @@
 - `initialize` builds the engine with the parameter groups the MoE path needs; with the native MoE
   backend it first puts DeepSpeed-MoE's own layers in place of our blocks (`sparsexpert/native_moe.py`).
 - Precision: `check_precision` refuses what the accelerator lacks (bf16 before Ampere, fp16 without
-  kernels), `routers_in_fp32` keeps AutoEP's routers in fp32, `precision_state` reports fp16's loss scale.
+  kernels), `routers_in_fp32` keeps AutoEP's routers in fp32, `precision_state` reports skipped steps and fp16's loss scale.
 - `init_distributed` starts torch.distributed on this rank's device (collectives: `sparsexpert/comm.py`).
 - Workarounds for DeepSpeed 0.19.8 behaviour live here and nowhere else (search "DeepSpeed quirk").
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -142,6 +143,80 @@ def _expert_sizes_ok_for_grouped_mm(model_cfg: ModelConfig) -> None:
             )
 
 
+# DeepSpeed 0.19.8's top-level config sections: what DeepSpeedConfig and the engine read during
+# deepspeed.initialize and a training step (recorded by reading the config through a dict that notes
+# every key asked for; tests/test_config.py repeats that and checks the list), and the sections only
+# optional features read (activation checkpointing, async I/O, the flops profiler, autotuning).
+# DeepSpeed ignores any other key silently: "zero_optimisation" trained at ZeRO-0.
+DEEPSPEED_SECTIONS = frozenset(
+    {
+        "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
+        "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+        "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt",
+        "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+        "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+        "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
+        "managed_gradient_accumulation", "memory_breakdown", "nebula", "optimizer", "pipeline",
+        "prescale_gradients", "progressive_layer_drop", "quantize_training", "scheduler",
+        "seq_parallel_communication_data_type", "sequence_parallel_size", "sparse_attention",
+        "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
+        "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+        "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
+        "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
+    }
+)  # fmt: skip
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    near = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"did you mean {near[0]!r}?" if near else "see DeepSpeed's configuration documentation"
+
+
+def check_sections(ds: dict[str, Any]) -> None:
+    """Every key of the DeepSpeed JSON is one DeepSpeed reads: unknown top-level sections (which
+    DeepSpeed would ignore) and unknown keys of zero_optimization, fp16 and bf16 (which it refuses only
+    inside deepspeed.initialize, in pydantic's words) are errors naming the key, with the nearest one."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for key in ds:
+        if key not in DEEPSPEED_SECTIONS:
+            raise ConfigError(
+                f"ds_config.{key}",
+                ds[key],
+                f"not a DeepSpeed setting (it would be ignored); {_did_you_mean(key, DEEPSPEED_SECTIONS)}",
+            )
+    for section, model in (
+        ("zero_optimization", DeepSpeedZeroConfig),
+        ("fp16", DeepSpeedFP16Config),
+        ("bf16", DeepSpeedBF16Config),
+        ("bfloat16", DeepSpeedBF16Config),
+    ):
+        value = ds.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"ds_config.{section}", value, "expected a mapping (a JSON object)")
+        known = set()
+        for name, f in model.model_fields.items():
+            known |= {name, *(a for a in (f.alias, f.validation_alias) if isinstance(a, str))}
+        for key in value:
+            if key not in known:
+                raise ConfigError(
+                    f"ds_config.{section}.{key}",
+                    value[key],
+                    f"not a DeepSpeed setting; {_did_you_mean(key, known)}",
+                )
+    for section in ("optimizer", "scheduler"):
+        value = ds.get(section)
+        if isinstance(value, dict):
+            for key in value:
+                if key not in ("type", "params"):
+                    raise ConfigError(
+                        f"ds_config.{section}.{key}", value[key], 'a section holds "type" and "params"'
+                    )
+
+
 def check_config(
     model_cfg: ModelConfig,
     ds: dict[str, Any],
@@ -151,6 +226,7 @@ def check_config(
 ) -> BatchTriplet:
     """Reject bad combinations before deepspeed.initialize, naming the field and the fix."""
     model_cfg.validate()
+    check_sections(ds)
     triplet = batch_triplet(ds, world_size)
 
     zero = ds.get("zero_optimization", {}) or {}
@@ -431,6 +507,21 @@ def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+def skip_step_if_not_finite(engine, grad_norm: torch.Tensor) -> None:
+    """DeepSpeed quirk: its ZeRO 1-3 optimizers, its bf16 and fp16 ones all skip a step whose gradient
+    norm is not finite (zeroed gradients, no optimizer or schedule step, `engine.skipped_steps` + 1);
+    ZeRO-0 in fp32 steps DeepSpeed's plain torch optimizer whatever the gradients hold. On that path
+    (where we clip: `own_gradient_clipping`) do the same before engine.step(): a non-finite norm drops
+    every gradient (torch's optimizers leave a parameter without one alone) and sets the `overflow`
+    flag that engine.step() reads to count the skip and hold the schedule. Reads the norm on the host:
+    that path's one synchronization per step."""
+    bad = not bool(torch.isfinite(grad_norm))
+    engine.optimizer.overflow = bad
+    if bad:
+        for p in engine.module.parameters():
+            p.grad = None
+
+
 def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None = None):
     """deepspeed.initialize with our parameter groups; returns the engine. With the native MoE backend
     the model's MoE blocks are first replaced by DeepSpeed's native layers (`native_moe.swap_in`);
@@ -447,7 +538,8 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None
         from sparsexpert import native_moe
 
         ep_size = resolve_ep_size(cfg, comm.world_size())
-        native_moe.swap_in(model, cfg.moe, ep_size, bool(ds_config.get("use_data_before_expert_parallel_")))
+        data_first = bool(ds_config.get("use_data_before_expert_parallelism"))  # DeepSpeed's key
+        native_moe.swap_in(model, cfg.moe, ep_size, data_first)
     if own_gradient_clipping(ds_config) is not None:
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
@@ -604,10 +696,11 @@ def routers_in_fp32(module: nn.Module) -> int:
 
 
 def precision_state(engine) -> dict[str, float | int]:
-    """For the metrics, once per log interval: under fp16 the current loss scale and the optimizer steps
-    DeepSpeed skipped for overflowing gradients so far (kept in checkpoints, so counted across resumes);
-    nothing otherwise. Host numbers DeepSpeed already holds: no synchronization."""
-    if not engine.fp16_enabled():
-        return {}
-    # Every DeepSpeed fp16 optimizer (ZeRO 1-2, ZeRO-3, FP16_Optimizer, FP16_UnfusedOptimizer) has loss_scale.
-    return {"loss_scale": float(engine.optimizer.loss_scale), "skipped_steps": int(engine.skipped_steps)}
+    """For the metrics, once per log interval: the optimizer steps DeepSpeed skipped so far (gradients
+    not finite; in fp16 also overflow), kept in checkpoints so counted across resumes, and under fp16 the
+    current loss scale. Host numbers DeepSpeed already holds: no synchronization."""
+    state: dict[str, float | int] = {"skipped_steps": int(engine.skipped_steps)}
+    if engine.fp16_enabled():
+        # Every DeepSpeed fp16 optimizer (ZeRO 1-2, ZeRO-3, FP16_Optimizer, FP16_UnfusedOptimizer) has loss_scale.
+        state["loss_scale"] = float(engine.optimizer.loss_scale)
+    return state

@@ -46,10 +46,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FAULTS = REPO / "tests" / "faults"
+"""On PYTHONPATH of every launched process: with SPARSEXPERT_FAIL_AT set, it injects a failure."""
+
+
 def launch_env() -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), env.get("PYTHONPATH")]))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
@@ -74,13 +79,15 @@ def leaked_shm_buffers(port: int) -> list[Path]:
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
-def run_cmd(cmd: list[str], output_dir: Path, timeout: float = 300, check: bool = True) -> Run:
+def run_cmd(
+    cmd: list[str], output_dir: Path, timeout: float = 300, check: bool = True, env: dict | None = None
+) -> Run:
     """Run a command in its own process group; kill the whole group on timeout. A `deepspeed`
-    launch must leave no shared-memory buffers behind."""
+    launch must leave no shared-memory buffers behind. env: added to launch_env()."""
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=launch_env(),
+        env={**launch_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

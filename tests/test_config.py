@@ -196,3 +196,56 @@ def test_activation_checkpointing_is_a_checked_bool():
     with pytest.raises(ConfigError, match="model.activation_checkpointing=1: expected true or false"):
         ModelConfig(activation_checkpointing=1).validate()
     check_config(ModelConfig(d_model=64, activation_checkpointing=True), ds(), 1, None)
+
+
+def test_deepspeed_sections_are_those_deepspeed_reads():
+    """DeepSpeed ignores keys it does not know, so a misspelled section trains without it
+    ("zero_optimisation": ZeRO-0). check_sections refuses anything outside DEEPSPEED_SECTIONS; that list
+    must hold every key DeepSpeedConfig reads (recorded here through a dict that notes each key asked for)."""
+    import os
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from sparsexpert.parallel import DEEPSPEED_SECTIONS, check_sections
+
+    class Recording(dict):
+        seen: set = set()
+
+        def get(self, key, default=None):
+            self.seen.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            self.seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            self.seen.add(key)
+            return super().__contains__(key)
+
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE="1")
+    try:
+        DeepSpeedConfig(Recording(json.loads((REPO / "ds_configs" / "moe_z2.json").read_text())))
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert len(Recording.seen) > 40 and Recording.seen <= DEEPSPEED_SECTIONS, (
+        Recording.seen - DEEPSPEED_SECTIONS
+    )
+    for bad, match in (
+        (
+            {"zero_optimisation": {"stage": 2}},
+            r"ds_config.zero_optimisation=.*did you mean 'zero_optimization'",
+        ),
+        ({"zero_optimization": {"stgae": 2}}, r"ds_config.zero_optimization.stgae=2: .*did you mean 'stage'"),
+        ({"bf16": {"enable": True}}, r"ds_config.bf16.enable=True: .*did you mean 'enabled'"),
+        ({"optimizer": {"type": "AdamW", "param": {}}}, r'ds_config.optimizer.param=.*"type" and "params"'),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            check_sections(bad)
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        check_sections(json.loads(path.read_text()))

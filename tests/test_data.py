@@ -162,9 +162,15 @@ def _write_shards(out, sizes: list[int], seq_len: int, dtype: str) -> None:
     for n, size in enumerate(sizes):
         rows = (np.arange(first, first + size)[:, None] * 1000 + np.arange(seq_len)).astype(dtype)
         rows.tofile(out / f"train_{n:05d}.bin")
-        shards.append({"file": f"train_{n:05d}.bin", "num_sequences": size})
+        sha = hashlib.sha256(rows.tobytes()).hexdigest()
+        shards.append({"file": f"train_{n:05d}.bin", "num_sequences": size, "sha256": sha})
         first += size
-    manifest = {"seq_len": seq_len, "dtype": dtype, "splits": {"train": {"shards": shards}}}
+    manifest = {
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "tokenizer": {"vocab_size": 1 << 16},
+        "splits": {"train": {"shards": shards}},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -455,10 +455,10 @@ def test_interrupted_run_resumes_without_redoing_or_losing_documents(tmp_path, s
     chunks = tmp_path / "killed.parts" / "chunks"
     kill_when(
         [sys.executable, "-m", "data_prep", *args, "--output", str(out)],
-        lambda: chunks.is_dir() and len(list(chunks.glob("chunk_*.pkl"))) >= 10,
+        lambda: chunks.is_dir() and len(list(chunks.glob("chunk_*.npz"))) >= 10,
         timeout=120,
     )
-    done = len(list(chunks.glob("chunk_*.pkl")))
+    done = len(list(chunks.glob("chunk_*.npz")))
     assert 10 <= done < 53, "the run was not interrupted mid-way; the test proves nothing"
     resumed = _run_cli(*args, "--output", str(out))
     assert resumed.returncode == 0, resumed.stderr

@@ -80,12 +80,12 @@ def chain(request, tmp_path_factory, example_data):
 def _saved_steps(tag: Path) -> tuple[int, int, set[int], set[str]]:
     """global_steps, the schedule's step, every Adam state's step and the group names, as saved."""
     dense = tag / "mp_rank_00_model_states.pt"  # ZeRO-3: one per rank
-    model = torch.load(
-        dense if dense.is_file() else tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False
+    model = checkpoint.load_file(
+        dense if dense.is_file() else tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     )
     adam, names = set(), set()
     for f in tag.glob("zero_pp_rank_*_optim_states.pt"):
-        sd = torch.load(f, weights_only=False)["optimizer_state_dict"]
+        sd = checkpoint.load_file(f, allow=checkpoint.deepspeed_classes())["optimizer_state_dict"]
         base = sd.get("base_optimizer_state") or sd["optimizer_state_dict"]  # ZeRO-1/2, ZeRO-3
         adam |= {int(s["step"]) for s in base["state"].values()}
         names |= {g["name"] for g in base["param_groups"]}
@@ -134,15 +134,24 @@ def test_elastic_resume_refuses_experts_out_of_place(tmp_path, example_data, cha
     """Experts out of place after loading (as DeepSpeed's native MoE layer loads a universal
     checkpoint at ep_size 2) are caught by the check that follows: every rank stops, naming them,
     before training. Here the universal form of a world-1 checkpoint, converted by link 2 and reused,
-    has two experts of one layer swapped with the other two."""
+    has two experts of one layer swapped with the other two, and CONVERTED.json records the file so (as
+    a conversion that misplaced them would have: otherwise the damaged file is converted again)."""
     stage, runs = chain
     tag = runs[2].output_dir / "checkpoints" / checkpoint.tag_for(4)
     assert (tag / checkpoint.UNIVERSAL / checkpoint.CONVERTED).is_file()
     _continue(tag, tmp_path / "out")
     w1 = tmp_path / "out" / "checkpoints" / tag.name / "universal" / "zero" / "layers.1.mlp.experts.w1"
-    saved = torch.load(w1 / "fp32.pt", weights_only=False)
+    saved = checkpoint.load_file(w1 / "fp32.pt")
     saved["param"] = saved["param"][[2, 3, 0, 1]]
     torch.save(saved, w1 / "fp32.pt")
+    universal = w1.parents[1]
+    converted = json.loads((universal / checkpoint.CONVERTED).read_text())
+    name = str((w1 / "fp32.pt").relative_to(universal))
+    converted["files"][name] = {
+        "size": (w1 / "fp32.pt").stat().st_size,
+        "xxh3_128": checkpoint.file_digest(w1 / "fp32.pt"),
+    }
+    (universal / checkpoint.CONVERTED).write_text(json.dumps(converted))
     run = _run(tmp_path / "out", stage, 2, 2, example_data, "--resume", check=False)
     assert run.returncode != 0
     for rank, ids in ((0, [0, 1]), (1, [2, 3])):

@@ -26,6 +26,7 @@ from sparsexpert.generate import generate
 from sparsexpert.model import ModelConfig, build_model
 from sparsexpert.model.config import MoEConfig
 from sparsexpert.model.transformer import Transformer
+from sparsexpert.train import checkpoint
 from sparsexpert.train.checkpoint import load_weights, resolve_tag
 
 transformers = pytest.importorskip("transformers")
@@ -85,7 +86,7 @@ def test_consolidate_keys_experts_by_global_id(run, tmp_path):
     files = sorted(resolve_tag(run).glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
     assert len(files) == 2 * 4  # 2 MoE layers x 4 experts, each in its own file
     for f in files:
-        for key, value in torch.load(f, map_location="cpu", weights_only=False).items():
+        for key, value in checkpoint.load_file(f).items():
             stem, e = key.rsplit(".", 1)  # layers.L.mlp.experts.w1.<global expert id>
             assert torch.equal(got[stem][int(e)], value.float()), key
     info = json.loads((tmp_path / "c" / "sparsexpert_model.json").read_text())

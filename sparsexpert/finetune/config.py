@@ -136,6 +136,9 @@ class FinetuneConfig:
     """Write TensorBoard event files."""
     collective_timeout_minutes: float = 10.0
     """A rank waiting longer than this in a collective fails instead of hanging."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradients are not finite (their updates skipped, no checkpoint
+    written after them) before the run stops with exit status 1; fp16 overflow steps do not count."""
 
     def validate(self) -> None:
         if not self.tasks:
@@ -152,7 +155,7 @@ class FinetuneConfig:
             )
         if self.sampling not in ("proportional", "temperature"):
             raise ConfigError("sampling", self.sampling, 'use "proportional" or "temperature"')
-        for name in ("max_steps", "eval_every", "log_every"):
+        for name in ("max_steps", "eval_every", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be >= 1")
         if self.patience < 0 or self.upcycle_experts < 0 or self.max_len < 0:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsexpert import comm
+from sparsexpert import comm, parallel
 from sparsexpert import device as _device
 from sparsexpert.config import ConfigError
 from sparsexpert.export import load_init, model_config_of, upcycled
@@ -27,16 +27,41 @@ from sparsexpert.finetune import data as fdata
 from sparsexpert.finetune.config import FinetuneConfig
 from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
 from sparsexpert.finetune.model import TaskModel, TaskSpec
-from sparsexpert.harness import Harness, MicroOut, expert_metrics, load_state
+from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, expert_metrics, load_state
 from sparsexpert.metrics import format_duration
 from sparsexpert.model.transformer import IGNORE_INDEX
 from sparsexpert.train import checkpoint
 
+RUN_FILES = (
+    "best",
+    "checkpoints",
+    "predictions",
+    "metrics.jsonl",
+    "tensorboard",
+    "config.json",
+    "results.json",
+)
+"""What a fine-tuning run writes into its output folder."""
+
 
 class Finetuner:
-    def __init__(self, cfg: FinetuneConfig, ds_json: dict[str, Any], output_dir: str | Path):
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        ds_json: dict[str, Any],
+        output_dir: str | Path,
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
+        """resume: continue the run in output_dir from its checkpoints/ (written at each evaluation);
+        overwrite: start over in a folder that holds a run. Neither: the folder must hold no run."""
         cfg.validate()
-        self.h = h = Harness(output_dir, cfg.max_steps, cfg.tensorboard, cfg.collective_timeout_minutes)
+        if resume and overwrite:
+            raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
+        claim = "resume" if resume else "overwrite" if overwrite else "new"
+        self.h = h = Harness(
+            output_dir, cfg.max_steps, cfg.tensorboard, cfg.collective_timeout_minutes, claim, RUN_FILES
+        )
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.rank, self.world = h.rank, h.world
         log = h.log
@@ -145,6 +170,16 @@ class Finetuner:
             cfg.sampling_temperature,
         )
         self.step = 0
+        self.loop: dict[str, Any] = {
+            "best": None,
+            "best_step": 0,
+            "bad_evals": 0,
+            "stopped_early": False,
+            "history": [],
+            "best_results": {},
+        }
+        if resume:
+            self._resume()
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2, default=str))
@@ -372,9 +407,38 @@ class Finetuner:
         return path
 
     # ------------------------------------------------------------------ the loop
+    def _meta(self, **extra: Any) -> dict[str, Any]:
+        return {**self._describe(), "step": self.step, "loop": self.loop, **extra}
+
     def save_best(self, metric: float) -> Path:
-        meta = {**self._describe(), "step": self.step, "dev_metric": metric}
+        meta = self._meta(dev_metric=metric)
         return self.h.save(self.output_dir / "best", self.step, meta, self.tokenizer_file, keep=1)
+
+    def save_resumable(self) -> Path:
+        """checkpoints/: the latest state, with the loop's own (best metric, evaluations without a better
+        one, history, the best results), which --resume continues from."""
+        return self.h.save(
+            self.output_dir / "checkpoints", self.step, self._meta(), self.tokenizer_file, keep=1
+        )
+
+    def _resume(self) -> None:
+        root = self.output_dir / "checkpoints"
+        tag = checkpoint.for_resume(root, self.h.log)
+        if tag is None:
+            self.h.log(f"--resume: no complete checkpoint in {root}; starting from step 0")
+            self.h.metrics.resume_from(0)
+            return
+        meta = json.loads((tag / checkpoint.META).read_text())
+        if meta["world_size"] != self.world:
+            raise ConfigError(
+                "world size",
+                self.world,
+                f"{tag} was written by {meta['world_size']} processes; resume fine-tuning with as many",
+            )
+        self.step = self.h.resume(tag, False, self.cfg.seed, 0)["step"]
+        self.loop = meta["loop"]
+        self.h.metrics.resume_from(self.step)
+        self.h.log(f"resumed from {tag} at step {self.step}")
 
     def train(self) -> dict[str, Any]:
         """Train to max_steps (or an early stop). If any rank fails, every rank stops within seconds
@@ -383,21 +447,31 @@ class Finetuner:
             return self._train()
 
     def _train(self) -> dict[str, Any]:
-        cfg, h, engine = self.cfg, self.h, self.engine
+        cfg, h, engine, loop = self.cfg, self.h, self.engine, self.loop
         moe_layers = self.model_cfg.moe_layer_ids
         layer_experts = self.model_cfg.moe.layer_experts(len(moe_layers))
-        best, best_step, bad_evals = -math.inf, 0, 0
+        nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps, parallel.precision_of(self.ds_config) == "fp16")
         t0, t_int = time.time(), time.time()
-        history = []
         accum = self.triplet.grad_accum
         engine.train()
         batches = h.prefetch(self._batch, self.step, cfg.max_steps, accum)
         try:
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not loop["stopped_early"]:
                 h.tick(self.step + 1)
-                h.step(self.step, batches, accum, self._forward)
+                applied = h.step(self.step, batches, accum, self._forward)
                 self.step += 1
                 done = self.step == cfg.max_steps
+                if nonfinite.update(self.step, applied):
+                    r = h.interval()
+                    h.metrics.log({k: r[k] for k in ("task_loss", "grad_norm") if k in r}, self.step)
+                    raise RunStopped(
+                        f"steps {nonfinite.first}-{self.step}: {nonfinite.in_a_row} updates in a row skipped, the "
+                        f"loss or gradients not finite; the best checkpoint is {self.output_dir / 'best'}, the "
+                        f"latest healthy one {checkpoint.find_latest(self.output_dir / 'checkpoints')}: continue "
+                        "with --resume, e.g. at a lower learning rate, or raise max_nonfinite_steps"
+                    )
+                if not nonfinite.healthy:
+                    h.log(f"step {self.step}: the gradients are not finite; the update was skipped")
                 if self.step % cfg.log_every == 0 or done:
                     r = h.interval()
                     record = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "tokens"}
@@ -406,48 +480,22 @@ class Finetuner:
                     record.update(expert_metrics(r, moe_layers, layer_experts))
                     h.metrics.log(record, self.step)
                     t_int = time.time()
-                if self.step % cfg.eval_every == 0 or done:
-                    metric, results = self.evaluate()
-                    rec = {"dev_metric": metric}
-                    for name, (sc, _) in results.items():
-                        rec.update({f"dev/{name}/{k}": v for k, v in sc.items() if isinstance(v, float)})
-                    history.append({"step": self.step, **rec})
-                    h.metrics.log(rec, self.step)
-                    if metric > best:
-                        best, best_step, bad_evals = metric, self.step, 0
-                        self.save_best(metric)
-                        if self.rank == 0:
-                            for task, (_, preds) in enumerate(results.values()):
-                                self.write_predictions("dev", task, self.dev_sets[task], preds)
-                        self._best_results = {n: sc for n, (sc, _) in results.items()}
-                        for task, data in enumerate(self.test_sets):
-                            if data is not None:
-                                preds = self.predict(task, data)
-                                self._best_results[f"{self.specs[task].name}/test"] = self.score(
-                                    task, data, preds
-                                )
-                                if self.rank == 0:
-                                    self.write_predictions("test", task, data, preds)
-                    else:
-                        bad_evals += 1
-                        if cfg.patience and bad_evals >= cfg.patience:
-                            h.log(
-                                f"early stop at step {self.step}: no better dev metric in {bad_evals} evaluations"
-                            )
-                            break
+                if (self.step % cfg.eval_every == 0 or done) and nonfinite.healthy:
+                    self._evaluate_and_keep()
+                    self.save_resumable()
         finally:
             batches.close()
+        best, best_step = loop["best"], loop["best_step"]
+        results = loop["best_results"]
         summary = {
             "best_dev_metric": best,
             "best_step": best_step,
             "steps": self.step,
             "params": self.param_counts,
-            "results": {
-                k: {kk: vv for kk, vv in v.items() if kk != "report"} for k, v in self._best_results.items()
-            },
-            "reports": {k: v.get("report") for k, v in self._best_results.items() if "report" in v},
+            "results": {k: {kk: vv for kk, vv in v.items() if kk != "report"} for k, v in results.items()},
+            "reports": {k: v.get("report") for k, v in results.items() if "report" in v},
             "majority_baseline": {s.name: self.majority_baseline(t) for t, s in enumerate(self.specs)},
-            "history": history,
+            "history": loop["history"],
             "seconds": time.time() - t0,
         }
         if self.rank == 0:
@@ -456,9 +504,41 @@ class Finetuner:
 
             for name, rep in summary["reports"].items():
                 h.log(f"{name} (best dev, step {best_step}):\n{format_report(rep)}")
+            best_text = f"{best:.4f}" if best is not None else "none"
             h.log(
-                f"done: best dev metric {best:.4f} at step {best_step}; {format_duration(summary['seconds'])}; "
+                f"done: best dev metric {best_text} at step {best_step}; {format_duration(summary['seconds'])}; "
                 f"best checkpoint {self.output_dir / 'best'}"
             )
         h.metrics.close()
         return summary
+
+    def _evaluate_and_keep(self) -> None:
+        """Dev evaluation; a better metric writes best/, the predictions and the test scores; `patience`
+        evaluations without one stop the run early."""
+        loop, h = self.loop, self.h
+        metric, results = self.evaluate()
+        rec = {"dev_metric": metric}
+        for name, (sc, _) in results.items():
+            rec.update({f"dev/{name}/{k}": v for k, v in sc.items() if isinstance(v, float)})
+        loop["history"].append({"step": self.step, **rec})
+        h.metrics.log(rec, self.step)
+        if loop["best"] is None or metric > loop["best"]:
+            loop.update(best=metric, best_step=self.step, bad_evals=0)
+            self.save_best(metric)
+            if self.rank == 0:
+                for task, (_, preds) in enumerate(results.values()):
+                    self.write_predictions("dev", task, self.dev_sets[task], preds)
+            loop["best_results"] = {n: sc for n, (sc, _) in results.items()}
+            for task, data in enumerate(self.test_sets):
+                if data is not None:
+                    preds = self.predict(task, data)
+                    loop["best_results"][f"{self.specs[task].name}/test"] = self.score(task, data, preds)
+                    if self.rank == 0:
+                        self.write_predictions("test", task, data, preds)
+        else:
+            loop["bad_evals"] += 1
+            if self.cfg.patience and loop["bad_evals"] >= self.cfg.patience:
+                h.log(
+                    f"early stop at step {self.step}: no better dev metric in {loop['bad_evals']} evaluations"
+                )
+                loop["stopped_early"] = True

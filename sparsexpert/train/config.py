@@ -32,6 +32,11 @@ class TrainConfig:
     """Write TensorBoard event files under <output_dir>/tensorboard."""
     collective_timeout_minutes: float = 10.0
     """A rank waiting longer than this in a collective fails instead of hanging."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradients are not finite before the run stops with exit status 1.
+    Such a step's update is skipped (DeepSpeed's optimizers skip it; ZeRO-0 in fp32 we do) and no
+    checkpoint is written after it, so the newest checkpoint is healthy. fp16 overflow steps (skipped while
+    the loss scale adapts) do not count."""
     init: str = ""
     """Start from these weights instead of a random initialization (step 0, a fresh optimizer): a
     sparsexpert run folder or checkpoint (any world size, ep_size, ZeRO stage), a consolidated folder
@@ -45,6 +50,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.max_steps < 1:
             raise ConfigError("train.max_steps", self.max_steps, "must be >= 1")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("train.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every", self.log_every, "must be >= 1")
         if self.upcycle_experts and not self.init:

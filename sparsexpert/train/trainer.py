@@ -20,7 +20,7 @@ import torch
 from sparsexpert import comm, export, parallel
 from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader, read_manifest
-from sparsexpert.harness import Harness, MicroOut, expert_metrics, load_state
+from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, expert_metrics, load_state
 from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.knowledge.data import KnowledgeLoader
 from sparsexpert.metrics import format_duration
@@ -140,9 +140,11 @@ def make_loader(
     rank: int,
     seed: int,
     tokenizer_file: Path,
+    verify: bool = True,
 ) -> KnowledgeLoader:
-    """This rank's micro-batches of a split: loader.batch(global batch, micro step) -> model inputs (host)."""
-    data = PackedDataset(data_dir, split)
+    """This rank's micro-batches of a split: loader.batch(global batch, micro step) -> model inputs (host).
+    verify: check the shards against the manifest's hashes and the vocabulary (data.verify)."""
+    data = PackedDataset(data_dir, split, verify=verify)
     tok = read_manifest(data_dir)["tokenizer"]
     plan = BatchPlan(len(data), micro, grad_accum, world, rank, seed)
     return KnowledgeLoader(
@@ -157,11 +159,29 @@ def make_loader(
     )
 
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "eval.json")
+"""What a pretraining run writes into its output folder (besides the built-in example's data/)."""
+
+
 class Pretrainer:
-    def __init__(self, cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path, resume: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ds_json: dict[str, Any],
+        output_dir: str | Path,
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
+        """resume: continue the run in output_dir from its latest usable checkpoint; overwrite: start
+        over in a folder that holds a run (its files are deleted). Neither: the folder must hold no run."""
         cfg.validate()
         t = cfg.train
-        self.h = h = Harness(output_dir, t.max_steps, t.tensorboard, t.collective_timeout_minutes)
+        if resume and overwrite:
+            raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
+        claim = "resume" if resume else "overwrite" if overwrite else "new"
+        self.h = h = Harness(
+            output_dir, t.max_steps, t.tensorboard, t.collective_timeout_minutes, claim, RUN_FILES
+        )
         self.cfg, self.output_dir, self.ds_json = cfg, Path(output_dir), ds_json
         self.rank, self.world = h.rank, h.world
         log = h.log
@@ -186,9 +206,11 @@ class Pretrainer:
         )
         self.ep_size = parallel.expert_parallel_size(cfg.model, self.ds_config, self.world)
         self.ckpt_root = self.output_dir / "checkpoints"
-        tag_dir = checkpoint.find_latest(self.ckpt_root) if resume else None
+        # every checkpoint checked; those passed over are logged with the reason; an error listing each
+        # one when there are checkpoints but none is usable
+        tag_dir = checkpoint.for_resume(self.ckpt_root, log) if resume else None
         if resume and tag_dir is None:
-            log(f"--resume: no complete checkpoint in {self.ckpt_root}; starting from step 0")
+            log(f"--resume: no checkpoint in {self.ckpt_root}; starting from step 0")
         elastic = False
         if tag_dir is not None:
             meta = json.loads((tag_dir / checkpoint.META).read_text())
@@ -219,9 +241,11 @@ class Pretrainer:
         if tag_dir is not None:
             self.step = h.resume(tag_dir, elastic, t.seed, self.ep_size)["step"]
             log(f"resumed from {tag_dir} at step {self.step}")
+        if resume:
+            h.metrics.resume_from(self.step)
 
         # Loaders.
-        self.train_data = PackedDataset(self.data_dir, "train")
+        self.train_data = PackedDataset(self.data_dir, "train", verify=cfg.data.verify)
         self.seq_len = self.train_data.seq_len
 
         def loader(split: str, grad_accum: int, knowledge: KnowledgeConfig) -> KnowledgeLoader:
@@ -236,11 +260,12 @@ class Pretrainer:
                 self.rank,
                 cfg.data.seed,
                 self.tokenizer_file,
+                verify=cfg.data.verify,
             )
 
         self.loader = loader("train", self.triplet.grad_accum, cfg.model.knowledge)
         self.valid_loader = None
-        if t.eval_every and len(PackedDataset(self.data_dir, "valid")):
+        if t.eval_every and len(PackedDataset(self.data_dir, "valid", verify=cfg.data.verify)):
             # validation reads the text alone, whatever the knowledge mode, so arms compare
             self.valid_loader = loader("valid", 1, KnowledgeConfig())
         self.native = bool(cfg.model.moe_layer_ids) and cfg.model.moe.backend == "native"
@@ -333,6 +358,25 @@ class Pretrainer:
         comm.all_reduce(total)
         return (total[0] / total[1]).item()
 
+    def _stop_nonfinite(self, nonfinite: NonFiniteSteps) -> None:
+        """Log what the last interval saw (non-finite values as null in metrics.jsonl) and stop."""
+        r = self.h.interval()
+        record = {k: r[k] for k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm") if k in r}
+        self.h.metrics.log(record, self.step)
+        latest = checkpoint.find_latest(self.ckpt_root)
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in record.items())
+        raise RunStopped(
+            f"steps {nonfinite.first}-{self.step}: {nonfinite.in_a_row} updates in a row skipped, the loss or "
+            f"gradients not finite (this interval: {figures}); "
+            + (
+                f"the last healthy checkpoint is {latest}: continue from it with --resume, e.g. at a lower "
+                "learning rate"
+                if latest
+                else "no checkpoint was written before them: start again at a lower learning rate"
+            )
+            + " (or raise train.max_nonfinite_steps)"
+        )
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
         """Train to train.max_steps. If any rank fails, every rank stops within seconds with exit
@@ -347,15 +391,23 @@ class Pretrainer:
         accum = self.triplet.grad_accum
         t_interval, steps_in_interval, t_start, start_step = time.time(), 0, time.time(), self.step
         last: dict[str, Any] = {}
+        nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps, parallel.precision_of(self.ds_config) == "fp16")
         engine.train()
         batches = h.prefetch(self.loader.batch, self.step, cfg.max_steps, accum)
         try:
             while self.step < cfg.max_steps:
                 h.tick(self.step + 1)
-                h.step(self.step, batches, accum, self._forward)
+                applied = h.step(self.step, batches, accum, self._forward)
                 self.step += 1
                 steps_in_interval += 1
                 done = self.step == cfg.max_steps
+                if nonfinite.update(self.step, applied):
+                    self._stop_nonfinite(nonfinite)
+                if not nonfinite.healthy:
+                    h.log(
+                        f"step {self.step}: the gradients are not finite; the update was skipped "
+                        f"({nonfinite.in_a_row} in a row; the run stops at {nonfinite.limit})"
+                    )
                 if self.step % cfg.log_every == 0 or done:
                     r = h.interval()
                     elapsed = time.time() - t_interval
@@ -383,7 +435,10 @@ class Pretrainer:
                 elif self.valid_loader is not None and self.step % cfg.eval_every == 0:
                     h.metrics.log({"valid_lm_loss": self.evaluate()}, self.step)
                 if (cfg.save_every and self.step % cfg.save_every == 0) or done:
-                    self.save()
+                    if nonfinite.healthy:
+                        self.save()
+                    else:  # the newest checkpoint stays the last one of finite steps
+                        h.log(f"step {self.step}: no checkpoint written, the step was not finite")
         finally:
             batches.close()
         h.log(
@@ -395,6 +450,10 @@ class Pretrainer:
 
 
 def pretrain(
-    cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path, resume: bool = False
+    cfg: RunConfig,
+    ds_json: dict[str, Any],
+    output_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    return Pretrainer(cfg, ds_json, output_dir, resume).train()
+    return Pretrainer(cfg, ds_json, output_dir, resume, overwrite).train()
