@@ -317,9 +317,9 @@ class Smoke:
             str(re_dir / "train.jsonl"),
             "--dev",
             str(re_dir / "dev.jsonl"),
-            "--max_steps=4",
-            "--eval_every=4",
-            "--log_every=1",
+            "--train.max_steps=4",
+            "--train.eval_every=4",
+            "--train.log_every=1",
             "--overwrite",  # a smoke folder given again with --out: this script's runs
         ]
         self.run(

@@ -9,9 +9,10 @@ parameters per token) at a size that fills a GPU, bf16, side by side in one run.
 Each configuration is a real `launcher/pretrain.py` run (through `deepspeed --num_gpus N` for N > 1)
 on the built-in example world prepared at the sequence length; tokens/s is the mean of the logged
 intervals after the first (start-up and warm-up excluded); peak memory is the largest
-torch.cuda.max_memory_allocated the run logged. MFU = tokens/s x FLOPs per token / peak FLOP/s, with
-FLOPs per token = 6 x active non-embedding parameters + 12 x layers x seq x d_model (forward and
-backward, attention scores included) and the peak of a bf16 matmul measured on this GPU, per GPU.
+torch.cuda.max_memory_allocated the run logged. MFU = tokens/s x FLOPs per token / peak FLOP/s per GPU
+(`sparsexpert.metrics.mfu`), with the FLOPs per token the runs log (`sparsexpert.metrics.flops_per_token`:
+6 x the active parameters that multiply + 12 x layers x seq x d_model, forward and backward) and the
+peak of a bf16 matmul measured on this GPU.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
         args.d_expert, args.experts, args.seq, args.micro, args.steps = 128, 4, 64, 4, 6
 
     from data_prep.pipeline import PrepConfig, prepare_example
+    from sparsexpert.metrics import flops_per_token, mfu
     from sparsexpert.model import ModelConfig, MoEConfig
     from sparsexpert.model.transformer import Transformer
 
@@ -102,7 +104,7 @@ def main() -> None:
     if args.activation_checkpointing:
         variants["MoE, recomputed"] = [*variants["MoE"], "--model.activation_checkpointing=true"]
 
-    def param_counts(extra: list[str]) -> dict[str, int]:
+    def flops(extra: list[str]) -> float:
         moe = "--model.moe.num_experts=0" not in extra
         cfg = ModelConfig(
             vocab_size=vocab,
@@ -114,7 +116,7 @@ def main() -> None:
         )
         cfg.moe = MoEConfig(num_experts=E if moe else 0, top_k=K)
         with torch.device("meta"):
-            return Transformer(cfg).num_params()
+            return flops_per_token(cfg, Transformer(cfg).num_params()["active"], S)
 
     device = "cpu" if args.cpu else "cuda"
     dtype = torch.float32 if args.cpu else torch.bfloat16
@@ -168,19 +170,15 @@ def main() -> None:
         recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         tps = sum(r["tokens_per_s"] for r in recs[1:]) / max(len(recs[1:]), 1)
         mem = max((r.get("max_memory_gb", 0.0) for r in recs), default=0.0)
-        params = param_counts(extra)
-        embed = 2 * vocab * D
-        fpt = 6 * (params["active"] - embed) + 12 * L * S * D
-        mfu = tps / args.gpus * fpt / peak
-        rows.append((label, tps, mfu, mem, recs[-1]["loss"]))
+        rows.append((label, tps, mfu(tps, flops(extra), args.gpus, peak), mem, recs[-1]["loss"]))
     print(f"{'':18} {'tokens/s':>12} {'vs dense':>9} {'MFU':>7} {'peak GB':>8} {'loss':>8}")
     dense = next((r[1] for r in rows if r[0] == "dense twin"), None)
-    for label, tps, mfu, mem, loss in rows:
+    for label, tps, util, mem, loss in rows:
         if tps is None:
             print(f"{label:18} {'failed':>12}")
             continue
         ratio = f"{tps / dense:8.2f}x" if dense else f"{'-':>9}"
-        print(f"{label:18} {tps:12,.0f} {ratio} {mfu:7.1%} {mem:8.2f} {loss:8.3f}")
+        print(f"{label:18} {tps:12,.0f} {ratio} {util:7.1%} {mem:8.2f} {loss:8.3f}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ MixtralForCausalLM of the same size, 2 ranks, ZeRO-2, fp32 and bf16, one after t
 
 Each configuration is a real `deepspeed --num_gpus 2` launch; tokens/s is the mean over the logged
 intervals after the first (start-up excluded). MFU = achieved model FLOP/s over the matmul peak
-measured here with the same thread count (2 ranks x OMP_NUM_THREADS threads), FLOPs per token
-6 * active non-embedding parameters + 12 * layers * seq_len * d_model (forward + backward).
+measured here with the same thread count (2 ranks x OMP_NUM_THREADS threads), with the FLOPs per
+token the runs log (`sparsexpert.metrics.flops_per_token`: 6 x the active parameters that multiply
++ 12 x layers x seq_len x d_model, forward and backward) and `sparsexpert.metrics.mfu`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     args = p.parse_args()
 
     from data_prep.pipeline import PrepConfig, prepare_example
+    from sparsexpert.metrics import flops_per_token, mfu
     from sparsexpert.model import ModelConfig, MoEConfig, build_model
 
     work = Path(tempfile.mkdtemp(prefix="sparsexpert-bench-"))
@@ -96,23 +98,17 @@ def main() -> None:
     }
     seq = 128
 
-    def flops_per_token(active_params: int, embed_params: int) -> float:
-        return 6 * (active_params - embed_params) + 12 * L * seq * D
-
-    moe = build_model(
-        ModelConfig(
-            vocab_size=1024,
-            d_model=D,
-            n_layers=L,
-            n_heads=4,
-            d_ff=F,
-            max_seq_len=seq,
-            moe=MoEConfig(num_experts=E, top_k=K),
-        ),
-        0,
+    moe_cfg = ModelConfig(
+        vocab_size=1024,
+        d_model=D,
+        n_layers=L,
+        n_heads=4,
+        d_ff=F,
+        max_seq_len=seq,
+        moe=MoEConfig(num_experts=E, top_k=K),
     )
-    embed = 2 * 1024 * D
-    fpt = flops_per_token(moe.num_params()["active"], embed)
+    moe = build_model(moe_cfg, 0)
+    fpt = flops_per_token(moe_cfg, moe.num_params()["active"], seq)
     print(
         f"model: D={D} L={L} E={E} top-{K} F={F}, {moe.num_params()['total'] / 1e6:.2f}M params, "
         f"{moe.num_params()['active'] / 1e6:.2f}M active; 2 ranks x {threads} threads; {args.steps} steps"
@@ -120,7 +116,7 @@ def main() -> None:
     for precision in args.precisions:
         ds = REPO / "ds_configs" / ("moe_z2_bf16.json" if precision == "bf16" else "moe_z2.json")
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        peak = 2 * matmul_peak_flops(threads, dtype)
+        peak = matmul_peak_flops(threads, dtype)  # per rank
         results = {}
         trees = {"": REPO} if args.baseline is None else {"": REPO, " (baseline)": args.baseline.resolve()}
         for name, extra in variants.items():
@@ -163,10 +159,12 @@ def main() -> None:
                 recs[-1]["loss"],
             )
         dense_tps = results["dense (equal active)"][0]
-        print(f"\n{precision}: matmul peak {peak / 1e9:.1f} GFLOP/s (2 ranks)")
+        print(f"\n{precision}: matmul peak {2 * peak / 1e9:.1f} GFLOP/s (2 ranks)")
         print(f"{'':35} {'tokens/s':>10} {'vs dense':>9} {'MFU':>6} {'final loss':>10}")
         for name, (tps, loss) in results.items():
-            print(f"{name:35} {tps:10,.0f} {tps / dense_tps:8.2f}x {tps * fpt / peak:6.1%} {loss:10.3f}")
+            print(
+                f"{name:35} {tps:10,.0f} {tps / dense_tps:8.2f}x {mfu(tps, fpt, 2, peak):6.1%} {loss:10.3f}"
+            )
         if args.baseline is not None:
             for name in variants:
                 ours, theirs = results[name][0], results[name + " (baseline)"][0]

@@ -1,7 +1,7 @@
 """Pluggable knowledge extractors: code that adds entity mentions and triples the KG does not have.
 
 An extractor is any class with `extract(text, mentions) -> Extraction`, constructed from keyword
-arguments (`--extractor module:Class --extractor-args args.json`). It runs in the join stage's
+arguments (`--extractor module:Class --extractor_args args.json`). It runs in the join stage's
 worker processes, after alias linking, on every document. Its mentions are added where no mention
 is yet; its triples are attached to the rows covering their evidence span and written to
 `triples.tsv` with source "extracted" (new ones are appended to the triple vocabulary in input order).

@@ -114,7 +114,7 @@ def check_aliases(
             who = t.head if t.head not in aliases else t.tail
             raise DataError(
                 f"{kg_path}: triple {i + 1} ({t.head}, {t.relation}, {t.tail}) names entity {who!r} "
-                "with no alias; add it to the alias file or pass --on-error skip"
+                "with no alias; add it to the alias file or pass --on_error skip"
             )
         missing += 1
     return kept, missing

@@ -39,7 +39,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import time
 import unicodedata
@@ -59,6 +58,7 @@ from data_prep.pack import EOS_ID, Packer, pack, sha256_file
 from data_prep.readers import INVALID_REASONS, DataError, RawDoc, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 from data_prep.wikitext import WikiLink
+from sparsexpert.metrics import Progress
 
 __all__ = ["EOS_ID", "DataError", "PrepConfig", "pack", "prepare", "prepare_example", "prepare_text"]
 
@@ -197,9 +197,9 @@ def check_rejected(cfg: PrepConfig, records: int, rejected: Counter) -> None:
         by_reason = ", ".join(f"{reason} {n}" for reason, n in invalid.items())
         raise DataError(
             f"{', '.join(cfg.corpus)}: {n_bad} of {records} records ({n_bad / records:.1%}) are invalid "
-            f"({by_reason}), more than max_rejected_fraction={cfg.max_rejected_fraction}; check --text-field "
-            "and the input's format (--on-error fail stops at the first bad record with its file and line), "
-            "or raise --max-rejected-fraction if this share is expected"
+            f"({by_reason}), more than max_rejected_fraction={cfg.max_rejected_fraction}; check --text_field "
+            "and the input's format (--on_error fail stops at the first bad record with its file and line), "
+            "or raise --max_rejected_fraction if this share is expected"
         )
 
 
@@ -319,32 +319,6 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
     return out_file
 
 
-class Progress:
-    """Counts and rate of a long stage on stderr, at most once a second (a line each in logs)."""
-
-    def __init__(self, stage: str, unit: str = "docs", every: float = 1.0):
-        self.stage, self.unit, self.every = stage, unit, every
-        self.done, self.t0 = 0, time.time()
-        self.last = self.t0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if time.time() - self.last >= self.every:
-            self._print()
-
-    def _print(self, end: str = "") -> None:
-        self.last = time.time()
-        rate = self.done / max(self.last - self.t0, 1e-9)
-        line = (
-            f"data_prep {self.stage}: {self.done:,} {self.unit} ({rate:,.0f}/s, {self.last - self.t0:.0f}s)"
-        )
-        print(("\r" + line) if self.tty else line, end=end if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self._print(end="\n")
-
-
 @dataclass
 class Knowledge:
     """The KG side of a run, shared by every stage."""
@@ -357,7 +331,7 @@ class Knowledge:
 
 
 def load_inputs(cfg: PrepConfig) -> Knowledge:
-    """Check every input file and read the KG (the --dry-run stops after this)."""
+    """Check every input file and read the KG (the --dry_run stops after this)."""
     from data_prep.kg import check_aliases, read_aliases, read_triples
 
     cfg.validate()
@@ -423,7 +397,7 @@ def _open_parts(cfg: PrepConfig) -> Path:
 def stage_ingest(cfg: PrepConfig, log=print) -> dict:
     """Read, normalize and deduplicate every document; report the counts and write nothing."""
     counts, rejected = Counter(), Counter()
-    progress = Progress("ingest")
+    progress = Progress("data_prep ingest", unit="docs")
     chars = 0
     for doc in iter_docs(cfg, counts, rejected):
         chars += len(doc.text)
@@ -455,7 +429,7 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
     linker = Linker(know.aliases, cfg.case) if know.aliases else None
     extractor = load_extractor(cfg.extractor, cfg.extractor_args) if cfg.extractor and extract else None
     found, mentions = Counter(), 0
-    progress = Progress("extract" if extract else "link")
+    progress = Progress(f"data_prep {'extract' if extract else 'link'}", unit="docs")
     tmp = out / f".mentions.{uuid.uuid4().hex}.jsonl"
     with open(tmp, "w", encoding="utf-8") if not extract else contextlib.nullcontext() as f:
         for doc in iter_docs(cfg, Counter(), Counter()):
@@ -529,7 +503,7 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
                 log(
                     f"data_prep tokenizer: training SentencePiece {cfg.tokenizer_type}, vocabulary {cfg.vocab_size}"
                 )
-                progress = Progress("tokenizer (reading)")
+                progress = Progress("data_prep tokenizer (reading)", unit="docs")
 
                 def texts() -> Iterator[str]:
                     for d in iter_docs(cfg, counts, rejected):
@@ -598,7 +572,7 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     pool = mp.get_context("spawn").Pool(cfg.workers, init_worker, init) if cfg.workers > 1 else None
     if pool is None:
         init_worker(*init)
-    progress = Progress("join")
+    progress = Progress("data_prep join", unit="docs")
     kept = f"the chunks already joined stay in {parts}: a re-run resumes from them"
     done = False
     try:
@@ -662,7 +636,7 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
     if missing:
         raise DataError(
             f"{parts}: {len(missing)} of {n_chunks} chunks are not joined yet (first: chunk {missing[0]}, "
-            "which --num-shards K gives to --shard-index chunk % K); run the join stage for them first"
+            "which --num_shards K gives to --shard_index chunk % K); run the join stage for them first"
         )
     t0 = time.time()
     out_dir = Path(cfg.output)
@@ -711,7 +685,7 @@ def _pack(
     }
     res = Packed(entity_index, list(know.triples), Counter(), {}, 0, Counter())
     counts = Counter()
-    progress = Progress("pack", "chunks")
+    progress = Progress("data_prep pack", len(chunk_files), "chunks")
     # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
     triple_index = {t: i for i, t in enumerate(know.triples)}
     triples = res.triples
@@ -843,7 +817,7 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
 
 def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
     """Every stage: inputs, tokenizer, join (link, extract, join), pack. Resumes finished work found
-    in <output>.parts; with --num-shards > 1 it stops after this machine's share of the join
+    in <output>.parts; with --num_shards > 1 it stops after this machine's share of the join
     (run `merge` once all shards are done). Returns the manifest ({} when not packing)."""
     know = load_inputs(cfg)
     check_output(cfg)
@@ -852,7 +826,7 @@ def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
         return {}
     if cfg.num_shards > 1 and not cfg.tokenizer and find_tokenizer(parts_dir(cfg)) is None:
         raise DataError(
-            "with --num-shards > 1 every machine must use the same tokenizer: run "
+            "with --num_shards > 1 every machine must use the same tokenizer: run "
             "`python -m data_prep tokenizer` with the same config once first, or pass --tokenizer"
         )
     stage_tokenizer(cfg, log)

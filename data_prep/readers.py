@@ -71,7 +71,7 @@ def read_text(path: Path, rejected: Counter | None) -> Iterator[RawDoc]:
                     rejected,
                     "invalid_utf8",
                     f"{path}:{lineno}: invalid UTF-8 at byte {e.start}; re-encode the file as UTF-8 "
-                    "or pass --on-error skip",
+                    "or pass --on_error skip",
                 )
                 continue
             yield RawDoc(line, f"{path}:{lineno}")
@@ -89,7 +89,7 @@ def read_jsonl(path: Path, text_field: str, rejected: Counter | None) -> Iterato
                 rejected,
                 "malformed_json",
                 f"{doc.source}: malformed JSON ({e.msg} at column {e.colno}); "
-                "fix the line or pass --on-error skip",
+                "fix the line or pass --on_error skip",
             )
             continue
         text = record.get(text_field) if isinstance(record, dict) else None
@@ -97,8 +97,8 @@ def read_jsonl(path: Path, text_field: str, rejected: Counter | None) -> Iterato
             _bad(
                 rejected,
                 "missing_text_field",
-                f"{doc.source}: no string field {text_field!r}; set --text-field "
-                "to the field holding the text, or pass --on-error skip",
+                f"{doc.source}: no string field {text_field!r}; set --text_field "
+                "to the field holding the text, or pass --on_error skip",
             )
             continue
         yield RawDoc(text, doc.source)
@@ -109,7 +109,7 @@ def read_parquet(path: Path, text_field: str, rejected: Counter | None) -> Itera
 
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (have {pf.schema_arrow.names}); set --text-field")
+        raise DataError(f"{path}: no column {text_field!r} (have {pf.schema_arrow.names}); set --text_field")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
         for text in batch.column(0).to_pylist():

@@ -1,7 +1,7 @@
 """A relation-classification dataset by distant supervision, for fine-tuning.
 
     python -m data_prep relations --corpus news.txt --kg kg.tsv --aliases aliases.tsv --case exact \\
-        --output data/rel [--valid-fraction 0.2] [--negative-ratio 1.0] [--seed 0] [--max-sentence-chars 400]
+        --output data/rel [--valid_fraction 0.2] [--negative_ratio 1.0] [--seed 0] [--max_sentence_chars 400]
 
 Documents are read, normalized and deduplicated as the pipeline's ingest stage does; mentions are
 found as its link stage does (MediaWiki links first, then KG alias matches). For every sentence
@@ -145,7 +145,7 @@ def prepare_relations(rc: RelationsConfig, log=print) -> dict:
     sentences: list[str] = []
     examples: list[tuple[int, tuple, tuple, str]] = []
     negatives: list[int] = []  # positions in `examples`
-    progress = Progress("relations")
+    progress = Progress("data_prep relations", unit="docs")
     n_docs = 0
     for doc in iter_docs(cfg, counts, rejected):
         n_docs += doc.last  # a document over max_doc_chars comes in pieces

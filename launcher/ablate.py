@@ -27,8 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sparsexpert import cli
+    from sparsexpert.config import ConfigError
+    from sparsexpert.train.config import RunConfig
+
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog="Every arm's pretraining takes these (the fields of launcher/pretrain.py):\n\n"
+        + cli.fields_help(RunConfig, ds=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--corpus", choices=["world", "news-nations"], default="world")
     parser.add_argument(
@@ -42,10 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="arms already trained in --output_dir are only re-evaluated"
     )
-    args, overrides = parser.parse_known_args(argv)
-    for o in overrides:
-        if not o.startswith(("--model.", "--train.", "--data.")):
-            parser.error(f"unrecognized argument {o!r} (overrides look like --train.max_steps=400)")
+    args, rest = parser.parse_known_args(argv)
+    try:  # checked here, before the first arm starts, in the pretraining launcher's language
+        pairs, ds_pairs = cli.split_overrides(rest, RunConfig, ds=True)
+    except ConfigError as e:
+        parser.error(str(e))
+    overrides = [cli.as_option(k, v) for k, v in pairs] + [cli.as_option(f"ds.{k}", v) for k, v in ds_pairs]
 
     from sparsexpert.ablation import run_ablation
 

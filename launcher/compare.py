@@ -8,10 +8,10 @@ tokens; fine-tuning all four on the task with the same steps and batch; prints a
 WNUT-16 NER:
     python launcher/compare.py --output_dir runs/compare_wnut --pretrain_steps 600 \\
         --task ner --train ../shared/data/ner/wnut16/train.conll --dev ../shared/data/ner/wnut16/dev.conll \\
-        --max_steps=800 --eval_every=100
+        --train.max_steps=800 --train.eval_every=100
 
 Two processes per run, experts split over both: add --num_gpus 2 --model.moe.ep_size=2.
-Fine-tuning overrides are plain (`--max_steps=800`); model overrides (`--model.d_model=256`) shape
+Fine-tuning overrides are plain (`--train.max_steps=800`); model overrides (`--model.d_model=256`) shape
 every arm. --reuse keeps runs already done in --output_dir.
 """
 
@@ -25,8 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sparsexpert import cli
+    from sparsexpert.config import ConfigError
+    from sparsexpert.finetune.config import FinetuneConfig
+
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog="Fine-tuning options (--model.* also shape the pretrained models):\n\n"
+        + cli.fields_help(FinetuneConfig, ds=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--output_dir", default="runs/compare")
     parser.add_argument("--ds_config", default="ds_configs/moe_z2.json")
@@ -44,8 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", required=True)
     parser.add_argument("--dev", required=True)
     args, rest = parser.parse_known_args(argv)
-    model = [o for o in rest if o.startswith("--model.")]
-    finetune = [o for o in rest if not o.startswith("--model.")]
+    try:  # checked before anything starts, in the fine-tuning launcher's language
+        pairs, ds_pairs = cli.split_overrides(rest, FinetuneConfig, ds=True)
+    except ConfigError as e:
+        parser.error(str(e))
+    model = [cli.as_option(k, v) for k, v in pairs if k.startswith("model.")]
+    finetune = [cli.as_option(k, v) for k, v in pairs if not k.startswith("model.")]
+    finetune += [cli.as_option(f"ds.{k}", v) for k, v in ds_pairs]
 
     from sparsexpert.compare import run_comparison
 

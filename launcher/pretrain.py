@@ -12,7 +12,7 @@ Two processes on CPU with expert parallelism over both (gloo):
 
 One GPU node with 8 GPUs, experts split over 8 ranks:
     deepspeed --num_gpus 8 launcher/pretrain.py --ds_config ds_configs/moe_z2_bf16.json \\
-        --config configs/<your model>.json --model.moe.ep_size=8 --output_dir runs/moe8
+        --config configs/moe_gpu_base.json --model.moe.ep_size=8 --output_dir runs/moe8
 
 Several nodes with passwordless ssh (pdsh), started once on the first node (hostfile lines:
 `node1 slots=8`); the output folder on a filesystem all nodes share:
@@ -65,21 +65,19 @@ Watch it:  tensorboard --logdir runs/pretrain/tensorboard   (and runs/pretrain/m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sparsexpert.config import apply_overrides, from_dict, load_json  # noqa: E402
+from sparsexpert import cli  # noqa: E402
 from sparsexpert.train.config import RunConfig  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (see ds_configs/)")
-    parser.add_argument("--config", help="run config JSON with 'model', 'data' and 'train' sections")
+def parse_args(argv: list[str] | None = None):
+    """(launcher options, the run config, the DeepSpeed JSON with its --ds.* overrides)."""
+    parser = cli.parser(__doc__, RunConfig, ds=True)
     parser.add_argument("--output_dir", default="runs/pretrain", help="everything the run writes goes here")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     parser.add_argument(
@@ -88,31 +86,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help="start over in an output folder that holds a run (its checkpoints, metrics and TensorBoard files go)",
     )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
-    args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith(("--model.", "--data.", "--train.")):
-            parser.error(f"unrecognized argument {item!r} (overrides look like --train.max_steps=20)")
-        if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    return args, overrides
+    return cli.parse(parser, argv, RunConfig, ds=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = parse_args(argv)
-    cfg = from_dict(RunConfig, load_json(args.config)) if args.config else RunConfig()
-    apply_overrides(cfg, overrides)
-    ds_json = load_json(args.ds_config)
+    args, cfg, ds_json = parse_args(argv)
 
     from sparsexpert.config import ConfigError
     from sparsexpert.harness import RunStopped
     from sparsexpert.train.checkpoint import CheckpointError, NoSpaceError
-    from sparsexpert.train.trainer import pretrain
+    from sparsexpert.train.trainer import pretrain, resolved_config
 
     try:
+        if args.print_config:
+            if os.environ.get("RANK", "0") == "0":
+                cli.print_config(resolved_config(cfg, ds_json, args.output_dir))
+            return
         pretrain(cfg, ds_json, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     except (
         RunStopped,

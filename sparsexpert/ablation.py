@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparsexpert.metrics import log_results
 from sparsexpert.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,9 @@ def run_ablation(
     eval_args: list[str] | None = None,
     reuse: bool = False,
 ) -> str:
-    """reuse: an arm that already has a complete checkpoint in output_dir is only evaluated again."""
+    """reuse: an arm that already has a complete checkpoint in output_dir is only evaluated again.
+    Writes <output_dir>/ablation.txt (the table) and each arm's eval.json figures into
+    <output_dir>/tensorboard/<arm>/ (one TensorBoard run per arm, tags `ablation/...`)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -174,6 +177,8 @@ def run_ablation(
             "tokens_per_s": mean_tokens_per_s(run),
         }
         rows[arm] = rows_of(res, train)
+        # one TensorBoard run per arm, so that the arms' figures share a chart
+        log_results(out / "tensorboard" / run.name, "ablation", {**res, "train": train}, steps)
     text = table(arms, rows)
     (out / "ablation.txt").write_text(text + "\n")
     print(

@@ -1,9 +1,9 @@
 """Typed configuration: dataclasses built from JSON files and dotted command-line overrides.
 
 Every component has a small dataclass with a docstring per field (see `model/config.py`,
-`data/config.py`, `train/config.py`). This module only turns dictionaries and `--a.b=value`
-overrides into those dataclasses, rejecting unknown keys and wrong types with a message that
-names the field.
+`data/config.py`, `train/config.py`). This module turns dictionaries (a JSON file, or values
+from the command line, parsed by `sparsexpert/cli.py`) into those dataclasses, rejecting unknown
+keys and wrong types with a message that names the field.
 """
 
 from __future__ import annotations
@@ -19,20 +19,24 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+NO_VALUE: Any = object()
+"""The `value` of a ConfigError about a name rather than a value (an unknown option): not shown."""
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong. The message names the field, the value and the fix."""
 
     def __init__(self, field: str, value: Any, fix: str):
         self.field = field
-        super().__init__(f"{field}={value!r}: {fix}")
+        super().__init__(f"{field}: {fix}" if value is NO_VALUE else f"{field}={value!r}: {fix}")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
+def coerce(value: Any, tp: Any, name: str) -> Any:
     """Check `value` against the annotation `tp`, converting ints to floats and dicts to dataclasses."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -49,7 +53,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, name)
+                return coerce(value, arg, name)
             except ConfigError:
                 continue
         raise ConfigError(name, value, f"expected {tp}")
@@ -57,7 +61,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(name, value, f"expected a list ({tp})")
         (arg,) = typing.get_args(tp)[:1] or (Any,)
-        return origin(_coerce(v, arg, f"{name}[{i}]") for i, v in enumerate(value))
+        return origin(coerce(v, arg, f"{name}[{i}]") for i, v in enumerate(value))
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -73,50 +77,26 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from `data`; unknown keys are errors (with the nearest valid name)."""
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     kwargs = {}
     for key, value in data.items():
         name = f"{prefix}.{key}" if prefix else key
         if key not in types_:
-            near = difflib.get_close_matches(key, types_.keys(), n=1)
+            # the same name one section down first ("max_steps" -> "train.max_steps"), else the spelling
+            moved = [
+                f"{k}.{key}"
+                for k, tp in types_.items()
+                if dataclasses.is_dataclass(tp) and key in field_types(tp)
+            ]
+            near = moved or difflib.get_close_matches(key, types_.keys(), n=1)
             hint = f"did you mean {near[0]!r}?" if near else f"valid fields: {', '.join(types_)}"
             raise ConfigError(name, value, f"unknown field of {cls.__name__}; {hint}")
-        kwargs[key] = _coerce(value, types_[key], name)
+        kwargs[key] = coerce(value, types_[key], name)
     return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
-
-
-def _parse_scalar(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(cfg: T, overrides: list[str]) -> T:
-    """Apply `a.b.c=value` overrides (values parsed as JSON, else taken as strings) to a dataclass tree."""
-    for item in overrides:
-        key, sep, raw = item.lstrip("-").partition("=")
-        if not sep:
-            raise ConfigError(item, None, "overrides take the form --section.field=value")
-        parts = key.split(".")
-        target = cfg
-        for depth, part in enumerate(parts):
-            name = ".".join(parts[: depth + 1])
-            if not dataclasses.is_dataclass(target) or part not in _field_types(type(target)):
-                fields = _field_types(type(target)) if dataclasses.is_dataclass(target) else {}
-                near = difflib.get_close_matches(part, fields.keys(), n=1)
-                hint = f"did you mean {'.'.join(parts[:depth] + [near[0]])!r}?" if near else "no such field"
-                raise ConfigError(name, raw, hint)
-            if depth == len(parts) - 1:
-                tp = _field_types(type(target))[part]
-                setattr(target, part, _coerce(_parse_scalar(raw), tp, name))
-            else:
-                target = getattr(target, part)
-    return cfg
 
 
 def load_json(path: str | Path) -> dict[str, Any]:

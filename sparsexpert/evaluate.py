@@ -37,6 +37,7 @@ from sparsexpert.harness import Harness, load_state
 from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.knowledge.data import DatasetKG, KnowledgeLoader
 from sparsexpert.knowledge.modules import KnowledgeBatch
+from sparsexpert.metrics import Progress, log_results
 from sparsexpert.model import build_model
 from sparsexpert.train import checkpoint
 from sparsexpert.train.config import RunConfig
@@ -180,9 +181,12 @@ class Scorer:
         n_batches = math.ceil(n / self.batch_size)
         n_batches += (-n_batches) % world  # every rank runs the same number of forwards (expert parallelism)
         out = to_device(torch.zeros(n, dtype=torch.float64), device)
-        for bi in range(rank, n_batches, world):
+        mine = range(rank, n_batches, world)
+        progress = Progress(f"evaluate: scoring {n:,} sequences", len(mine), "batches", enabled=rank == 0)
+        for bi in mine:
             if self.tick is not None:
                 self.tick()
+            progress.update()
             idx = list(range(bi * self.batch_size, min(n, (bi + 1) * self.batch_size)))
             real = bool(idx)
             if not real:
@@ -211,6 +215,7 @@ class Scorer:
             scored = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])
             sums = (logp * scored).sum(1).double()
             out[bi * self.batch_size : bi * self.batch_size + len(idx)] = sums
+        progress.close()
         comm.all_reduce(out)
         return out.cpu().numpy()
 
@@ -225,8 +230,11 @@ def perplexity(pt: Opened) -> dict[str, float]:
     rows_total = plan.num_rows
     per_step = plan.micro * plan.dp
     total = pt.h.to_device(torch.zeros(2, dtype=torch.float64))
-    for g in range(math.ceil(rows_total / per_step)):
+    n_batches = math.ceil(rows_total / per_step)
+    progress = Progress("evaluate: perplexity", n_batches, "batches", enabled=pt.h.rank == 0)
+    for g in range(n_batches):
         pt.tick()
+        progress.update()
         global_pos = g * per_step + plan.rank * plan.micro + torch.arange(plan.micro)
         keep = (global_pos < rows_total).double()  # the last global batch wraps around: count each row once
         x, keep = pt.h.to_device((loader.batch(g, 0)["input_ids"], keep))
@@ -236,6 +244,7 @@ def perplexity(pt: Opened) -> dict[str, float]:
         )
         total[0] += (nll.double().sum(1) * keep).sum()
         total[1] += keep.sum() * nll.shape[1]
+    progress.close()
     comm.all_reduce(total)
     loss_sum, tokens = total.tolist()
     loss = loss_sum / tokens
@@ -418,7 +427,9 @@ def evaluate(
     max_facts: int = 60,
     max_triples: int = 0,
 ) -> dict[str, Any]:
-    """Every evaluation that applies; rank 0 writes <run_dir>/eval.json. Collective: call on every rank."""
+    """Every evaluation that applies; rank 0 writes <run_dir>/eval.json and, where the run writes
+    TensorBoard, its figures there as `eval/...` scalars at the checkpoint's step. Collective: call on
+    every rank."""
     pt = open_checkpoint(run_dir)
     with pt.h.watch("evaluation"):
         return _evaluate(pt, run_dir, probe_world, link_test, link_known, max_facts, max_triples)
@@ -448,5 +459,8 @@ def _evaluate(
         res["link_prediction"] = link_prediction(pt, scorer, link_test, link_known or [], max_triples)
     if pt.h.rank == 0:
         (Path(run_dir) / "eval.json").write_text(json.dumps(res, indent=2))
+        t = pt.cfg.train
+        if t.tensorboard and "tensorboard" in t.report_to:
+            log_results(Path(run_dir) / "tensorboard", "eval", res, pt.step)
         log(json.dumps(res, indent=2))
     return res

@@ -84,28 +84,9 @@ class MicroOut:
     """Device tensors summed over the interval (expert counts [MoE layers, E], native drops [layers, 2])."""
     tokens: int = 0
     """Tokens of the micro-batch, known on the host (tokens/s)."""
-
-
-def expert_metrics(r: dict[str, Any], moe_layer_ids: list[int], layer_experts: list[int]) -> dict[str, Any]:
-    """From an interval's summed `expert_counts` [MoE layers, E] (and, with the native backend,
-    `dropped` [layers, 2]: dropped and routed assignments): per MoE layer, the share of token-expert
-    assignments of each expert, the largest share times E (1.0 = perfectly balanced), the share dropped."""
-    out: dict[str, Any] = {}
-    if "expert_counts" in r:
-        counts = r["expert_counts"]
-        load = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-        out["expert_load"] = {
-            f"layer{i}": load[j, : layer_experts[j]].tolist() for j, i in enumerate(moe_layer_ids)
-        }
-        out["expert_load_max"] = {
-            f"layer{i}": (load[j].max() * layer_experts[j]).item() for j, i in enumerate(moe_layer_ids)
-        }
-    if "dropped" in r:
-        drops = r["dropped"]
-        out["dropped_frac"] = {
-            f"layer{i}": (drops[j, 0] / drops[j, 1]).item() for j, i in enumerate(moe_layer_ids)
-        }
-    return out
+    means: dict[str, torch.Tensor] | None = None
+    """Device tensors averaged over the interval's micro-batches, like `scalars` but of any shape
+    (per-layer router figures [MoE layers, 3])."""
 
 
 class DeviceSums:
@@ -117,6 +98,7 @@ class DeviceSums:
         self.device = device
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._averaged: set[str] = set()
         self.tokens = 0
 
     def add(self, out: MicroOut) -> None:
@@ -124,6 +106,9 @@ class DeviceSums:
             self._add(name, value.detach().float().reshape(()))
         for name, value in (out.arrays or {}).items():
             self._add(name, value.detach().float())
+        for name, value in (out.means or {}).items():
+            self._add(name, value.detach().float())
+            self._averaged.add(name)
         self.tokens += out.tokens
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -159,9 +144,11 @@ class DeviceSums:
                 out[n] = vals[0] / max(count_of[n], 1)
             else:
                 out[n] = torch.tensor(vals).view(self._sums[n].shape)  # host copy, summed
+                if n in self._averaged:
+                    out[n] /= max(count_of[n], 1)
         out["tokens"] = host[n_reduced - 1]
         out.update(zip(extras, host[n_reduced:]))
-        self._sums, self._counts, self.tokens = {}, {}, 0
+        self._sums, self._counts, self._averaged, self.tokens = {}, {}, set(), 0
         return out
 
 
@@ -308,9 +295,11 @@ class Harness:
         collective_timeout_minutes: float = 10.0,
         claim: str = "new",
         run_files: tuple[str, ...] = (),
+        wandb: bool = False,
     ):
         """claim: what this run does with `output_dir` (see `claim_output_dir`): "new", "resume",
-        "overwrite", or "read" (evaluation: writes nothing but its report)."""
+        "overwrite", or "read" (evaluation: writes nothing but its report). wandb: the metrics also go
+        to Weights & Biases (train.report_to)."""
         self.device = parallel.init_distributed(collective_timeout_minutes)
         self.rank, self.world = comm.rank(), comm.world_size()
         self.output_dir = Path(output_dir)
@@ -318,7 +307,7 @@ class Harness:
             claim_output_dir(self.output_dir, run_files, claim, self.rank)
             comm.barrier()
         self.metrics = MetricsLogger(
-            self.output_dir, self.rank == 0, max_steps, tensorboard, write_files=claim != "read"
+            self.output_dir, self.rank == 0, max_steps, tensorboard, write_files=claim != "read", wandb=wandb
         )
         self.log = self.metrics.text
         self.engine: Any = None
@@ -404,16 +393,15 @@ class Harness:
         return engine.skipped_steps == skipped
 
     def interval(self) -> dict[str, Any]:
-        """The interval's figures on every rank (collective): scalar means, array sums, tokens, the
-        gradient norm of the last step, the learning rate, precision state (fp16 loss scale, skipped
-        steps) and, on CUDA, peak memory."""
+        """The interval's figures on every rank (collective): scalar and `means` averages, array sums,
+        tokens, the gradient norm of the last step, the learning rate, precision state (fp16 loss
+        scale, skipped steps). `metrics.Monitor.figures` derives throughput, memory and the per-layer
+        MoE figures from them."""
         engine = self.engine
         gnorm = self._grad_norm if self.own_clip is not None else engine.get_global_grad_norm()
         out = self.sums.reduce({"grad_norm": gnorm})
         out["lr"] = float(engine.get_lr()[0])
         out.update(parallel.precision_state(engine))
-        if self.device.type == "cuda":
-            out["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
     # ------------------------------------------------------------------ checkpoints

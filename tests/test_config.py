@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sparsexpert.config import ConfigError, apply_overrides, from_dict
+from sparsexpert.cli import apply_overrides
+from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.model import ModelConfig, MoEConfig
 from sparsexpert.parallel import batch_triplet, check_config, prepare_ds_config, resolve_ep_size
 from sparsexpert.train.config import RunConfig
@@ -34,7 +35,7 @@ def test_overrides_and_unknown_fields():
         RunConfig(), ["--model.moe.num_experts=16", "--train.max_steps=7", "--data.path=/x"]
     )
     assert cfg.model.moe.num_experts == 16 and cfg.train.max_steps == 7 and cfg.data.path == "/x"
-    with pytest.raises(ConfigError, match="model.moe.num_expert.*did you mean 'model.moe.num_experts'"):
+    with pytest.raises(ConfigError, match="model.moe.num_expert.*did you mean --model.moe.num_experts"):
         apply_overrides(RunConfig(), ["--model.moe.num_expert=3"])
     with pytest.raises(
         ConfigError, match="train.max_steps.*expected an integer|train.max_steps.*expected int"

@@ -195,9 +195,9 @@ def test_news_with_nations_distant_supervision(shared_data, tmp_path):
         "exact",
         "--output",
         str(out),
-        "--vocab-size",
+        "--vocab_size",
         "2000",
-        "--seq-len",
+        "--seq_len",
         "128",
         "--workers",
         "2",
@@ -255,7 +255,7 @@ def test_news_with_nations_distant_supervision(shared_data, tmp_path):
         str(bad),
         "--output",
         str(tmp_path / "x"),
-        "--dry-run",
+        "--dry_run",
     )
     assert proc.returncode == 2 and "bad.tsv:1: expected 3 tab-separated columns" in proc.stderr
 
@@ -442,11 +442,11 @@ def test_interrupted_run_resumes_without_redoing_or_losing_documents(tmp_path, s
         "run",
         "--corpus",
         str(shared_data / "wiki" / "enwiki-sample.xml.bz2"),
-        "--vocab-size",
+        "--vocab_size",
         "2000",
-        "--seq-len",
+        "--seq_len",
         "256",
-        "--chunk-docs",
+        "--chunk_docs",
         "2",
     ]
     clean = _run_cli(*args, "--output", str(tmp_path / "clean"))
@@ -480,13 +480,13 @@ def test_pluggable_extractor_adds_triples(tmp_path):
         *_world_args(world),
         "--output",
         str(out),
-        "--vocab-size",
+        "--vocab_size",
         "300",
-        "--seq-len",
+        "--seq_len",
         "64",
         "--extractor",
         "data_prep.extractors:InfixExtractor",
-        "--extractor-args",
+        "--extractor_args",
         str(args),
     )
     assert proc.returncode == 0, proc.stderr
@@ -517,24 +517,24 @@ def test_ingest_stage_counts_and_writes_nothing(tmp_path, shared_data):
 
 
 def test_kept_parts_pack_again_at_another_length(tmp_path):
-    """--keep-parts, then `merge --seq-len 96` on the same joined chunks, equals a fresh run at 96."""
+    """--keep_parts, then `merge --seq_len 96` on the same joined chunks, equals a fresh run at 96."""
     from data_prep.example_world import WorldSpec, write_world
 
     world = write_world(tmp_path / "raw", WorldSpec(documents=300))
     common = [
         *_world_args(world),
-        "--vocab-size",
+        "--vocab_size",
         "300",
-        "--chunk-docs",
+        "--chunk_docs",
         "50",
     ]
     out = str(tmp_path / "kept")
-    assert _run_cli("run", *common, "--output", out, "--seq-len", "64", "--keep-parts").returncode == 0
+    assert _run_cli("run", *common, "--output", out, "--seq_len", "64", "--keep_parts").returncode == 0
     assert (tmp_path / "kept.parts" / "chunks").is_dir()
     assert PackedDataset(out, "train").seq_len == 64
-    proc = _run_cli("merge", *common, "--output", out, "--seq-len", "96")
+    proc = _run_cli("merge", *common, "--output", out, "--seq_len", "96")
     assert proc.returncode == 0, proc.stderr
-    assert _run_cli("run", *common, "--output", str(tmp_path / "fresh"), "--seq-len", "96").returncode == 0
+    assert _run_cli("run", *common, "--output", str(tmp_path / "fresh"), "--seq_len", "96").returncode == 0
     assert _dataset_digest(tmp_path / "kept") == _dataset_digest(tmp_path / "fresh")
     assert not (tmp_path / "kept.parts").exists()  # the second merge did not keep them
 

@@ -174,8 +174,8 @@ def test_finetune_starts_from_a_hugging_face_folder(hf_export, tmp_path, corpus)
         str(data),
         "--dev",
         str(data),
-        "--max_steps=2",
-        "--eval_every=2",
+        "--train.max_steps=2",
+        "--train.eval_every=2",
     )
     run = run_cmd(cmd, tmp_path / "ft")
     assert f"initializing from Hugging Face folder {hf_export}" in run.output

@@ -67,9 +67,9 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
         tmp_path / "ner",
         pretrained,
         *ner_args(train, dev, "--test", str(dev)),
-        "--max_steps=12",
-        "--eval_every=6",
-        "--log_every=5",
+        "--train.max_steps=12",
+        "--train.eval_every=6",
+        "--train.log_every=5",
         "--freeze_experts=true",
         "--freeze_embeddings=true",
     )
@@ -118,9 +118,9 @@ def test_ner_metrics_equal_seqeval_and_early_stopping(tmp_path, pretrained, wnut
         tmp_path / "stop",
         pretrained,
         *ner_args(train, dev),
-        "--max_steps=100",
-        "--eval_every=2",
-        "--patience=2",
+        "--train.max_steps=100",
+        "--train.eval_every=2",
+        "--train.patience=2",
         ds=ds,
     )
     assert "early stop at step 6" in stop.output
@@ -140,7 +140,7 @@ def test_adversarial_training(tmp_path, pretrained, wnut):
     PGD with one step of size epsilon in 1 process accumulating 2 micro-batches equals FGM in 2
     processes with ep=2: PGD reduces to FGM, and backward/step counts respect gradient accumulation."""
     train, dev = wnut
-    common = ner_args(train, dev, "--max_steps=4", "--eval_every=4", "--log_every=1")
+    common = ner_args(train, dev, "--train.max_steps=4", "--train.eval_every=4", "--train.log_every=1")
     accum = write_ds_config(
         tmp_path / "a2.json", "moe_z2.json", train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2
     )
@@ -178,7 +178,7 @@ def test_adversarial_training(tmp_path, pretrained, wnut):
 
 def test_distillation_and_teacher_checks(tmp_path, pretrained, wnut):
     train, dev = wnut
-    common = ner_args(train, dev, "--max_steps=3", "--eval_every=3", "--log_every=1")
+    common = ner_args(train, dev, "--train.max_steps=3", "--train.eval_every=3", "--train.log_every=1")
     finetune(tmp_path / "teacher", pretrained, *common)
     finetune(
         tmp_path / "student",
@@ -298,9 +298,7 @@ def test_multitask_classification_and_relation(tmp_path, pretrained, wnut, examp
         ],
         "sampling": "temperature",
         "task_aware_routing": True,
-        "max_steps": 12,
-        "eval_every": 6,
-        "log_every": 1,
+        "train": {"max_steps": 12, "eval_every": 6, "log_every": 1},
     }
     (tmp_path / "mt.json").write_text(json.dumps(config))
     finetune(tmp_path / "mt", pretrained, "--config", str(tmp_path / "mt.json"))
@@ -342,8 +340,8 @@ def test_readme_main_job_fine_tunes_after_pretraining(tmp_path, pretrained, exam
         cmd = cmd.replace("runs/pretrain/data_raw", str(raw)).replace("runs/pretrain", str(pretrained))
         cmd = cmd.replace("runs/re", str(tmp_path / "re")).replace("runs/finetune", str(tmp_path / "ft"))
         return (
-            cmd.replace("--max_steps=100", "--max_steps=6")
-            .replace("--eval_every=50", "--eval_every=3")
+            cmd.replace("--train.max_steps=100", "--train.max_steps=6")
+            .replace("--train.eval_every=50", "--train.eval_every=3")
             .split()
         )
 
@@ -378,9 +376,9 @@ def test_upcycling_a_dense_checkpoint(tmp_path, example_data, wnut):
         str(train),
         "--dev",
         str(dev),
-        "--max_steps=2",
-        "--eval_every=2",
-        "--upcycle_experts=4",
+        "--train.max_steps=2",
+        "--train.eval_every=2",
+        "--train.upcycle_experts=4",
         "--model.moe.top_k=2",
     )
     dense, _ = load_weights(tmp_path / "dense")
@@ -408,8 +406,8 @@ def test_comparison_command(tmp_path, wnut, example_data):
         str(example_data),
         *ner_args(train, dev),
         *TINY_MODEL,
-        "--max_steps=2",
-        "--eval_every=2",
+        "--train.max_steps=2",
+        "--train.eval_every=2",
     ]
     run = run_cmd(cmd, tmp_path, timeout=600)
     text = (tmp_path / "comparison.txt").read_text()

@@ -198,7 +198,7 @@ def test_fine_tuning_and_evaluation_stop_every_node_when_a_rank_dies(tmp_path, s
         ds = write_ds_config(tmp_path / "ds.json", "moe_z2.json", train_micro_batch_size_per_gpu=4)
         script = ["launcher/finetune.py", "--ds_config", str(ds), "--output_dir", str(tmp_path / "out")]
         script += ["--init", str(small_run), "--task", "ner", "--train", str(train), "--dev", str(train)]
-        script += ["--max_steps=6", "--log_every=1", "--collective_timeout_minutes=0.5"]
+        script += ["--train.max_steps=6", "--train.log_every=1", "--train.collective_timeout_minutes=0.5"]
     else:
         script = ["launcher/evaluate.py", "--run", str(small_run)]
     env = {**launch_env(), "SPARSEXPERT_FAIL_AT": "1:2"}

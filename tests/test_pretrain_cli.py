@@ -62,11 +62,21 @@ def test_readme_command_trains_the_builtin_example(tmp_path):
         "lr",
         "grad_norm",
         "tokens_per_s",
-        "expert_load/layer0/7",
         "expert_load_max/layer3",
+        "expert_load_min/layer0",
+        "aux_loss_per_layer/layer2",
+        "router_entropy/layer1",
+        "max_rss_gb",
+        "tflops",
         "valid_lm_loss",
     ):
         assert tag in tags, tag
+    assert not [t for t in tags if t.startswith("expert_load/")]  # the heatmap instead of a tag per expert
+    # 8 experts x 4 MoE layers, at the first interval, every 10th and the last
+    assert [(i.step, i.height, i.width) for i in events.Images("expert_load_heatmap")] == [
+        (10, 32, 64),
+        (60, 32, 64),
+    ]
     assert [e.step for e in events.Scalars("lm_loss")] == [10, 20, 30, 40, 50, 60]
     assert events.Scalars("lm_loss")[-1].value == pytest.approx(last["lm_loss"])
 
@@ -117,7 +127,7 @@ def test_bad_config_fails_before_training_with_our_message(tmp_path, example_dat
     assert run.returncode != 0
     assert "model.moe.ep_size=2: must divide model.moe.num_experts=3" in run.output
     run = pretrain(tmp_path / "out2", 1, "ds_configs/moe_z2.json", "--train.max_stepz=3", check=False)
-    assert run.returncode != 0 and "did you mean 'train.max_steps'" in run.output
+    assert run.returncode != 0 and "did you mean --train.max_steps?" in run.output
     run = pretrain(
         tmp_path / "out3",
         1,

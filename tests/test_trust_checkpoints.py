@@ -97,8 +97,8 @@ def _entry_points(evil: Path, evil_z3: Path, clean: Path, ds: Path, data: Path, 
         "classification",
         f"--train={texts}",
         f"--dev={texts}",
-        "--max_steps=1",
-        "--eval_every=1",
+        "--train.max_steps=1",
+        "--train.eval_every=1",
     ]
     one = sys.executable
     return {

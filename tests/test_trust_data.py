@@ -24,7 +24,7 @@ from data_prep.wikitext import WikiLink
 from sparsexpert.data import PackedDataset
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--vocab-size", "300", "--seq-len", "32", "--chunk-docs", "50"]
+SMALL = ["--vocab_size", "300", "--seq_len", "32", "--chunk_docs", "50"]
 
 
 def _cli(*args: str, umask: int | None = None) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def test_output_that_is_not_ours_is_refused_and_inputs_are_never_deleted(tmp_pat
 
     # An earlier dataset of ours is replaced (with nothing left beside it); one holding a file
     # data_prep did not write is not.
-    assert _cli("run", *inputs, *SMALL, "--output", str(other), "--seq-len", "48").returncode == 0
+    assert _cli("run", *inputs, *SMALL, "--output", str(other), "--seq_len", "48").returncode == 0
     assert PackedDataset(other, "train").seq_len == 48
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other"]
     (other / "notes.txt").write_text("mine now")
@@ -90,7 +90,7 @@ def test_output_that_is_not_ours_is_refused_and_inputs_are_never_deleted(tmp_pat
 def test_parts_folder_holds_no_pickle(tmp_path):
     inputs = _world(tmp_path / "raw", documents=150)
     out = tmp_path / "data"
-    assert _cli("run", *inputs, *SMALL, "--output", str(out), "--keep-parts").returncode == 0
+    assert _cli("run", *inputs, *SMALL, "--output", str(out), "--keep_parts").returncode == 0
     chunks = sorted((tmp_path / "data.parts" / "chunks").iterdir())
     assert [p.suffix for p in chunks] == [".npz"] * 3
     with np.load(chunks[0], allow_pickle=False) as z:  # plain arrays: loads without pickle
@@ -220,7 +220,7 @@ def test_one_line_over_sentencepieces_limit_is_trained_on(tmp_path):
     corpus.write_text(line + "\n")
     out = tmp_path / "out"
     proc = _cli(
-        "run", "--corpus", str(corpus), "--output", str(out), "--vocab-size", "300", "--seq-len", "128"
+        "run", "--corpus", str(corpus), "--output", str(out), "--vocab_size", "300", "--seq_len", "128"
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
@@ -254,12 +254,12 @@ def test_mostly_invalid_corpus_fails_with_the_counts(tmp_path):
             lines.append('{"text": broken ' + str(i))
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(lines) + "\n")
-    args = ["run", "--corpus", str(corpus), "--on-error", "skip", "--vocab-size", "64", "--seq-len", "32"]
+    args = ["run", "--corpus", str(corpus), "--on_error", "skip", "--vocab_size", "64", "--seq_len", "32"]
     proc = _cli(*args, "--output", str(tmp_path / "out"))
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
     assert "805 of 812 records (99.1%) are invalid (malformed_json 805)" in proc.stderr
-    assert "raise --max-rejected-fraction" in proc.stderr
-    proc = _cli(*args, "--output", str(tmp_path / "out"), "--max-rejected-fraction", "1")
+    assert "raise --max_rejected_fraction" in proc.stderr
+    proc = _cli(*args, "--output", str(tmp_path / "out"), "--max_rejected_fraction", "1")
     assert proc.returncode == 0 and "written 7, rejected: malformed_json 805" in proc.stdout
 
 

@@ -113,7 +113,7 @@ def test_fine_tuning_resumes_where_it_stopped(tmp_path, small_pretrained, shared
         cmd = deepspeed_cmd(
             1, "launcher/finetune.py", "--ds_config", str(ds), "--output_dir", str(out), "--init",
             str(small_pretrained), "--task", "ner", "--train", str(data), "--dev", str(data),
-            "--max_steps=6", "--eval_every=2", "--log_every=1", *extra,
+            "--train.max_steps=6", "--train.eval_every=2", "--train.log_every=1", *extra,
         )  # fmt: skip
         return run_cmd(cmd, out, check=check, env=env)
 

@@ -85,23 +85,69 @@ class DistillConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """A fine-tuning run: one task or several over a shared backbone."""
+class FinetuneTrainConfig:
+    """The loop, with the same names as pretraining's `train` section. Batch sizes, optimizer,
+    learning-rate schedule, precision and ZeRO live in the DeepSpeed JSON (--ds_config, --ds.*)."""
 
     init: str = ""
     """Weights to start from, with their model config and tokenizer: a pretraining or fine-tuning run
     folder or tag (any world size and ep_size), a consolidated folder (launcher/export.py), or a local
     Hugging Face Mixtral or Llama folder. Empty: train from scratch (needs `tokenizer`)."""
-    tokenizer: str = ""
-    """Tokenizer when training from scratch (a SentencePiece .model or a dataset folder)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model when training from scratch; with `init`, only model.moe.ep_size and the router loss
-    coefficients are taken from here (the rest comes from the checkpoint)."""
     upcycle_experts: int = 0
     """With a dense `init` (ours or a Llama folder): make every feed-forward layer an MoE of this many experts,
     each a copy of the dense FFN, the router initialized small (top_k from model.moe.top_k)."""
+    max_steps: int = 300
+    """Optimizer steps."""
+    eval_every: int = 50
+    """Evaluate on dev every this many steps (and at the end)."""
+    patience: int = 0
+    """Stop after this many evaluations without a better dev metric. 0: never stop early."""
+    log_every: int = 10
+    """Log training metrics every this many steps."""
+    seed: int = 0
+    """Seed of heads, data order, sampling."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <output_dir>/tensorboard (false: none, whatever report_to says)."""
+    report_to: str = "tensorboard"
+    """Where rank 0 sends the logged figures besides metrics.jsonl and the console: "tensorboard",
+    "wandb" (Weights & Biases: `pip install wandb` first, then `wandb login`; project "sparsexpert",
+    the run named after the output folder), both ("tensorboard,wandb"), or "none"."""
+    heatmap_every: int = 10
+    """Write the layer x expert load heatmap image (TensorBoard `expert_load_heatmap`) every this many
+    log intervals, and at the first and the last; 0 never."""
+    collective_timeout_minutes: float = 10.0
+    """A rank waiting longer than this in a collective fails instead of hanging."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradients are not finite (their updates skipped, no checkpoint
+    written after them) before the run stops with exit status 1; fp16 overflow steps do not count."""
+
+    def validate(self) -> None:
+        from sparsexpert.metrics import report_destinations
+
+        report_destinations(self.report_to, "train.report_to")
+        for name in ("max_steps", "eval_every", "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 1")
+        for name in ("patience", "upcycle_experts", "heatmap_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 0")
+        if self.upcycle_experts and not self.init:
+            raise ConfigError(
+                "train.upcycle_experts", self.upcycle_experts, "needs train.init (a dense model)"
+            )
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: one task or several over a shared backbone."""
+
     tasks: list[TaskConfig] = field(default_factory=list)
-    """The tasks (one for single-task fine-tuning)."""
+    """The tasks (one for single-task fine-tuning: --task KIND --train FILE --dev FILE)."""
+    tokenizer: str = ""
+    """Tokenizer when training from scratch (a SentencePiece .model or a dataset folder)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model when training from scratch; with `train.init`, only model.moe.ep_size and the router loss
+    coefficients are taken from here (the rest comes from the checkpoint)."""
     sampling: str = "proportional"
     """Multi-task: which task each step trains, drawn with probability ∝ n_i (proportional) or
     n_i^(1/sampling_temperature) (temperature)."""
@@ -118,27 +164,12 @@ class FinetuneConfig:
     """Keep the routed experts fixed (routers, attention and heads still train)."""
     max_len: int = 0
     """Longest example in tokens; longer ones are truncated (counted). 0: the model's max_seq_len."""
-    max_steps: int = 300
-    """Optimizer steps."""
-    eval_every: int = 50
-    """Evaluate on dev every this many steps (and at the end)."""
-    patience: int = 0
-    """Stop after this many evaluations without a better dev metric. 0: never stop early."""
-    log_every: int = 10
-    """Log training metrics every this many steps."""
-    seed: int = 0
-    """Seed of heads, data order, sampling."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     """Adversarial training (FGM/PGD)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Knowledge distillation."""
-    tensorboard: bool = True
-    """Write TensorBoard event files."""
-    collective_timeout_minutes: float = 10.0
-    """A rank waiting longer than this in a collective fails instead of hanging."""
-    max_nonfinite_steps: int = 3
-    """Steps in a row whose loss or gradients are not finite (their updates skipped, no checkpoint
-    written after them) before the run stops with exit status 1; fp16 overflow steps do not count."""
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    """The loop: steps, evaluation, early stopping, logging, where to start from."""
 
     def validate(self) -> None:
         if not self.tasks:
@@ -149,18 +180,14 @@ class FinetuneConfig:
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError("tasks[].name", names, "task names must be unique")
-        if not self.init and not self.tokenizer:
+        if not self.train.init and not self.tokenizer:
             raise ConfigError(
-                "init", "", "give a checkpoint to start from, or a tokenizer to train from scratch"
+                "train.init", "", "give a checkpoint to start from, or a tokenizer to train from scratch"
             )
         if self.sampling not in ("proportional", "temperature"):
             raise ConfigError("sampling", self.sampling, 'use "proportional" or "temperature"')
-        for name in ("max_steps", "eval_every", "log_every", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
-        if self.patience < 0 or self.upcycle_experts < 0 or self.max_len < 0:
-            raise ConfigError(
-                "patience/upcycle_experts", (self.patience, self.upcycle_experts), "must be >= 0"
-            )
+        if self.max_len < 0:
+            raise ConfigError("max_len", self.max_len, "must be >= 0")
+        self.train.validate()
         self.adversarial.validate()
         self.distill.validate()

@@ -36,6 +36,8 @@ class TaskOutput:
     """[B, S, D] the token embeddings of this pass (adversarial training differentiates w.r.t. them)."""
     expert_counts: torch.Tensor | None = None
     """[num_moe_layers, E] token-expert assignments in this pass (None for a dense model)."""
+    router_layers: torch.Tensor | None = None
+    """[num_moe_layers, 3] per MoE layer, no gradient: aux loss, z-loss, router entropy (None for a dense model)."""
 
 
 class TaskModel(Transformer):
@@ -83,8 +85,10 @@ class TaskModel(Transformer):
         else:
             rows = torch.arange(h.shape[0], device=h.device)
             logits = head(torch.cat([h[rows, markers[:, 0]], h[rows, markers[:, 1]]], dim=-1))
-        aux, z, counts = self.router_losses(logits)
-        out = TaskOutput(logits=logits, aux_loss=aux, z_loss=z, embeds=emb, expert_counts=counts)
+        aux, z, counts, per_layer = self.router_losses(logits)
+        out = TaskOutput(
+            logits=logits, aux_loss=aux, z_loss=z, embeds=emb, expert_counts=counts, router_layers=per_layer
+        )
         if labels is None:
             return out
         out.task_loss = F.cross_entropy(

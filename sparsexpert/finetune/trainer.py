@@ -27,8 +27,8 @@ from sparsexpert.finetune import data as fdata
 from sparsexpert.finetune.config import FinetuneConfig
 from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
 from sparsexpert.finetune.model import TaskModel, TaskSpec
-from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, expert_metrics, load_state
-from sparsexpert.metrics import format_duration
+from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, load_state
+from sparsexpert.metrics import Monitor, format_duration, report_destinations
 from sparsexpert.model.transformer import IGNORE_INDEX
 from sparsexpert.train import checkpoint
 
@@ -59,8 +59,16 @@ class Finetuner:
         if resume and overwrite:
             raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
         claim = "resume" if resume else "overwrite" if overwrite else "new"
+        t = cfg.train
+        report_to = report_destinations(t.report_to)
         self.h = h = Harness(
-            output_dir, cfg.max_steps, cfg.tensorboard, cfg.collective_timeout_minutes, claim, RUN_FILES
+            output_dir,
+            t.max_steps,
+            t.tensorboard and "tensorboard" in report_to,
+            t.collective_timeout_minutes,
+            claim,
+            RUN_FILES,
+            wandb="wandb" in report_to,
         )
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.rank, self.world = h.rank, h.world
@@ -68,13 +76,15 @@ class Finetuner:
 
         # Backbone config and weights.
         state = None
-        if cfg.init:
-            init = load_init(cfg.init)
+        if cfg.train.init:
+            init = load_init(cfg.train.init)
             state, model_cfg, tok_path = init.state, init.cfg, init.tokenizer
             if tok_path is None:
-                raise FileNotFoundError(f"{cfg.init}: no tokenizer beside the weights")
-            if cfg.upcycle_experts:
-                model_cfg, state = upcycled(model_cfg, state, cfg.model.moe, cfg.upcycle_experts, cfg.seed)
+                raise FileNotFoundError(f"{cfg.train.init}: no tokenizer beside the weights")
+            if cfg.train.upcycle_experts:
+                model_cfg, state = upcycled(
+                    model_cfg, state, cfg.model.moe, cfg.train.upcycle_experts, cfg.train.seed
+                )
             model_cfg.moe.ep_size = cfg.model.moe.ep_size
             model_cfg.activation_checkpointing = cfg.model.activation_checkpointing
             model_cfg.moe.aux_loss_coef, model_cfg.moe.z_loss_coef = (
@@ -82,7 +92,7 @@ class Finetuner:
                 cfg.model.moe.z_loss_coef,
             )
             model_cfg.moe.router_fp32 = cfg.model.moe.router_fp32
-            log(f"initializing from {init.source}{' (dense, upcycled)' if cfg.upcycle_experts else ''}")
+            log(f"initializing from {init.source}{' (dense, upcycled)' if cfg.train.upcycle_experts else ''}")
         else:
             model_cfg, tok_path = cfg.model, Path(cfg.tokenizer)
         if cfg.bidirectional:
@@ -123,7 +133,7 @@ class Finetuner:
 
         # DeepSpeed config.
         ds, self.triplet = h.deepspeed_config(
-            ds_json, model_cfg, cfg.max_steps, self.tok.vocab_size, self.max_len
+            ds_json, model_cfg, cfg.train.max_steps, self.tok.vocab_size, self.max_len
         )
         if ds.get("zero_optimization", {}).get("stage", 0) == 3:
             raise ConfigError(
@@ -136,13 +146,13 @@ class Finetuner:
         # Model and weights, teacher, engine.
         model_cfg.validate()
         model = TaskModel(model_cfg, self.specs, cfg.task_aware_routing)
-        model.init_weights(cfg.seed)
-        model.init_heads(cfg.seed)
+        model.init_weights(cfg.train.seed)
+        model.init_heads(cfg.train.seed)
         if state is not None:
             load_state(
                 model,
                 state,
-                str(cfg.init),
+                str(cfg.train.init),
                 skip=("knowledge.", "heads.", "task_embeddings."),
                 fresh=("heads.", "task_embeddings."),
             )
@@ -165,7 +175,7 @@ class Finetuner:
             self.triplet.grad_accum,
             self.world,
             self.rank,
-            cfg.seed,
+            cfg.train.seed,
             cfg.sampling,
             cfg.sampling_temperature,
         )
@@ -183,12 +193,24 @@ class Finetuner:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2, default=str))
+        # the LM head is not computed: the task heads replace it
+        self.monitor = Monitor(
+            h.device,
+            self.world,
+            model_cfg,
+            self.param_counts["active"],
+            self.max_len,
+            parallel.precision_of(ds),
+            cfg.train.heatmap_every,
+            lm_head=False,
+        )
         p, t = self.param_counts, self.triplet
         log(
             f"finetune: {p['total'] / 1e6:.2f}M parameters ({p['active'] / 1e6:.2f}M active) | world {self.world}, "
             f"ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} | batch {t.global_batch} = {t.micro} x {t.grad_accum} x {t.dp} | "
             f"adversarial {cfg.adversarial.method}{' | distill from ' + cfg.distill.teacher if self.teacher else ''}"
         )
+        log(self.monitor.describe())
 
     def _describe(self) -> dict[str, Any]:
         return {
@@ -199,7 +221,7 @@ class Finetuner:
             "ds_config": self.ds_config,
             "ds_json": self.ds_json,
             "world_size": self.world,
-            "init": self.cfg.init,
+            "init": self.cfg.train.init,
         }
 
     def _load_teacher(self) -> TaskModel:
@@ -244,20 +266,22 @@ class Finetuner:
 
     def _forward(self, item: tuple[int, dict[str, Any], int]) -> MicroOut:
         task, batch, tokens = item
-        loss, scalars, counts = self._loss(task, batch)
+        loss, scalars, counts, router_layers = self._loss(task, batch)
         scalars[f"{self.specs[task].name}/loss"] = scalars["task_loss"]
-        return MicroOut(loss, scalars, {"expert_counts": counts} if counts is not None else None, tokens)
+        if counts is None:
+            return MicroOut(loss, scalars, tokens=tokens)
+        return MicroOut(loss, scalars, {"expert_counts": counts}, tokens, {"router_layers": router_layers})
 
     def _loss(
         self, task: int, batch: dict[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         """The weighted loss of a micro-batch (on the device), the terms to log (device tensors, no
-        host sync) and the expert counts."""
+        host sync), the expert counts and the per-layer router figures."""
         cfg = self.cfg
         out = self.engine(task=task, **batch)
         w = cfg.tasks[task].loss_weight
         loss = out.loss
-        stats = {"task_loss": out.task_loss, "aux_loss": out.aux_loss}
+        stats = {"task_loss": out.task_loss, "aux_loss": out.aux_loss, "z_loss": out.z_loss}
         adv = cfg.adversarial
         if adv.method != "none":
             delta = self._adversary(task, batch, out)
@@ -280,7 +304,7 @@ class Finetuner:
             loss = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * T * T * kl
             stats["distill_kl"] = kl
         stats["total_loss"] = loss
-        return w * loss, stats, out.expert_counts
+        return w * loss, stats, out.expert_counts, out.router_layers
 
     def _adversary(self, task: int, batch: dict[str, Any], out) -> torch.Tensor:
         """FGM: epsilon * g / ||g||; PGD: `steps` ascent steps of size alpha on the embedding
@@ -435,7 +459,7 @@ class Finetuner:
                 self.world,
                 f"{tag} was written by {meta['world_size']} processes; resume fine-tuning with as many",
             )
-        self.step = self.h.resume(tag, False, self.cfg.seed, 0)["step"]
+        self.step = self.h.resume(tag, False, self.cfg.train.seed, 0)["step"]
         self.loop = meta["loop"]
         self.h.metrics.resume_from(self.step)
         self.h.log(f"resumed from {tag} at step {self.step}")
@@ -448,19 +472,19 @@ class Finetuner:
 
     def _train(self) -> dict[str, Any]:
         cfg, h, engine, loop = self.cfg, self.h, self.engine, self.loop
-        moe_layers = self.model_cfg.moe_layer_ids
-        layer_experts = self.model_cfg.moe.layer_experts(len(moe_layers))
-        nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps, parallel.precision_of(self.ds_config) == "fp16")
+        nonfinite = NonFiniteSteps(
+            cfg.train.max_nonfinite_steps, parallel.precision_of(self.ds_config) == "fp16"
+        )
         t0, t_int = time.time(), time.time()
         accum = self.triplet.grad_accum
         engine.train()
-        batches = h.prefetch(self._batch, self.step, cfg.max_steps, accum)
+        batches = h.prefetch(self._batch, self.step, cfg.train.max_steps, accum)
         try:
-            while self.step < cfg.max_steps and not loop["stopped_early"]:
+            while self.step < cfg.train.max_steps and not loop["stopped_early"]:
                 h.tick(self.step + 1)
                 applied = h.step(self.step, batches, accum, self._forward)
                 self.step += 1
-                done = self.step == cfg.max_steps
+                done = self.step == cfg.train.max_steps
                 if nonfinite.update(self.step, applied):
                     r = h.interval()
                     h.metrics.log({k: r[k] for k in ("task_loss", "grad_norm") if k in r}, self.step)
@@ -472,15 +496,14 @@ class Finetuner:
                     )
                 if not nonfinite.healthy:
                     h.log(f"step {self.step}: the gradients are not finite; the update was skipped")
-                if self.step % cfg.log_every == 0 or done:
+                if self.step % cfg.train.log_every == 0 or done:
                     r = h.interval()
                     record = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "tokens"}
                     record["loss"] = record.pop("task_loss")
-                    record["tokens_per_s"] = r["tokens"] / max(time.time() - t_int, 1e-9)
-                    record.update(expert_metrics(r, moe_layers, layer_experts))
+                    record.update(self.monitor.figures(r, time.time() - t_int, final=done))
                     h.metrics.log(record, self.step)
                     t_int = time.time()
-                if (self.step % cfg.eval_every == 0 or done) and nonfinite.healthy:
+                if (self.step % cfg.train.eval_every == 0 or done) and nonfinite.healthy:
                     self._evaluate_and_keep()
                     self.save_resumable()
         finally:
@@ -537,7 +560,7 @@ class Finetuner:
                         self.write_predictions("test", task, data, preds)
         else:
             loop["bad_evals"] += 1
-            if self.cfg.patience and loop["bad_evals"] >= self.cfg.patience:
+            if self.cfg.train.patience and loop["bad_evals"] >= self.cfg.train.patience:
                 h.log(
                     f"early stop at step {self.step}: no better dev metric in {loop['bad_evals']} evaluations"
                 )

@@ -159,7 +159,7 @@ def expert_init_seed(seed: int, layer_idx: int) -> int:
 
 @dataclass
 class RouterStats:
-    """Router losses and load of one forward pass, averaged over the MoE layers."""
+    """Router losses and load of one forward pass: the losses averaged over the MoE layers, and per layer."""
 
     aux_loss: torch.Tensor
     """Load-balancing loss: E * sum_e f_e * P_e, with f_e the share of assignments to expert e and
@@ -169,14 +169,19 @@ class RouterStats:
     expert_counts: torch.Tensor
     """[num_moe_layers, max E] assignments per expert (no gradient); a layer with fewer experts
     (pyramid PR-MoE) has zeros after its last one."""
+    per_layer: torch.Tensor
+    """[num_moe_layers, 3] per layer (no gradient): aux loss, z-loss, router entropy (mean over tokens of
+    the entropy of the router's distribution, in nats: ln E when uniform, 0 when one-hot)."""
 
 
 def router_stats(logits_per_layer: list[torch.Tensor], top_k: int) -> RouterStats:
-    aux, z, counts = [], [], []
+    aux, z, entropy, counts = [], [], [], []
     for logits_TE in logits_per_layer:
         logits_TE = logits_TE.float()
         T, E = logits_TE.shape
         probs_TE = torch.softmax(logits_TE, dim=-1)
+        with torch.no_grad():
+            entropy.append(-(probs_TE * torch.log_softmax(logits_TE, dim=-1)).sum(dim=-1).mean())
         experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices.reshape(-1)
         # scatter_add_, not bincount: on CUDA bincount reads the largest index back to the host.
         counts_E = torch.zeros(E, dtype=torch.long, device=logits_TE.device)
@@ -187,7 +192,9 @@ def router_stats(logits_per_layer: list[torch.Tensor], top_k: int) -> RouterStat
         counts.append(counts_E)
     E_max = max(c.numel() for c in counts)
     counts = [F.pad(c, (0, E_max - c.numel())) for c in counts]
-    return RouterStats(torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts).detach())
+    aux_L, z_L = torch.stack(aux), torch.stack(z)
+    per_layer = torch.stack([aux_L.detach(), z_L.detach(), torch.stack(entropy)], dim=1)
+    return RouterStats(aux_L.mean(), z_L.mean(), torch.stack(counts).detach(), per_layer)
 
 
 class RouterLogitsRecorder:

@@ -129,6 +129,8 @@ class ModelOutput:
     """Router z-loss averaged over MoE layers (0 for a dense model)."""
     expert_counts: torch.Tensor | None = None
     """[num_moe_layers, E] token-expert assignments in this forward pass."""
+    router_layers: torch.Tensor | None = None
+    """[num_moe_layers, 3] per MoE layer, no gradient: aux loss, z-loss, router entropy (`RouterStats.per_layer`)."""
     entity_loss: torch.Tensor | None = None
     """Entity prediction cross-entropy over the micro-batch's mentions (knowledge fusion)."""
     triple_loss: torch.Tensor | None = None
@@ -222,20 +224,23 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, attn_mask)
         return self.norm(h), emb
 
-    def router_losses(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(aux_loss, z_loss, expert_counts) of the last `hidden_states` pass, averaged over MoE layers."""
+    def router_losses(
+        self, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(aux_loss, z_loss, expert_counts, per-layer figures) of the last `hidden_states` pass: the
+        losses averaged over MoE layers, counts [layers, E], figures [layers, 3] (`RouterStats`)."""
         recorder, moe_blocks = self._router_recorder, self.moe_blocks()
         if not moe_blocks:
             recorder.reset()
             zero = like.new_zeros((), dtype=torch.float32)
-            return zero, zero, None
+            return zero, zero, None, None
         if len(recorder.logits) != len(moe_blocks):
             raise RuntimeError(
                 f"recorded {len(recorder.logits)} router outputs for {len(moe_blocks)} MoE layers"
             )
         stats: RouterStats = router_stats(recorder.logits, self.cfg.moe.top_k)
         recorder.reset()
-        return stats.aux_loss, stats.z_loss, stats.expert_counts
+        return stats.aux_loss, stats.z_loss, stats.expert_counts, stats.per_layer
 
     def forward(
         self,
@@ -268,7 +273,7 @@ class Transformer(nn.Module):
         else:
             logits_flat, labels_flat = logits.flatten(0, 1), labels.flatten()
         out.lm_loss = F.cross_entropy(logits_flat.float(), labels_flat, ignore_index=IGNORE_INDEX)
-        out.aux_loss, out.z_loss, out.expert_counts = self.router_losses(out.lm_loss)
+        out.aux_loss, out.z_loss, out.expert_counts, out.router_layers = self.router_losses(out.lm_loss)
         m = self.cfg.moe
         out.loss = out.lm_loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
         if self.knowledge is not None and knowledge is not None:

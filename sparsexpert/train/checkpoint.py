@@ -75,6 +75,7 @@ import torch
 import xxhash
 
 from sparsexpert import comm
+from sparsexpert.metrics import Progress
 
 COMPLETE = "COMPLETE.json"
 META = "sparsexpert.json"
@@ -865,13 +866,18 @@ def load_weights(
     if native:
         state = {native_moe.plain_name(k): v for k, v in state.items()}
     experts: dict[str, dict[int, torch.Tensor]] = {}
-    for f in sorted(tag.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
+    expert_files = sorted(tag.glob("layer_*_expert_*_mp_rank_*_model_states.pt"))
+    long = len(expert_files) > 64  # a progress line for long reads only
+    progress = Progress(f"reading the experts of {tag}", len(expert_files), "files", log=log, enabled=long)
+    for f in expert_files:
+        progress.update()
         for key, value in load_file(f).items():
             if native:  # layers.L.mlp.deepspeed_moe.experts.deepspeed_experts.<global id>.w1.weight
                 stem, e = native_moe.expert_key(key)
             else:  # layers.L.mlp.experts.w1.<global expert id>
                 stem, e = key.rsplit(".", 1)
             experts.setdefault(stem, {})[int(e)] = value.float()
+    progress.close()
     for stem, by_id in experts.items():
         ids = sorted(by_id)
         if ids != list(range(len(ids))):
@@ -894,12 +900,16 @@ def _universal_weights(tag: Path, meta: dict[str, Any]) -> dict[str, torch.Tenso
             for n, p in Transformer(from_dict(ModelConfig, meta["run"]["model"])).named_parameters()
         }
     state = {}
-    for d in sorted((tag / UNIVERSAL / "zero").iterdir()):
-        if not d.is_dir():
-            continue  # optimizer_state.pt
+    folders = sorted(d for d in (tag / UNIVERSAL / "zero").iterdir() if d.is_dir())  # not optimizer_state.pt
+    progress = Progress(
+        f"reading the weights of {tag / UNIVERSAL}", len(folders), "parameters", log=_log_warning
+    )
+    for d in folders:
+        progress.update()
         saved = load_file(d / "fp32.pt")
         name = d.name.replace(".mlp.router.gate.", ".mlp.gate.")
         state[name] = (saved["param"] if isinstance(saved, dict) else saved).float().reshape(shapes[name])
+    progress.close()
     missing = sorted(set(shapes) - set(state))
     if missing:
         raise ValueError(
@@ -971,6 +981,18 @@ def to_universal(tag_dir: Path) -> Path:
     return out
 
 
+def _parameter_count(model: dict[str, Any]) -> int | None:
+    """Parameters (tensors) of the model a checkpoint's metadata describes; None if it does not."""
+    if not model:
+        return None
+    from sparsexpert.config import from_dict
+    from sparsexpert.model.config import ModelConfig
+    from sparsexpert.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return sum(1 for _ in Transformer(from_dict(ModelConfig, model)).parameters())
+
+
 def _ds_to_universal(tag_dir: Path, out: Path) -> None:
     import deepspeed
     from deepspeed.checkpoint.ds_to_universal import main
@@ -984,13 +1006,22 @@ def _ds_to_universal(tag_dir: Path, out: Path) -> None:
         strict=True,
         inject_missing_state=False,
     )
+    # DeepSpeed's own output goes to convert.log; the progress line counts the parameters merged so far
+    # (one folder each under universal/zero/) against the model's (native experts: one folder each).
+    meta = json.loads((tag_dir / META).read_text())
+    model = meta.get("run", {}).get("model", {})
+    total = None if (model.get("moe") or {}).get("backend") == "native" else _parameter_count(model)
+    progress = Progress(f"universal conversion of {tag_dir}", total, "parameters")
+    merged = out / "zero"
     with (
         open(out / "convert.log", "w") as log,
+        progress.polling(lambda: sum(1 for d in merged.iterdir() if d.is_dir()) if merged.is_dir() else 0),
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
         deepspeed_reads_data_only(tag_dir),
     ):
         main(args)
+    progress.close()
     (tag_dir / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; we name the tag
     files, error = _manifest(out, _files_of(out, exclude=(CONVERTED, "convert.log")), collective=False)
     if error:

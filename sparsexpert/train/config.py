@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from sparsexpert.config import ConfigError
 from sparsexpert.data.config import DataConfig
+from sparsexpert.metrics import report_destinations
 from sparsexpert.model.config import ModelConfig
 
 
@@ -29,7 +30,14 @@ class TrainConfig:
     eval_batches: int = 8
     """Micro-batches per rank in one evaluation."""
     tensorboard: bool = True
-    """Write TensorBoard event files under <output_dir>/tensorboard."""
+    """Write TensorBoard event files under <output_dir>/tensorboard (false: none, whatever report_to says)."""
+    report_to: str = "tensorboard"
+    """Where rank 0 sends the logged figures besides metrics.jsonl and the console: "tensorboard",
+    "wandb" (Weights & Biases: `pip install wandb` first, then `wandb login`; project "sparsexpert",
+    the run named after the output folder), both ("tensorboard,wandb"), or "none"."""
+    heatmap_every: int = 10
+    """Write the layer x expert load heatmap image (TensorBoard `expert_load_heatmap`) every this many
+    log intervals, and at the first and the last; 0 never."""
     collective_timeout_minutes: float = 10.0
     """A rank waiting longer than this in a collective fails instead of hanging."""
     max_nonfinite_steps: int = 3
@@ -58,7 +66,15 @@ class TrainConfig:
             raise ConfigError(
                 "train.upcycle_experts", self.upcycle_experts, "needs train.init (a dense model)"
             )
-        for name in ("save_every", "keep_checkpoints", "eval_every", "eval_batches", "upcycle_experts"):
+        report_destinations(self.report_to, "train.report_to")
+        for name in (
+            "save_every",
+            "keep_checkpoints",
+            "eval_every",
+            "eval_batches",
+            "upcycle_experts",
+            "heatmap_every",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 0")
 

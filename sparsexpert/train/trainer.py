@@ -20,10 +20,11 @@ import torch
 from sparsexpert import comm, export, parallel
 from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader, read_manifest
-from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, expert_metrics, load_state
+from sparsexpert.device import accelerator_device
+from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, load_state
 from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.knowledge.data import KnowledgeLoader
-from sparsexpert.metrics import format_duration
+from sparsexpert.metrics import Monitor, format_duration, report_destinations
 from sparsexpert.model import ModelConfig, build_model
 from sparsexpert.train import checkpoint
 from sparsexpert.train.config import RunConfig
@@ -67,6 +68,35 @@ def resolve_knowledge_sizes(cfg: ModelConfig, manifest: dict[str, Any], data_dir
                 getattr(k, field),
                 f"the dataset has {have}; use 0 (from the dataset) or more",
             )
+
+
+def resolved_config(cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | Path) -> dict[str, Any]:
+    """What `launcher/pretrain.py --print_config` prints, without starting anything or writing a file:
+    the run config and the DeepSpeed config as the run will record them in config.json ("run",
+    "ds_config", "ds_json"), for this launch's world size (WORLD_SIZE, 1 without a launcher) and
+    accelerator. What only the run can know is said under "unresolved": the knowledge tables' sizes
+    of a dataset not prepared yet (the built-in example) and the network's shape given by train.init."""
+    cfg.validate()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    data_dir = Path(cfg.data.path) if cfg.data.path else Path(output_dir) / "data"
+    manifest = read_manifest(data_dir) if (data_dir / "manifest.json").is_file() else None
+    unresolved = []
+    if cfg.train.init:
+        unresolved.append(f"model: the shape comes from train.init={cfg.train.init} when the run starts")
+    if manifest is not None:
+        resolve_knowledge_sizes(cfg.model, manifest, data_dir)
+    elif cfg.model.knowledge.mode != "none":
+        unresolved.append("model.knowledge sizes: from the dataset, prepared when the run starts")
+    vocab = manifest["tokenizer"]["vocab_size"] if manifest else None
+    seq_len = manifest["seq_len"] if manifest else None
+    accelerator = accelerator_device().type
+    ds_config = parallel.prepare_ds_config(
+        ds_json, cfg.model, world, cfg.train.max_steps, vocab, seq_len, accelerator
+    )
+    out = {"run": asdict(cfg), "ds_config": ds_config, "ds_json": ds_json, "world_size": world}
+    if unresolved:
+        out["unresolved"] = unresolved
+    return out
 
 
 def _check_resume_compatible(
@@ -179,8 +209,15 @@ class Pretrainer:
         if resume and overwrite:
             raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
         claim = "resume" if resume else "overwrite" if overwrite else "new"
+        report_to = report_destinations(t.report_to)
         self.h = h = Harness(
-            output_dir, t.max_steps, t.tensorboard, t.collective_timeout_minutes, claim, RUN_FILES
+            output_dir,
+            t.max_steps,
+            t.tensorboard and "tensorboard" in report_to,
+            t.collective_timeout_minutes,
+            claim,
+            RUN_FILES,
+            wandb="wandb" in report_to,
         )
         self.cfg, self.output_dir, self.ds_json = cfg, Path(output_dir), ds_json
         self.rank, self.world = h.rank, h.world
@@ -269,6 +306,15 @@ class Pretrainer:
             # validation reads the text alone, whatever the knowledge mode, so arms compare
             self.valid_loader = loader("valid", 1, KnowledgeConfig())
         self.native = bool(cfg.model.moe_layer_ids) and cfg.model.moe.backend == "native"
+        self.monitor = Monitor(
+            h.device,
+            self.world,
+            cfg.model,
+            self.param_counts["active"],
+            self.seq_len,
+            parallel.precision_of(self.ds_config),
+            t.heatmap_every,
+        )
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2))
@@ -304,6 +350,7 @@ class Pretrainer:
             f"{t.micro} micro x {t.grad_accum} accum x {t.dp} dp, seq {self.seq_len} | "
             f"{len(self.train_data)} train rows from {self.data_dir} | output {self.output_dir}"
         )
+        self.h.log(self.monitor.describe())
         k = self.cfg.model.knowledge
         if k.mode == "fusion":
             self.h.log(
@@ -343,7 +390,8 @@ class Pretrainer:
             arrays["expert_counts"] = out.expert_counts
         if self.native:  # [layers, 2] dropped and routed token-expert assignments
             arrays["dropped"] = parallel.moe_drop_counts(self.engine.module)
-        return MicroOut(out.loss, scalars, arrays, tokens=self.triplet.micro * self.seq_len)
+        means = {"router_layers": out.router_layers} if out.router_layers is not None else None
+        return MicroOut(out.loss, scalars, arrays, self.triplet.micro * self.seq_len, means)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -386,8 +434,6 @@ class Pretrainer:
 
     def _train(self) -> dict[str, Any]:
         cfg, h, engine = self.cfg.train, self.h, self.engine
-        moe_layers = self.cfg.model.moe_layer_ids
-        layer_experts = self.cfg.model.moe.layer_experts(len(moe_layers))
         accum = self.triplet.grad_accum
         t_interval, steps_in_interval, t_start, start_step = time.time(), 0, time.time(), self.step
         last: dict[str, Any] = {}
@@ -414,7 +460,6 @@ class Pretrainer:
                     last = {k: r[k] for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
                     last.update(
                         lr=r["lr"],
-                        tokens_per_s=r["tokens"] / max(elapsed, 1e-9),
                         step_time_s=elapsed / steps_in_interval,
                         eta_s=(time.time() - t_start)
                         / (self.step - start_step)
@@ -424,10 +469,10 @@ class Pretrainer:
                         last.update(entity_loss=r["entity_loss"], triple_loss=r["triple_loss"])
                     if "grad_norm" in r:
                         last["grad_norm"] = r["grad_norm"]  # of the last step of the interval
-                    for key in ("loss_scale", "skipped_steps", "max_memory_gb"):
+                    for key in ("loss_scale", "skipped_steps"):
                         if key in r:
                             last[key] = r[key]
-                    last.update(expert_metrics(r, moe_layers, layer_experts))
+                    last.update(self.monitor.figures(r, elapsed, final=done))
                     if self.valid_loader is not None and (self.step % cfg.eval_every == 0 or done):
                         last["valid_lm_loss"] = self.evaluate()
                     h.metrics.log(last, self.step)
