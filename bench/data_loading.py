@@ -23,7 +23,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,7 +82,7 @@ def cases(data: PackedDataset, data_dir: Path, micro: int) -> dict[str, tuple]:
         out = inj.inject(data.rows(rows), *rk.batch_mentions(rows), rng(g))
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
-    def same(a: dict, b: dict) -> bool:
+    def same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     seq_len = data.seq_len

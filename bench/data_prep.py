@@ -96,14 +96,16 @@ def main() -> None:
         shared / "kg" / "nations" / "train.tsv",
         REPO / "data_prep" / "examples" / "nations_aliases.tsv",
     )
-    for name, extra in (("text", {}), ("KG join", {"kg": str(kg), "aliases": str(aliases), "case": "exact"})):
+    for name, join in (("text", False), ("KG join", True)):
         run_cfg = PrepConfig(
             corpus=[str(corpus)],
             output=str(work / name.replace(" ", "_")),
             tokenizer=str(model),
             workers=args.workers,
             seq_len=512,
-            **extra,
+            kg=str(kg) if join else None,
+            aliases=str(aliases) if join else None,
+            case="exact" if join else "ignore",
         )
         t0 = time.perf_counter()
         manifest = prepare(run_cfg, log=lambda *_: None)

@@ -127,7 +127,8 @@ def main() -> None:
         f"D={D} L={L} E={E} top-{K} F={F} seq {S} micro {args.micro} vocab {vocab} | {args.steps} steps",
         flush=True,
     )
-    rows = []
+    # label, tokens/s, MFU, peak memory (GB), last loss; None where the run failed
+    rows: list[tuple[str, float | None, float | None, float | None, float | None]] = []
     for label, extra in variants.items():
         out = work / label.replace(" ", "_").replace(",", "")
         script = [

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsexpert.model.moe import MoEBlock, SwiGLU  # noqa: E402
+
+if TYPE_CHECKING:
+    from sparsexpert.native_moe import NativeMoE
 
 
 def autoep_block(block: MoEBlock, use_grouped_mm: bool) -> nn.Module:
@@ -64,7 +68,7 @@ def native_name(capacity: float | None) -> str:
     return "native drop." if capacity is None else f"native c{capacity:g}"
 
 
-def native_block(block: MoEBlock, capacity: float | None) -> nn.Module:
+def native_block(block: MoEBlock, capacity: float | None) -> NativeMoE:
     """DeepSpeed's native MoE layer holding `block`'s weights, as model.moe.backend=native builds it (ep_size=1)."""
     from sparsexpert import native_moe
     from sparsexpert.model.config import MoEConfig
@@ -77,12 +81,16 @@ def native_block(block: MoEBlock, capacity: float | None) -> nn.Module:
         drop_tokens=capacity is not None,
         use_rts=False,
     )
+    mlp = MoEBlock(block.gate.in_features, block.experts.w1.shape[1], block.num_experts, block.top_k)
+    mlp.load_state_dict(block.state_dict())
     holder = nn.Module()
-    holder.mlp = MoEBlock(block.gate.in_features, block.experts.w1.shape[1], block.num_experts, block.top_k)
-    holder.mlp.load_state_dict(block.state_dict())
+    holder.mlp = mlp
     native_moe.swap_in(holder, cfg, ep_size=1)
-    holder.mlp.set_deepspeed_parallelism()
-    return holder.mlp
+    native = holder.mlp
+    if not isinstance(native, native_moe.NativeMoE):
+        raise TypeError(f"swap_in left a {type(native).__name__}, not a NativeMoE")
+    native.set_deepspeed_parallelism()
+    return native
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -154,12 +162,13 @@ def main() -> None:
                 for p in block.parameters():
                     nn.init.normal_(p, std=0.02)
                 dense = SwiGLU(D, K * F)
-                impls = {
+                natives = {native_name(c): native_block(block, c) for c in NATIVE_CAPACITIES}
+                impls: dict[str, nn.Module] = {
                     "dense": dense,
                     "ours": block,
                     "autoep gmm": autoep_block(block, True),
                     "autoep loop": autoep_block(block, False),
-                    **{native_name(c): native_block(block, c) for c in NATIVE_CAPACITIES},
+                    **natives,
                 }
                 impls = {k: m.to(dtype) for k, m in impls.items()}
                 x = torch.randn(1, T, D, dtype=dtype)
@@ -169,9 +178,11 @@ def main() -> None:
                 mem = {k: saved_bytes(impls[k], x.detach().requires_grad_(True)) for k in mem_of}
                 dropped = []
                 for c in NATIVE_CAPACITIES[:-1]:
-                    layer = impls[native_name(c)]
+                    layer = natives[native_name(c)]  # the module of impls, converted to dtype in place
                     with torch.no_grad():
                         layer(x)
+                    if layer.dropped is None or layer.routed is None:
+                        raise RuntimeError(f"{native_name(c)}: no drop counts after a forward")
                     dropped.append(f"{layer.dropped.item() / layer.routed.item():.1%}")
                 cells = [f"{ms[k]:8.1f} {ms[k] / ms['dense']:4.2f}x" for k in names]
                 mems = ", ".join(f"{mem[k] / mem['dense']:.2f}x" for k in mem_of[1:])

@@ -20,9 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from pretrain_throughput import launch  # noqa: E402
+from bench.pretrain_throughput import launch  # noqa: E402
 
 
 def main() -> None:

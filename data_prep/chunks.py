@@ -46,7 +46,8 @@ def encode_chunk(docs: list[dict], records: int, rejected: Counter) -> bytes:
     """The .npz bytes of a chunk: `docs` as process_chunk returns them."""
     entities: dict[str, int] = {}
     new_triples: dict[Triple, int] = {}
-    spans, triples = [], []
+    spans: list[tuple[int, int, int, int]] = []
+    triples: list[tuple[int, int, int, int]] = []
     for d, r in enumerate(docs):
         spans.extend((d, ts, te, entities.setdefault(ent, len(entities))) for ts, te, ent in r["spans"])
         for ts, te, t in r["triples"]:

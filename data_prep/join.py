@@ -89,7 +89,7 @@ def distant_supervision(
         k = int(np.searchsorted(s_start, start, side="right")) - 1
         if end <= s_end[k]:  # a mention across a sentence end belongs to none
             by_sentence.setdefault(k, set()).add(entity)
-    out = []
+    out: list[tuple[int, int, int]] = []
     for k, ents in sorted(by_sentence.items()):
         found = {t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())}
         out.extend((int(s_start[k]), int(s_end[k]), t) for t in sorted(found))
@@ -99,7 +99,8 @@ def distant_supervision(
 def _batches(docs: list[RawDoc], max_chars: int = 1 << 22) -> list[list[RawDoc]]:
     """Consecutive documents, about max_chars characters of text at a time: a tokenizer's batch
     encode holds every id as a Python int (~36 bytes a token), so a batch bounds that memory."""
-    batches, n = [[]], 0
+    batches: list[list[RawDoc]] = [[]]
+    n = 0
     for doc in docs:
         if batches[-1] and n + len(doc.text) > max_chars:
             batches.append([])
@@ -112,7 +113,7 @@ def _batches(docs: list[RawDoc], max_chars: int = 1 << 22) -> list[list[RawDoc]]
 def process_chunk(docs: list[RawDoc]) -> list[dict]:
     """Stage join for a chunk: token ids, mention token spans, attached triples with token spans."""
     tok, linker, pairs, extractor = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"], _WORKER["extractor"]
-    out = []
+    out: list[dict] = []
     for batch in _batches(docs):
         texts = [d.text for d in batch]
         out.extend(

@@ -55,7 +55,7 @@ class Packer:
         self.rows: list[np.ndarray] = []  # pending rows of the open shard
         self.n_rows = 0
         self.shards: list[dict] = []
-        self.counts = Counter()
+        self.counts: Counter[str] = Counter()
         self.pending_triples: dict[int, set[int]] = {}  # row -> triples, for rows a later document may reach
         self.n_triples = 0
         self.rows_with_entity = 0
@@ -105,7 +105,7 @@ class Packer:
         if not self.rows or self.out is None:
             return
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        data = memoryview(np.concatenate(self.rows)).cast("B")
+        data = np.concatenate(self.rows).data.cast("B")
         with open(self.out / name, "wb") as f:
             f.write(data)
             f.flush()
@@ -114,10 +114,10 @@ class Packer:
         self.shards.append({"file": name, "num_sequences": len(self.rows), "sha256": sha})
         self.rows = []
 
-    def _finish_array(self, kind: str, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Move the spilled entries of `kind` that fall in complete rows to {split}_{kind}.npy, in
+    def _finish_array(self, out: Path, kind: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Move the spilled entries of `kind` that fall in complete rows to out/{split}_{kind}.npy, in
         blocks; returns (that array memory-mapped, the few dropped tail entries)."""
-        tmp = self.out / f".{self.split}_{kind}.tmp"
+        tmp = out / f".{self.split}_{kind}.tmp"
         n = tmp.stat().st_size // (8 * width)
         data = (
             np.memmap(tmp, dtype=np.int64, mode="r", shape=(n, width))
@@ -125,7 +125,7 @@ class Packer:
             else np.zeros((0, width), np.int64)
         )
         keep = int(np.searchsorted(data[:, 0], self.n_rows, side="left"))  # entries are written in row order
-        final = self.out / f"{self.split}_{kind}.npy"
+        final = out / f"{self.split}_{kind}.npy"
         with open(final, "wb") as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False}
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (keep, width)})
@@ -137,12 +137,14 @@ class Packer:
         return np.load(final, mmap_mode="r"), tail
 
     def finish(self) -> dict:
+        if self.out is None or self._spans_file is None or self._triples_file is None:
+            raise RuntimeError("Packer.finish writes a split's files: this Packer has no output folder")
         self._flush()
         self._flush_triples(before_row=1 << 62)
         self._spans_file.close()
         self._triples_file.close()
-        spans, spans_tail = self._finish_array("spans", 4)
-        triples, _ = self._finish_array("triples", 2)
+        spans, spans_tail = self._finish_array(self.out, "spans", 4)
+        triples, _ = self._finish_array(self.out, "triples", 2)
         self.counts["spans_dropped_tail"] = len(spans_tail)
         return {
             "shards": self.shards,

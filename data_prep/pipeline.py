@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +60,9 @@ from data_prep.readers import INVALID_REASONS, DataError, RawDoc, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 from data_prep.wikitext import WikiLink
 from sparsexpert.metrics import Progress
+
+if TYPE_CHECKING:
+    from data_prep.kg import Triple
 
 __all__ = ["EOS_ID", "DataError", "PrepConfig", "pack", "prepare", "prepare_example", "prepare_text"]
 
@@ -214,7 +218,8 @@ def split_document(doc: RawDoc, limit: int) -> list[RawDoc]:
     text = doc.text
     if len(text) <= limit:
         return [doc]
-    pieces, start, links = [], 0, list(doc.links)
+    pieces: list[RawDoc] = []
+    start, links = 0, list(doc.links)
     while start < len(text):
         end = rest = min(start + limit, len(text))
         if end < len(text):
@@ -396,14 +401,15 @@ def _open_parts(cfg: PrepConfig) -> Path:
 
 def stage_ingest(cfg: PrepConfig, log=print) -> dict:
     """Read, normalize and deduplicate every document; report the counts and write nothing."""
-    counts, rejected = Counter(), Counter()
+    counts: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
     progress = Progress("data_prep ingest", unit="docs")
     chars = 0
     for doc in iter_docs(cfg, counts, rejected):
         chars += len(doc.text)
         progress.update(doc.last)
     progress.close()
-    report = {
+    report: dict[str, Any] = {
         "documents_in": documents_in(counts, rejected),
         "documents_written": progress.done,
         "documents_rejected": dict(rejected),
@@ -428,14 +434,15 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
     out.mkdir(parents=True, exist_ok=True)
     linker = Linker(know.aliases, cfg.case) if know.aliases else None
     extractor = load_extractor(cfg.extractor, cfg.extractor_args) if cfg.extractor and extract else None
-    found, mentions = Counter(), 0
+    found: Counter[Triple] = Counter()
+    mentions = 0
     progress = Progress(f"data_prep {'extract' if extract else 'link'}", unit="docs")
     tmp = out / f".mentions.{uuid.uuid4().hex}.jsonl"
     with open(tmp, "w", encoding="utf-8") if not extract else contextlib.nullcontext() as f:
         for doc in iter_docs(cfg, Counter(), Counter()):
             ms, extracted = find_mentions(doc, linker, extractor)
             mentions += len(ms)
-            if extract:
+            if f is None:  # extract: no mentions file
                 found.update(
                     know.triples[t] for _, _, t in distant_supervision(doc.text, ms, know.pair_index)
                 )
@@ -450,7 +457,7 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
                 )
             progress.update()
     progress.close()
-    report = {"documents": progress.done, "mentions": mentions}
+    report: dict[str, Any] = {"documents": progress.done, "mentions": mentions}
     if extract:
         kg = set(know.triples)
         rows = sorted(found.items(), key=lambda kv: (-kv[1], kv[0].head, kv[0].relation, kv[0].tail))
@@ -461,7 +468,7 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
             ),
             encoding="utf-8",
         )
-        per_relation = Counter()
+        per_relation: Counter[str] = Counter()
         for t, n in found.items():
             per_relation[t.relation] += n
         report.update(
@@ -481,7 +488,8 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
     existing = find_tokenizer(parts)
     if existing is not None:
         return existing
-    probe_counts, probe_rejected = Counter(), Counter()
+    probe_counts: Counter[str] = Counter()
+    probe_rejected: Counter[str] = Counter()
     if next(iter_docs(cfg, probe_counts, probe_rejected), None) is None:
         raise DataError(
             f"{', '.join(cfg.corpus)}: no usable documents ({documents_in(probe_counts, probe_rejected)} "
@@ -494,7 +502,8 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
     else:
         model = parts / "tokenizer.model"
         tmp = parts / f".tokenizer.{uuid.uuid4().hex}.model"
-    counts, rejected = Counter(), Counter()
+    counts: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
     try:
         with output.disk_full(parts, parts):
             if cfg.tokenizer:
@@ -525,8 +534,10 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
 def _chunks(cfg: PrepConfig) -> Iterator[tuple[int, list[RawDoc], int, Counter]]:
     """(chunk index, documents, records read, rejections) in input order; what is read after the
     last document is counted in the last chunk."""
-    counts, rejected = Counter(), Counter()
-    seen_in, seen_rej = 0, Counter()
+    counts: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    seen_in = 0
+    seen_rej: Counter[str] = Counter()
     chunk: list[RawDoc] = []
     index = 0
     for doc in iter_docs(cfg, counts, rejected):
@@ -566,7 +577,8 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
             order.append(c)
             yield docs
 
-    total, order = [0], []
+    total: list[int] = [0]
+    order: list[int] = []
     extractor = (cfg.extractor, cfg.extractor_args) if cfg.extractor else None
     init = (str(model), know.aliases, cfg.case, know.pair_index, extractor)
     pool = mp.get_context("spawn").Pool(cfg.workers, init_worker, init) if cfg.workers > 1 else None
@@ -672,6 +684,10 @@ def _pack(
 ) -> tuple[dict, Packed]:
     """The dataset, written into `work`: shards, arrays, vocabularies, stats and, last, the manifest."""
     src = find_tokenizer(parts)
+    if src is None:
+        raise DataError(
+            f"{parts}: no tokenizer; run `python -m data_prep tokenizer` with the same config first"
+        )
     (shutil.copytree if src.is_dir() else shutil.copyfile)(src, work / src.name)
     tok = load_tokenizer(work / src.name)
     vocab = tok.vocab_size
@@ -684,7 +700,7 @@ def _pack(
         s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in ("train", "valid")
     }
     res = Packed(entity_index, list(know.triples), Counter(), {}, 0, Counter())
-    counts = Counter()
+    counts: Counter[str] = Counter()
     progress = Progress("data_prep pack", len(chunk_files), "chunks")
     # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
     triple_index = {t: i for i, t in enumerate(know.triples)}
@@ -751,7 +767,7 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         ),
         encoding="utf-8",
     )
-    per_relation = Counter()
+    per_relation: Counter[str] = Counter()
     for i, n in triple_hits.items():
         per_relation[triples[i].relation] += n
     tokens = sum(s["tokens"] for s in splits.values())

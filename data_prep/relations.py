@@ -139,8 +139,9 @@ def prepare_relations(rc: RelationsConfig, log=print) -> dict:
     )  # checks the corpus paths, reads the KG and the aliases (DataError names the file)
     entities = {t.head for t in know.triples} | {t.tail for t in know.triples}
     linker = Linker(know.aliases, rc.case) if know.aliases else None
-    counts, rejected = Counter(), Counter()
-    positives_per_relation = Counter()
+    counts: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    positives_per_relation: Counter[str] = Counter()
     # Sentences with examples, and every example in corpus order as (sentence index, e1, e2, label).
     sentences: list[str] = []
     examples: list[tuple[int, tuple, tuple, str]] = []

@@ -137,7 +137,7 @@ def _matching_close(text: str, start: int) -> int:
 
 def _collapse_spaces(text: str, links: list[WikiLink]) -> tuple[str, list[WikiLink]]:
     """Squeeze blank lines and runs of spaces, remapping link offsets through the edit."""
-    keep = []
+    keep: list[str] = []
     new_pos = [0] * (len(text) + 1)
     prev_space = prev_newlines = 0
     for idx, ch in enumerate(text):

@@ -34,7 +34,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from sparsexpert.config import NO_VALUE, ConfigError, coerce, field_types, from_dict, load_json
+from sparsexpert.config import NO_VALUE, ConfigError, coerce, field_types, from_dict, is_section, load_json
 
 T = TypeVar("T")
 
@@ -101,7 +101,7 @@ def iter_fields(cls: type, prefix: str = "", obj: Any = None) -> list[FieldInfo]
     for name, tp in field_types(cls).items():
         dotted = f"{prefix}{name}"
         value = getattr(obj, name)
-        if dataclasses.is_dataclass(tp):
+        if is_section(tp):
             out += iter_fields(tp, f"{dotted}.", value)
         else:
             out.append(FieldInfo(dotted, tp, value, docs.get(name, "")))
@@ -157,11 +157,11 @@ def _lookup(cls: type, dotted: str) -> Any:
     tp: Any = cls
     parts = dotted.split(".")
     for part in parts:
-        types_ = field_types(tp) if dataclasses.is_dataclass(tp) else {}
+        types_ = field_types(tp) if is_section(tp) else {}
         if part not in types_:
             raise ConfigError(f"--{dotted}", NO_VALUE, _nearest(cls, dotted))
         tp = types_[part]
-    if dataclasses.is_dataclass(tp):
+    if is_section(tp):
         inner = ", ".join(f"--{dotted}.{k}" for k in list(field_types(tp))[:4])
         raise ConfigError(f"--{dotted}", NO_VALUE, f"is a section: give one of its fields ({inner}, ...)")
     return tp

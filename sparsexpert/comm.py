@@ -190,8 +190,14 @@ class RankWatch:
     def _key(self, *parts: object) -> str:
         return "/".join((self.PREFIX, *map(str, parts)))
 
+    def _shared_store(self) -> Any:
+        """The store the ranks talk through; only a watch over several processes has one (and runs)."""
+        if self._store is None:
+            raise RuntimeError("RankWatch over one process has no store: nothing to watch or report to")
+        return self._store
+
     def _watch(self) -> None:
-        store, count = self._store, self._key("count")
+        store, count = self._shared_store(), self._key("count")
         try:
             self._calling_since = time.monotonic()
             if self.rank == 0:
@@ -268,12 +274,13 @@ class RankWatch:
             traceback.print_exception(exc, file=sys.stderr)
         msg = str(exc).strip()
         what = f"{type(exc).__name__}: {msg.splitlines()[0]}" if msg else type(exc).__name__
-        self._store.set(self._key("error", self.rank), json.dumps({"comm": comm, "what": what[:300]}))
-        self._store.add(self._key("count"), 1)
+        store = self._shared_store()
+        store.set(self._key("error", self.rank), json.dumps({"comm": comm, "what": what[:300]}))
+        store.add(self._key("count"), 1)
 
     def _verdict(self, dead: list[int]) -> str:
         """`dead`: the ranks rank 0 already knows for dead (no heartbeat); it does not wait for them."""
-        store, key = self._store, self._key
+        store, key = self._shared_store(), self._key
         store.set(key("alive", self.rank), "1")
         store.add(key("alive_count"), 1)
         if self.rank != 0:

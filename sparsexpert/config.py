@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 T = TypeVar("T")
 
@@ -36,10 +36,15 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def is_section(tp: Any) -> TypeGuard[type]:
+    """Whether the annotation `tp` is a dataclass: a nested section of a config."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """Check `value` against the annotation `tp`, converting ints to floats and dicts to dataclasses."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if is_section(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -83,11 +88,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         name = f"{prefix}.{key}" if prefix else key
         if key not in types_:
             # the same name one section down first ("max_steps" -> "train.max_steps"), else the spelling
-            moved = [
-                f"{k}.{key}"
-                for k, tp in types_.items()
-                if dataclasses.is_dataclass(tp) and key in field_types(tp)
-            ]
+            moved = [f"{k}.{key}" for k, tp in types_.items() if is_section(tp) and key in field_types(tp)]
             near = moved or difflib.get_close_matches(key, types_.keys(), n=1)
             hint = f"did you mean {near[0]!r}?" if near else f"valid fields: {', '.join(types_)}"
             raise ConfigError(name, value, f"unknown field of {cls.__name__}; {hint}")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
 
 CHECK_ENV = "SPARSEXPERT_CHECK_DEVICE"
 _MARK = "_sparsexpert_on_device"
+M = TypeVar("M", bound=nn.Module)
 
 
 class DevicePlacementError(RuntimeError):
@@ -121,7 +122,7 @@ def check_placed(obj: Any, what: str, device: torch.device | None = None) -> Non
         )
 
 
-def guard(module: nn.Module, name: str) -> nn.Module:
+def guard(module: M, name: str) -> M:
     """Check mode: every call of `module` first checks that its tensor arguments were placed
     (`check_placed`). Returns the module; outside check mode it is left as it is."""
     if not check_mode():
@@ -135,5 +136,6 @@ def guard(module: nn.Module, name: str) -> nn.Module:
         check_placed({"args": args, "kwargs": kwargs}, f"{name} input", device)
 
     module.register_forward_pre_hook(hook, with_kwargs=True)
-    module._sparsexpert_guarded = True
+    # setattr: nn.Module.__setattr__ is typed for tensors and modules, and this is a plain flag
+    setattr(module, "_sparsexpert_guarded", True)  # noqa: B010
     return module

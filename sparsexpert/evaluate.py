@@ -255,9 +255,15 @@ def perplexity(pt: Opened) -> dict[str, float]:
 
 
 def _read_facts(path: Path) -> list[tuple[str, str, str]]:
-    return [
-        tuple(line.split("\t")[:3]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    facts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 3:
+            raise ValueError(f"{path}:{lineno}: expected head<TAB>relation<TAB>tail, got {line!r}")
+        facts.append((fields[0], fields[1], fields[2]))
+    return facts
 
 
 def _sample(items: list, n: int, seed: int) -> list:

@@ -146,7 +146,7 @@ def hf_config(cfg: ModelConfig, tok: Any | None) -> Any:
     """The transformers config of `cfg` (Mixtral or Llama)."""
     from transformers import LlamaConfig, MixtralConfig
 
-    common = dict(
+    common: dict[str, Any] = dict(  # keyword arguments of mixed types, shared by both configs
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layers,
@@ -211,7 +211,7 @@ def export_tokenizer(tokenizer_path: Path, out_dir: Path) -> None:
     encodings equal SentencePiece's except that a text starting with a space gets one "▁" less
     (the Llama convention of the Metaspace pre-tokenizer)."""
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE, Unigram
+    from tokenizers.models import BPE, Model, Unigram
     from transformers import PreTrainedTokenizerFast
 
     if tokenizer_path.is_dir():  # already a Hugging Face tokenizer folder
@@ -235,8 +235,9 @@ def export_tokenizer(tokenizer_path: Path, out_dir: Path) -> None:
     if spec.model_type == 2:  # BPE: merges from the vocabulary, ordered by piece score
         from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
-        kw = SentencePieceExtractor(str(tokenizer_path)).extract(None)
-        model = BPE(
+        # transformers annotates extract() as returning a (vocab, merges) tuple; it returns a dict
+        kw: dict[str, Any] = SentencePieceExtractor(str(tokenizer_path)).extract(None)  # type: ignore[assignment]
+        model: Model = BPE(
             kw["vocab"],
             kw["merges"],
             unk_token=spec.unk_piece,
@@ -550,12 +551,16 @@ def model_for_init(
 
 def vocabulary(tokenizer_path: Path) -> list[str]:
     """Every token's string, by id, of a SentencePiece model or a Hugging Face tokenizer folder."""
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import SentencePieceTokenizer, load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
-    if hasattr(tok, "sp"):
+    if isinstance(tok, SentencePieceTokenizer):
         return [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
-    return [tok.tok.id_to_token(i) for i in range(tok.vocab_size)]
+    tokens = [tok.tok.id_to_token(i) for i in range(tok.vocab_size)]
+    missing = [i for i, t in enumerate(tokens) if t is None]
+    if missing:
+        raise ValueError(f"{tokenizer_path}: tokenizer.json has no token for id(s) {missing[:5]}")
+    return [t for t in tokens if t is not None]
 
 
 def check_same_vocabulary(init: Initial, data_tokenizer: Path, data_dir: Path) -> None:

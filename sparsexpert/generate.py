@@ -8,6 +8,8 @@ sampling generator with it; each new token comes to the host once (to stop at en
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from sparsexpert import device as _device
@@ -15,8 +17,13 @@ from sparsexpert.export import load_init
 from sparsexpert.harness import load_state
 from sparsexpert.model.transformer import Transformer
 
+if TYPE_CHECKING:
+    from data_prep.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
 
-def load_model(path: str, device: str | torch.device | None = None) -> tuple[Transformer, object | None]:
+
+def load_model(
+    path: str, device: str | torch.device | None = None
+) -> tuple[Transformer, SentencePieceTokenizer | HuggingFaceTokenizer | None]:
     """Our model in eval mode on `device` (default: the accelerator when there is one) and its
     tokenizer, from a checkpoint, consolidated or Hugging Face folder."""
     from data_prep.tokenizer import load_tokenizer

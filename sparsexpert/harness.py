@@ -187,6 +187,8 @@ class Prefetcher:
             for m in range(self.grad_accum):
                 if self._stop.is_set():
                     return
+                # (step, micro-batch, batch on the device, its copy's event, or the exception raised)
+                item: tuple[int, int, Any, torch.cuda.Event | None, BaseException | None]
                 try:
                     batch = self._make(step, m)
                     event = None

@@ -29,12 +29,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.tensorboard import SummaryWriter
 
     from sparsexpert.model.config import ModelConfig
 
@@ -96,8 +97,8 @@ class MetricsLogger:
     ):
         """wandb: also log to Weights & Biases (train.report_to; the package must be installed)."""
         self.enabled, self.max_steps = enabled, max_steps
-        self.writer = None
-        self._jsonl = None
+        self.writer: SummaryWriter | None = None
+        self._jsonl: TextIO | None = None
         self._wandb: Any = None
         self._out, self._tensorboard = Path(output_dir), tensorboard
         if not enabled or not write_files:
@@ -148,20 +149,20 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
-                self._tb(key, value, step)
+                self._tb(self.writer, key, value, step)
             self.writer.flush()
         if self._wandb is not None:
             self._wandb.log(self._wandb_record(metrics), step=step)
         print(self.console_line(record), file=sys.stdout, flush=True)
 
-    def _tb(self, key: str, value: Any, step: int) -> None:
+    def _tb(self, writer: SummaryWriter, key: str, value: Any, step: int) -> None:
         if isinstance(value, np.ndarray):
-            self.writer.add_image(key, heatmap_rgb(value), step, dataformats="HWC")
+            writer.add_image(key, heatmap_rgb(value), step, dataformats="HWC")
         elif isinstance(value, dict):
             for k, v in value.items():
-                self._tb(f"{key}/{k}", v, step)
+                self._tb(writer, f"{key}/{k}", v, step)
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            self.writer.add_scalar(key, value, step)
+            writer.add_scalar(key, value, step)
 
     @staticmethod
     def _wandb_record(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class NativeMoE(MoE):
 
     @torch.no_grad()
     def _copy_from(self, block: MoEBlock, ep_rank: int) -> None:
-        def copy(dst: nn.Parameter, src: nn.Parameter, row: int | None = None) -> None:
+        def copy(dst: torch.Tensor, src: torch.Tensor, row: int | None = None) -> None:
             dst.copy_(src if row is None else src[row])
             dst.requires_grad_(src.requires_grad)
 
@@ -87,6 +87,10 @@ class NativeMoE(MoE):
             for w in ("w1", "w2", "w3"):
                 copy(getattr(expert, w).weight, getattr(block.experts, w), g)
         if self.use_residual:
+            if block.residual_mlp is None or block.residual_coef is None:
+                raise ValueError(
+                    "model.moe.use_residual is set, but the MoE block has no residual MLP to copy"
+                )
             for w in ("w1", "w2", "w3"):
                 copy(getattr(self.mlp, w).weight, getattr(block.residual_mlp, w).weight)
             copy(self.coefficient.weight, block.residual_coef.weight)
@@ -98,7 +102,7 @@ class NativeMoE(MoE):
         self.dropped = (experts_KT < 0).sum()
         self.routed = torch.full_like(self.dropped, experts_KT.numel())  # on the same device, no sync
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         out, _l_aux, _counts = super().forward(x_BSD)
         return out
 
@@ -130,7 +134,12 @@ def drop_counts(module: nn.Module) -> torch.Tensor | None:
     layers = native_layers(module)
     if not layers:
         return None
-    return torch.stack([torch.stack([m.dropped, m.routed]) for m in layers])
+    counts = []
+    for m in layers:
+        if m.dropped is None or m.routed is None:
+            raise RuntimeError("drop_counts reads the last forward's counts: run a forward first")
+        counts.append(torch.stack([m.dropped, m.routed]))
+    return torch.stack(counts)
 
 
 def plain_name(key: str) -> str:

@@ -91,13 +91,13 @@ def batch_triplet(ds: dict[str, Any], world_size: int) -> BatchTriplet:
         if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
             raise ConfigError(f"ds_config.{key}", val, "must be a positive integer")
     dp = world_size
-    if micro is None and train is None:
-        raise ConfigError(
-            "ds_config.train_micro_batch_size_per_gpu",
-            None,
-            "set train_micro_batch_size_per_gpu (and optionally gradient_accumulation_steps)",
-        )
     if micro is None:
+        if train is None:
+            raise ConfigError(
+                "ds_config.train_micro_batch_size_per_gpu",
+                None,
+                "set train_micro_batch_size_per_gpu (and optionally gradient_accumulation_steps)",
+            )
         gas = gas or 1
         if train % (gas * dp):
             raise ConfigError(
@@ -402,7 +402,8 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: str | None = N
     whose name contains `no_decay`. DeepSpeed splits the expert parameters of these groups into
     their own MoE groups after AutoEP has created them, so ZeRO reduces expert gradients over the
     expert-data-parallel group rather than the whole world."""
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -479,12 +480,12 @@ def global_grad_norm(module: nn.Module) -> torch.Tensor:
     an expert group name) are summed over the expert-parallel group that holds distinct experts."""
     from deepspeed.utils import groups
 
-    grads = [p for p in module.parameters() if p.grad is not None]
+    grads = [(p, p.grad) for p in module.parameters() if p.grad is not None]
     device = next(module.parameters()).device
     dense = torch.zeros((), dtype=torch.float32, device=device)
     experts: dict[str, torch.Tensor] = {}
-    for p in grads:
-        sq = p.grad.detach().float().pow(2).sum()
+    for p, grad in grads:
+        sq = grad.detach().float().pow(2).sum()
         if getattr(p, "allreduce", True) is False and hasattr(p, "group_name"):
             experts[p.group_name] = experts.get(p.group_name, torch.zeros_like(dense)) + sq
         else:
@@ -685,7 +686,8 @@ def routers_in_fp32(module: nn.Module) -> int:
     """
     from sparsexpert.model.moe import RouterLinear, RouterLogitsRecorder
 
-    blocks = module.moe_blocks() if hasattr(module, "moe_blocks") else []
+    moe_blocks = getattr(module, "moe_blocks", None)  # our models' method (any module that has one)
+    blocks = moe_blocks() if moe_blocks is not None else []
     changed = 0
     for block in blocks:
         gate = RouterLogitsRecorder.find_gate(block)

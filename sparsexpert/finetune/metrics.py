@@ -118,17 +118,11 @@ def entity_report(y_true: list[list[str]], y_pred: list[list[str]]) -> dict[str,
     tp, pred, true = (sum(getattr(c, name) for c in counts.values()) for name in ("tp", "pred", "true"))
     precision, recall = _ratio(tp, pred), _ratio(tp, true)
     report["micro avg"] = _row(precision, recall, _f1(precision, recall), true)
-    report["macro avg"] = _row(
-        *(_ratio(sum(row[key] for row in rows), len(rows)) for key in ("precision", "recall", "f1-score")),
-        true,
-    )
-    report["weighted avg"] = _row(
-        *(
-            _ratio(sum(row[key] * row["support"] for row in rows), true)
-            for key in ("precision", "recall", "f1-score")
-        ),
-        true,
-    )
+    keys = ("precision", "recall", "f1-score")
+    p, r, f = (_ratio(sum(row[key] for row in rows), len(rows)) for key in keys)
+    report["macro avg"] = _row(p, r, f, true)
+    p, r, f = (_ratio(sum(row[key] * row["support"] for row in rows), true) for key in keys)
+    report["weighted avg"] = _row(p, r, f, true)
     return report
 
 

@@ -1,6 +1,6 @@
 """The backbone with one head per task (token, sequence or relation classification).
 
-`TaskModel` is the pretraining `Transformer` plus heads, so its parameter names are the
+`TaskModel` is the pretraining `Transformer`'s `Backbone` plus heads, so its parameter names are the
 pretraining ones (AutoEP shards the same experts; a pretraining checkpoint loads as is).
 """
 
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsexpert.model.config import ModelConfig
-from sparsexpert.model.transformer import IGNORE_INDEX, Transformer
+from sparsexpert.model.transformer import IGNORE_INDEX, Backbone
 
 
 @dataclass
@@ -40,7 +40,7 @@ class TaskOutput:
     """[num_moe_layers, 3] per MoE layer, no gradient: aux loss, z-loss, router entropy (None for a dense model)."""
 
 
-class TaskModel(Transformer):
+class TaskModel(Backbone):
     def __init__(self, cfg: ModelConfig, tasks: list[TaskSpec], task_aware_routing: bool = False):
         super().__init__(cfg)
         self.tasks = tasks
@@ -53,7 +53,9 @@ class TaskModel(Transformer):
     def init_heads(self, seed: int) -> None:
         with torch.no_grad():
             gen = torch.Generator().manual_seed(seed)
-            for head in self.heads.values():
+            for name, head in self.heads.items():
+                if not isinstance(head, nn.Linear):
+                    raise TypeError(f"task head {name!r} is a {type(head).__name__}, not an nn.Linear")
                 head.weight.normal_(0.0, self.cfg.init_std, generator=gen)
                 head.bias.zero_()
             if self.task_embeddings is not None:
@@ -83,6 +85,10 @@ class TaskModel(Transformer):
             real = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]).to(h.dtype)
             logits = head((h * real.unsqueeze(-1)).sum(1) / lengths[:, None].to(h.dtype))
         else:
+            if markers is None:
+                raise ValueError(
+                    f"task {spec.name!r} (relation) needs markers [B, 2]: the two entities' positions"
+                )
             rows = torch.arange(h.shape[0], device=h.device)
             logits = head(torch.cat([h[rows, markers[:, 0]], h[rows, markers[:, 1]]], dim=-1))
         aux, z, counts, per_layer = self.router_losses(logits)

@@ -59,13 +59,13 @@ class Finetuner:
         if resume and overwrite:
             raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
         claim = "resume" if resume else "overwrite" if overwrite else "new"
-        t = cfg.train
-        report_to = report_destinations(t.report_to)
+        tc = cfg.train
+        report_to = report_destinations(tc.report_to)
         self.h = h = Harness(
             output_dir,
-            t.max_steps,
-            t.tensorboard and "tensorboard" in report_to,
-            t.collective_timeout_minutes,
+            tc.max_steps,
+            tc.tensorboard and "tensorboard" in report_to,
+            tc.collective_timeout_minutes,
             claim,
             RUN_FILES,
             wandb="wandb" in report_to,
@@ -204,10 +204,10 @@ class Finetuner:
             cfg.train.heatmap_every,
             lm_head=False,
         )
-        p, t = self.param_counts, self.triplet
+        p, b = self.param_counts, self.triplet
         log(
             f"finetune: {p['total'] / 1e6:.2f}M parameters ({p['active'] / 1e6:.2f}M active) | world {self.world}, "
-            f"ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} | batch {t.global_batch} = {t.micro} x {t.grad_accum} x {t.dp} | "
+            f"ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} | batch {b.global_batch} = {b.micro} x {b.grad_accum} x {b.dp} | "
             f"adversarial {cfg.adversarial.method}{' | distill from ' + cfg.distill.teacher if self.teacher else ''}"
         )
         log(self.monitor.describe())
@@ -268,7 +268,7 @@ class Finetuner:
         task, batch, tokens = item
         loss, scalars, counts, router_layers = self._loss(task, batch)
         scalars[f"{self.specs[task].name}/loss"] = scalars["task_loss"]
-        if counts is None:
+        if counts is None or router_layers is None:  # a dense model: both are None
             return MicroOut(loss, scalars, tokens=tokens)
         return MicroOut(loss, scalars, {"expert_counts": counts}, tokens, {"router_layers": router_layers})
 
@@ -351,8 +351,8 @@ class Finetuner:
             if real:
                 pending.append((idx, logits.argmax(-1)))
         mine: list[tuple[int, Any]] = []
-        for idx, pred in pending:
-            pred = pred.cpu().numpy()
+        for idx, pred_dev in pending:
+            pred = pred_dev.cpu().numpy()
             for b, i in enumerate(idx):
                 if kind == "ner":
                     fp = data.first_piece[i]
@@ -389,6 +389,7 @@ class Finetuner:
     def majority_baseline(self, task: int) -> dict[str, Any]:
         """Dev scores of always predicting the most frequent training label (ner: "O" everywhere)."""
         spec, train, dev = self.specs[task], self.train_sets[task], self.dev_sets[task]
+        preds: list[list[int]] | list[int]
         if spec.kind == "ner":
             preds = [[0] * len(words) for words in dev.words]
         else:

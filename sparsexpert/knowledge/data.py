@@ -96,7 +96,7 @@ class RowKnowledge:
         self.row_triples = np.load(d / f"{split}_triples.npy", mmap_mode="r")  # row, triple index
 
     @staticmethod
-    def _select(table: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _select(table: np.ndarray, rows: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The entries of `rows` (table sorted by row), row after row in the order given, each row's in
         file order; and the position in `rows` of each entry's row."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -326,14 +326,18 @@ class KnowledgeLoader:
         self.loader, self.cfg, self.causal, self.mask_id = loader, cfg, causal, mask_id
         self.vocab_size = vocab_size
         self.seed = loader.plan.seed
-        self.kg = self.rows = self.injector = None
+        self.kg: DatasetKG | None = None
+        self.rows: RowKnowledge | None = None
+        self.injector: Injector | None = None
         if cfg.mode != "none":
             self.kg = DatasetKG.load(data_dir)
             self.rows = RowKnowledge(data_dir, split)
-        if cfg.mode == "inject":
-            from data_prep.tokenizer import load_tokenizer
+            if cfg.mode == "inject":
+                from data_prep.tokenizer import load_tokenizer
 
-            self.injector = Injector(self.kg, load_tokenizer(tokenizer_path), cfg)
+                if tokenizer_path is None:
+                    raise ValueError("knowledge.mode=inject needs the dataset's tokenizer (tokenizer_path)")
+                self.injector = Injector(self.kg, load_tokenizer(tokenizer_path), cfg)
         if not causal and mask_id is None:
             raise ValueError("a masked LM (model.causal=false) needs a tokenizer with a <mask> token")
 
@@ -345,9 +349,15 @@ class KnowledgeLoader:
         rng = np.random.default_rng([self.seed, global_batch, j, 7])
         if self.cfg.mode == "none":
             return self._lm(torch.from_numpy(x), rng)
+        if self.kg is None or self.rows is None:
+            raise RuntimeError(
+                f"knowledge.mode={self.cfg.mode}, but the loader has not read the dataset's KG"
+            )
         if self.cfg.mode == "fusion":
             kb = fusion_batch(self.kg, self.rows, rows, x.shape[1], self.cfg, rng)
             return {**self._lm(torch.from_numpy(x), rng), "knowledge": kb}
+        if self.injector is None:
+            raise RuntimeError(f"knowledge.mode={self.cfg.mode}: the loader has no injector")
         out = self.injector.inject(x, *self.rows.batch_mentions(rows), rng)
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
@@ -359,6 +369,8 @@ class KnowledgeLoader:
         chosen = u < 0.15
         labels = torch.where(chosen, x, torch.full_like(x, IGNORE_INDEX))
         inp = x.clone()
+        if self.mask_id is None:  # __init__ refuses a masked LM without one
+            raise RuntimeError("a masked LM batch needs the tokenizer's <mask> id")
         inp[u < 0.12] = self.mask_id
         rand = (u >= 0.12) & (u < 0.135)
         inp[rand] = torch.from_numpy(rng.integers(self.vocab_size, size=int(rand.sum())))

@@ -131,8 +131,8 @@ class MoEBlock(nn.Module):
         # CUDA bincount would add one). Training never runs this block (DeepSpeed's AutoEP or native
         # layer replaces it); generation, a distillation teacher and the tests do.
         experts_N = experts_TK.reshape(-1)
-        counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=experts_N.device)
-        counts_E = counts_E.scatter_add_(0, experts_N, torch.ones_like(experts_N)).tolist()
+        zeros_E = torch.zeros(self.num_experts, dtype=torch.long, device=experts_N.device)
+        counts_E = zeros_E.scatter_add_(0, experts_N, torch.ones_like(experts_N)).tolist()
         # index_select, not x_TD[token_N]: its backward is an index_add, several times faster on CPU
         # than the accumulating index_put that advanced indexing uses.
         y_ND = self.experts(x_TD.index_select(0, token_N), counts_E)
@@ -146,7 +146,7 @@ class MoEBlock(nn.Module):
 
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        if self.residual_mlp is not None:
+        if self.residual_mlp is not None and self.residual_coef is not None:  # both, or neither
             coef_T2 = torch.softmax(self.residual_coef(x_TD), dim=-1)
             out_TD = out_TD * coef_T2[:, 0:1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
         return out_TD.reshape(B, S, D)
@@ -222,11 +222,12 @@ class RouterLogitsRecorder:
     @property
     def logits(self) -> list[torch.Tensor]:
         """[T, E] router logits of each MoE layer of the last forward pass, in order."""
-        self._recorded = [
+        logits = [
             r if isinstance(r, torch.Tensor) else F.linear(r[1].float(), r[0].weight.float())
             for r in self._recorded
         ]
-        return self._recorded
+        self._recorded = list(logits)  # computed once
+        return logits
 
     def paused(self) -> _Paused:
         """A context manager that may be entered again and again: torch's checkpoint reuses the one
@@ -259,7 +260,12 @@ class RouterLogitsRecorder:
         if isinstance(module, nn.Linear):
             self._recorded.append(output)
         else:  # the native gate: logits = x_TD @ wg^T in fp32, as it computes them (before any noise)
-            self._recorded.append((module.wg, inputs[0]))
+            wg = module.wg
+            if not isinstance(wg, nn.Linear):
+                raise TypeError(
+                    f"the router {type(module).__name__} holds a {type(wg).__name__} as wg, not a Linear"
+                )
+            self._recorded.append((wg, inputs[0]))
 
     def reset(self) -> None:
         self._recorded = []

@@ -2,13 +2,14 @@
 
 Plain PyTorch, no parallelism code: DeepSpeed shards the experts and the optimizer state from
 outside (see `sparsexpert/parallel.py`). Read top to bottom: norm, rotary attention, SwiGLU or
-MoE feed-forward, the model, its initialization.
+MoE feed-forward, the backbone and its initialization, the language model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # an MoEBlock or a SwiGLU, until parallel.py swaps an MoEBlock for DeepSpeed's layer
+        self.mlp: nn.Module
         if self.is_moe:
             m = cfg.moe
             self.mlp = MoEBlock(
@@ -137,7 +140,12 @@ class ModelOutput:
     """TransE margin loss over the micro-batch's triples (knowledge fusion)."""
 
 
-class Transformer(nn.Module):
+class Backbone(nn.Module):
+    """Embeddings, blocks, final norm and LM head: what pretraining's `Transformer` and fine-tuning's
+    `TaskModel` share (so their parameter names are the same); each adds its own `forward`."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
     # DeepSpeed casts buffers only when the JSON sets data_types.buffer_dtype; its default
     # keep_in_fp32_modules="auto" reads this (Hugging Face's) list and keeps these in fp32 even then.
     _keep_in_fp32_modules_strict = ["rope_cos", "rope_sin"]
@@ -168,8 +176,15 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         return self
 
+    def blocks(self) -> Iterator[Block]:
+        """The blocks of `self.layers` (an nn.ModuleList, which types its items as plain modules)."""
+        for layer in self.layers:
+            if not isinstance(layer, Block):
+                raise TypeError(f"model.layers holds a {type(layer).__name__}, not a Block")
+            yield layer
+
     def moe_blocks(self) -> list[nn.Module]:
-        return [layer.mlp for layer in self.layers if layer.is_moe]
+        return [block.mlp for block in self.blocks() if block.is_moe]
 
     def hidden_states(
         self,
@@ -197,10 +212,9 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
-        fuse = self.knowledge is not None and knowledge is not None
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            if fuse and i == self.cfg.knowledge.fusion_layer:
+            if i == self.cfg.knowledge.fusion_layer and self.knowledge is not None and knowledge is not None:
                 h = self.knowledge.fuse(h, knowledge.entity_ids)
             if recompute:
                 # Non-reentrant: the forward records autograd as usual, so the router logits recorded
@@ -242,47 +256,6 @@ class Transformer(nn.Module):
         recorder.reset()
         return stats.aux_loss, stats.z_loss, stats.expert_counts, stats.per_layer
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        targets: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        knowledge: KnowledgeBatch | None = None,
-    ) -> ModelOutput:
-        """input_ids [B, S]. labels [B, S] (IGNORE_INDEX where unlabelled): for a causal model,
-        position t is scored on predicting labels[t+1]; for a masked model, on labels[t].
-        targets [B, S]: instead of labels, the token each position must predict, unshifted.
-        position_ids [B, S] and attn_mask [B, S, S] (True = may attend): K-BERT injected rows.
-        knowledge: the entity inputs and objectives' data (knowledge fusion)."""
-        h, _ = self.hidden_states(
-            input_ids, position_ids=position_ids, attn_mask=attn_mask, knowledge=knowledge
-        )
-        logits = self.output(h)
-
-        out = ModelOutput(logits=logits)
-        if labels is None and targets is None:
-            self._router_recorder.reset()
-            return out
-        if targets is not None:
-            logits_flat, labels_flat = logits.flatten(0, 1), targets.flatten()
-        elif self.cfg.causal:
-            logits_flat, labels_flat = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-        else:
-            logits_flat, labels_flat = logits.flatten(0, 1), labels.flatten()
-        out.lm_loss = F.cross_entropy(logits_flat.float(), labels_flat, ignore_index=IGNORE_INDEX)
-        out.aux_loss, out.z_loss, out.expert_counts, out.router_layers = self.router_losses(out.lm_loss)
-        m = self.cfg.moe
-        out.loss = out.lm_loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
-        if self.knowledge is not None and knowledge is not None:
-            k = self.cfg.knowledge
-            out.entity_loss = self.knowledge.entity_loss(h, knowledge)
-            out.triple_loss = self.knowledge.triple_loss(knowledge)
-            out.loss = out.loss + k.entity_loss_coef * out.entity_loss + k.triple_loss_coef * out.triple_loss
-        return out
-
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Initialize every parameter from a generator seeded by (seed, parameter name), so the
@@ -304,9 +277,14 @@ class Transformer(nn.Module):
                 p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
                 continue
             p.normal_(0.0, out_std if is_residual_out else std, generator=gen)
-        for i, layer in enumerate(self.layers):
-            if layer.is_moe:
-                layer.mlp.experts.init_weights(expert_init_seed(seed, i), std, out_std)
+        for i, block in enumerate(self.blocks()):
+            if block.is_moe:
+                if not isinstance(block.mlp, MoEBlock):
+                    raise TypeError(
+                        f"layer {i}: init_weights initializes the plain model, before its MoE layers are "
+                        f"swapped for DeepSpeed's (this one is a {type(block.mlp).__name__})"
+                    )
+                block.mlp.experts.init_weights(expert_init_seed(seed, i), std, out_std)
 
     def num_params(self) -> dict[str, int]:
         """Total parameters, those active for one token (top_k of E experts per MoE layer), the
@@ -317,6 +295,51 @@ class Transformer(nn.Module):
         active = total - expert + sum(p.numel() * self.cfg.moe.top_k // p.shape[0] for p in stacked)
         know = sum(p.numel() for n, p in self.named_parameters() if n.startswith("knowledge."))
         return {"total": total, "active": active, "experts": expert, "knowledge": know}
+
+
+class Transformer(Backbone):
+    """The language model (causal, or masked with model.causal=false) and its loss."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        knowledge: KnowledgeBatch | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, S]. labels [B, S] (IGNORE_INDEX where unlabelled): for a causal model,
+        position t is scored on predicting labels[t+1]; for a masked model, on labels[t].
+        targets [B, S]: instead of labels, the token each position must predict, unshifted.
+        position_ids [B, S] and attn_mask [B, S, S] (True = may attend): K-BERT injected rows.
+        knowledge: the entity inputs and objectives' data (knowledge fusion)."""
+        h, _ = self.hidden_states(
+            input_ids, position_ids=position_ids, attn_mask=attn_mask, knowledge=knowledge
+        )
+        logits = self.output(h)
+
+        out = ModelOutput(logits=logits)
+        if targets is not None:
+            logits_flat, labels_flat = logits.flatten(0, 1), targets.flatten()
+        elif labels is None:  # no loss asked for
+            self._router_recorder.reset()
+            return out
+        elif self.cfg.causal:
+            logits_flat, labels_flat = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        else:
+            logits_flat, labels_flat = logits.flatten(0, 1), labels.flatten()
+        out.lm_loss = F.cross_entropy(logits_flat.float(), labels_flat, ignore_index=IGNORE_INDEX)
+        out.aux_loss, out.z_loss, out.expert_counts, out.router_layers = self.router_losses(out.lm_loss)
+        m = self.cfg.moe
+        out.loss = out.lm_loss + m.aux_loss_coef * out.aux_loss + m.z_loss_coef * out.z_loss
+        if self.knowledge is not None and knowledge is not None:
+            k = self.cfg.knowledge
+            out.entity_loss = self.knowledge.entity_loss(h, knowledge)
+            out.triple_loss = self.knowledge.triple_loss(knowledge)
+            out.loss = out.loss + k.entity_loss_coef * out.entity_loss + k.triple_loss_coef * out.triple_loss
+        return out
 
 
 def build_model(cfg: ModelConfig, seed: int) -> Transformer:

@@ -195,11 +195,12 @@ def _total_size(tag_dir: Path) -> int:
 
 
 def _human(n: int) -> str:
+    size: float = n
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,} bytes" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "TiB":
+            return f"{n:,} bytes" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 # ---------------------------------------------------------------- checking a tag
@@ -343,7 +344,7 @@ def verify(tag_dir: str | Path, checksums: bool = True, collective: bool = False
             healthy &= part_healthy
         problems = merged
     check = Check([problems[i] for i in sorted(problems)], sizes_only, healthy)
-    if check.ok and checksums and not sizes_only:
+    if manifest is not None and check.ok and checksums and not sizes_only:
         _VERIFIED[os.path.realpath(tag_dir)] = _stats(tag_dir, list(manifest["files"]))
     return check
 
@@ -659,7 +660,7 @@ def read_rng(tag_dir: Path, rank: int) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- saving
 
 
-def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+def _exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -1134,7 +1135,7 @@ def check_elastic_load(engine, tag_dir: Path, meta: dict[str, Any]) -> list[dict
     zero, opt = engine.optimizer, engine.optimizer.optimizer
     # The fp32 partitions the torch optimizer steps: ZeRO-3 (which hands them to it one sub-group at
     # a time), ZeRO-1/2, ZeRO-1 in bf16 (DeepSpeed's BF16_Optimizer).
-    flat = next(
+    flat: list[torch.Tensor] = next(
         (
             getattr(zero, a)
             for a in (

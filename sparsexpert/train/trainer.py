@@ -396,6 +396,10 @@ class Pretrainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation LM loss over train.eval_batches micro-batches per rank (one host sync)."""
+        if self.valid_loader is None:
+            raise RuntimeError(
+                "evaluate() without a validation loader (train.eval_every=0 or no valid split)"
+            )
         self.engine.eval()
         total = self.h.to_device(torch.zeros(2))
         for i in range(self.cfg.train.eval_batches):
@@ -409,7 +413,9 @@ class Pretrainer:
     def _stop_nonfinite(self, nonfinite: NonFiniteSteps) -> None:
         """Log what the last interval saw (non-finite values as null in metrics.jsonl) and stop."""
         r = self.h.interval()
-        record = {k: r[k] for k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm") if k in r}
+        record: dict[str, Any] = {
+            k: r[k] for k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm") if k in r
+        }
         self.h.metrics.log(record, self.step)
         latest = checkpoint.find_latest(self.ckpt_root)
         figures = ", ".join(f"{k} {v:.4g}" for k, v in record.items())
