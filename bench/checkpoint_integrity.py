@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
-from sparsexpert import parallel  # noqa: E402
+from sparsexpert.distributed import parallel  # noqa: E402
 from sparsexpert.model import ModelConfig, MoEConfig, build_model  # noqa: E402
-from sparsexpert.train import checkpoint  # noqa: E402
+from sparsexpert.weights import checkpoint  # noqa: E402
 
 
 def evict(folder: Path) -> None:

@@ -39,9 +39,9 @@ import former_data_path  # noqa: E402
 
 from data_prep.pipeline import PrepConfig, prepare_example  # noqa: E402
 from data_prep.tokenizer import load_tokenizer  # noqa: E402
+from sparsexpert.data.knowledge import DatasetKG, Injector, RowKnowledge, fusion_batch  # noqa: E402
 from sparsexpert.data.shards import BatchPlan, PackedDataset  # noqa: E402
 from sparsexpert.knowledge.config import KnowledgeConfig  # noqa: E402
-from sparsexpert.knowledge.data import DatasetKG, Injector, RowKnowledge, fusion_batch  # noqa: E402
 
 
 def median_ms(fn, batches: list[int], warmup: int) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparsexpert.data.format import FORMAT, MANIFEST
 from sparsexpert.data.shards import VERIFIED, PackedDataset  # noqa: E402
 
 SEQ_LEN, VOCAB = 2048, 32000
@@ -39,13 +40,13 @@ def write_dataset(root: Path, tokens: np.ndarray, n_shards: int) -> None:
         (root / name).write_bytes(data)
         shards.append({"file": name, "num_sequences": len(part), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {
-        "format": "sparsexpert-packed/3",
+        "format": FORMAT,
         "seq_len": SEQ_LEN,
         "dtype": "uint16",
         "tokenizer": {"vocab_size": VOCAB},
         "splits": {"train": {"shards": shards}},
     }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / MANIFEST).write_text(json.dumps(manifest))
 
 
 def timed(fn, *args, **kwargs) -> float:

@@ -12,7 +12,7 @@ fusion and inject, the native DeepSpeed-MoE backend, ZeRO-3, a failure that stop
 status 1, a checkpoint kept) and its resume, an elastic resume 2 -> 1 ranks, evaluation, fine-tuning
 with FGM, then PGD with distillation, consolidation, Hugging Face export, generation on the device,
 a rank that hangs named by the others (heartbeats), the CPU suite. Device check mode is on (SPARSEXPERT_CHECK_DEVICE=1):
-every tensor reaching a model or a collective must have passed through sparsexpert.device.to_device.
+every tensor reaching a model or a collective must have passed through sparsexpert.distributed.device.to_device.
 
 Resumes are compared with the uninterrupted run: exactly on the CPU; on CUDA within a tolerance,
 because CUDA's index_add_/index_select/gather backward kernels (expert dispatch and combine, entity
@@ -165,9 +165,10 @@ class Smoke:
     # ------------------------------------------------------------------ steps
     def prepare(self) -> None:
         from data_prep.pipeline import PrepConfig, prepare_example
+        from sparsexpert.data.format import is_dataset
 
         self.data = self.out / "data"
-        if not (self.data / "manifest.json").is_file():
+        if not is_dataset(self.data):
             prepare_example(self.data, PrepConfig(vocab_size=512, seq_len=self.seq_len), log=lambda *_: None)
         self.raw = self.out / "data_raw"
         import deepspeed
@@ -357,7 +358,7 @@ class Smoke:
         import torch
         from safetensors.torch import load_file
 
-        from sparsexpert.train.checkpoint import load_weights
+        from sparsexpert.weights.checkpoint import load_weights
 
         self.run(
             [
@@ -385,8 +386,8 @@ class Smoke:
         )
         import transformers
 
-        from sparsexpert.export import load_init
         from sparsexpert.model.transformer import Transformer
+        from sparsexpert.weights.export import load_init
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(self.out / "hf").eval()
         init = load_init(self.out / "full")

@@ -76,6 +76,8 @@ def main() -> None:
         args.d_expert, args.experts, args.seq, args.micro, args.steps = 128, 4, 64, 4, 6
 
     from data_prep.pipeline import PrepConfig, prepare_example
+    from sparsexpert.data.format import is_dataset
+    from sparsexpert.data.shards import read_manifest
     from sparsexpert.metrics import flops_per_token, mfu
     from sparsexpert.model import ModelConfig, MoEConfig
     from sparsexpert.model.transformer import Transformer
@@ -83,9 +85,9 @@ def main() -> None:
     work = Path(args.out or tempfile.mkdtemp(prefix="sparsexpert-gpu-bench-"))
     data = work / f"data_{args.seq}"
     vocab = 4096 if not args.cpu else 512
-    if not (data / "manifest.json").is_file():
+    if not is_dataset(data):
         prepare_example(data, PrepConfig(vocab_size=vocab, seq_len=args.seq), log=lambda *_: None)
-    vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    vocab = read_manifest(data)["tokenizer"]["vocab_size"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.cpu:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsexpert import comm, parallel  # noqa: E402
 from sparsexpert.config import load_json  # noqa: E402
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader  # noqa: E402
-from sparsexpert.device import to_device  # noqa: E402
+from sparsexpert.distributed import comm, parallel  # noqa: E402
+from sparsexpert.distributed.device import to_device  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     device = parallel.init_distributed()
     rank, world = comm.rank(), comm.world_size()
     data = PackedDataset(args.data, "train")
-    vocab = json.loads((Path(args.data) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    vocab = data.manifest["tokenizer"]["vocab_size"]
     # attn_implementation is one of PreTrainedConfig's keyword arguments (its __post_init__ takes **kwargs),
     # which the signature transformers' @strict dataclass shows to type checkers leaves out
     cfg = MixtralConfig(  # type: ignore[call-arg]

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsexpert.model.moe import MoEBlock, SwiGLU  # noqa: E402
 
 if TYPE_CHECKING:
-    from sparsexpert.native_moe import NativeMoE
+    from sparsexpert.distributed.native_moe import NativeMoE
 
 
 def autoep_block(block: MoEBlock, use_grouped_mm: bool) -> nn.Module:
@@ -42,7 +42,7 @@ def autoep_block(block: MoEBlock, use_grouped_mm: bool) -> nn.Module:
     from deepspeed.module_inject.auto_ep import AutoEP
     from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 
-    from sparsexpert.parallel import AUTOEP_MODULE_LAYOUT
+    from sparsexpert.distributed.parallel import AUTOEP_MODULE_LAYOUT
 
     holder = nn.Module()
     holder.layers = nn.ModuleList([nn.Module()])
@@ -70,7 +70,7 @@ def native_name(capacity: float | None) -> str:
 
 def native_block(block: MoEBlock, capacity: float | None) -> NativeMoE:
     """DeepSpeed's native MoE layer holding `block`'s weights, as model.moe.backend=native builds it (ep_size=1)."""
-    from sparsexpert import native_moe
+    from sparsexpert.distributed import native_moe
     from sparsexpert.model.config import MoEConfig
 
     cfg = MoEConfig(
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    from sparsexpert.parallel import init_distributed
+    from sparsexpert.distributed.parallel import init_distributed
 
     init_distributed()  # a world of one: the native layer's expert-parallel group has one rank
     torch.set_num_threads(args.threads)

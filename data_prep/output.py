@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from data_prep.readers import DataError
+from sparsexpert.data.format import FORMAT_PREFIX, MANIFEST
 
-FORMAT_PREFIX = "sparsexpert-packed/"
 _OURS = re.compile(
     r"manifest\.json|stats\.json|entities\.tsv|relations\.tsv|triples\.tsv|tokenizer\.model|tokenizer"
     r"|(train|valid)_(\d{5}\.bin|spans\.npy|triples\.npy)|\.verified\.json(\.\w+\.tmp)?"
@@ -51,7 +51,7 @@ def foreign_content(out: Path) -> str:
     if not names:
         return ""
     try:
-        fmt = json.loads((out / "manifest.json").read_text()).get("format", "")
+        fmt = json.loads((out / MANIFEST).read_text()).get("format", "")
     except (OSError, ValueError, AttributeError):
         fmt = ""
     if not str(fmt).startswith(FORMAT_PREFIX):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsexpert.data.format import shard_name
+
 EOS_ID = 2
 """The end-of-sequence id of the SentencePiece models data_prep trains (a loaded tokenizer brings its own)."""
 
@@ -104,7 +106,7 @@ class Packer:
     def _flush(self) -> None:
         if not self.rows or self.out is None:
             return
-        name = f"{self.split}_{len(self.shards):05d}.bin"
+        name = shard_name(self.split, len(self.shards))
         data = np.concatenate(self.rows).data.cast("B")
         with open(self.out / name, "wb") as f:
             f.write(data)

@@ -8,21 +8,8 @@ spans in token positions, attached triple ids) -> pack (rows of seq_len tokens, 
 separated by EOS; a span crossing a row boundary is clipped to its first row and counted) ->
 write shards and, last, manifest.json.
 
-Output folder, read by `sparsexpert.data.shards.PackedDataset`:
-
-    tokenizer.model              SentencePiece model (or tokenizer/, a Hugging Face tokenizer folder)
-    {split}_00000.bin ...        uint16/uint32 rows of seq_len token ids (split: train, valid)
-    {split}_spans.npy            int64 [n, 4]: row, first token, end token (exclusive), entity index
-    {split}_triples.npy          int64 [n, 2]: row, triple index (triples attached to the row's sentences)
-    entities.tsv                 index<TAB>id<TAB>surface: the entity's first alias, or where it has
-                                 none (met in wiki links only) its id with underscores as spaces
-    relations.tsv                index<TAB>id
-    triples.tsv                  the whole triple vocabulary (KG triples, then the extractor's new ones),
-                                 attached or not: index, head, relation, tail, times attached (may be
-                                 0), source (kg|extracted): the pretraining triple objective and
-                                 K-BERT-style injection use the whole KG, not only attached triples
-    stats.json                   the stats stage's figures
-    manifest.json                written last: config, inputs and hashes, counts, shard checksums
+Output folder: the packed dataset format (`sparsexpert/data/format.py`, files and manifest), read by
+`sparsexpert.data.shards.PackedDataset`.
 
 The same inputs and config give byte-identical output for any number of workers: documents are
 processed in chunks by a pool but consumed in input order. Finished chunks wait in <output>.parts
@@ -59,6 +46,7 @@ from data_prep.pack import EOS_ID, Packer, pack, sha256_file
 from data_prep.readers import INVALID_REASONS, DataError, RawDoc, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 from data_prep.wikitext import WikiLink
+from sparsexpert.data.format import FORMAT, MANIFEST, token_dtype
 from sparsexpert.metrics import Progress
 
 if TYPE_CHECKING:
@@ -66,8 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EOS_ID", "DataError", "PrepConfig", "pack", "prepare", "prepare_example", "prepare_text"]
 
-MANIFEST = "manifest.json"
-FORMAT = "sparsexpert-packed/3"
 MIN_DOC_CHARS, MAX_DOC_CHARS = 1000, 4_000_000
 PAD_ID, UNK_ID, BOS_ID = 3, 0, 1  # and EOS_ID = 2 (data_prep.pack): the ids of the tokenizers we train
 SPECIAL_SYMBOLS = ["<mask>"]
@@ -691,7 +677,7 @@ def _pack(
     (shutil.copytree if src.is_dir() else shutil.copyfile)(src, work / src.name)
     tok = load_tokenizer(work / src.name)
     vocab = tok.vocab_size
-    dtype = np.dtype(np.uint16 if vocab < 2**16 else np.uint32)
+    dtype = token_dtype(vocab)
     # Vocabularies: KG entities sorted; entities first met in wiki links appended in input order.
     entity_index = {
         e: i for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     overrides = [cli.as_option(k, v) for k, v in pairs] + [cli.as_option(f"ds.{k}", v) for k, v in ds_pairs]
 
-    from sparsexpert.ablation import run_ablation
+    from experiments.ablation import run_ablation
 
     run_ablation(
         args.corpus,

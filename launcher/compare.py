@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     finetune = [cli.as_option(k, v) for k, v in pairs if not k.startswith("model.")]
     finetune += [cli.as_option(f"ds.{k}", v) for k, v in ds_pairs]
 
-    from sparsexpert.compare import run_comparison
+    from experiments.compare import run_comparison
 
     task = ["--task", args.task, "--train", args.train, "--dev", args.dev]
     run_comparison(

@@ -53,6 +53,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    from sparsexpert.comm import finish
+    from sparsexpert.distributed.comm import finish
 
     finish()  # not interpreter finalization: a torch/gloo race there can abort a finished run (see finish)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf", action="store_true", help="write a Hugging Face model folder instead")
     args = parser.parse_args(argv)
 
-    from sparsexpert.export import consolidate, export_hf
+    from sparsexpert.weights.export import consolidate, export_hf
 
     if args.hf:
         export_hf(args.checkpoint, args.output)

@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from sparsexpert.config import ConfigError
     from sparsexpert.harness import RunStopped
-    from sparsexpert.train.checkpoint import CheckpointError, NoSpaceError
     from sparsexpert.train.trainer import pretrain, resolved_config
+    from sparsexpert.weights.checkpoint import CheckpointError, NoSpaceError
 
     try:
         if args.print_config:
@@ -115,6 +115,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    from sparsexpert.comm import finish
+    from sparsexpert.distributed.comm import finish
 
     finish()  # not interpreter finalization: a torch/gloo race there can abort a finished run (see finish)

@@ -306,7 +306,7 @@ def apply_ds_overrides(ds_json: dict[str, Any], pairs: list[tuple[str, Any]]) ->
                 f"the JSON's {'.'.join(parts[:-1])} has no {leaf!r}; {hint} (or add it to the JSON)",
             )
         node[leaf] = _json_or_text(raw) if isinstance(raw, str) else raw
-    from sparsexpert import parallel
+    from sparsexpert.distributed import parallel
 
     parallel.check_sections(ds)
     return ds

@@ -29,18 +29,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsexpert import comm
 from sparsexpert.config import from_dict
+from sparsexpert.data.knowledge import DatasetKG, KnowledgeLoader
 from sparsexpert.data.shards import PackedDataset, read_manifest
-from sparsexpert.device import to_device
+from sparsexpert.distributed import comm, parallel
+from sparsexpert.distributed.device import to_device
 from sparsexpert.harness import Harness, load_state
 from sparsexpert.knowledge.config import KnowledgeConfig
-from sparsexpert.knowledge.data import DatasetKG, KnowledgeLoader
 from sparsexpert.knowledge.modules import KnowledgeBatch
 from sparsexpert.metrics import Progress, log_results
 from sparsexpert.model import build_model
-from sparsexpert.train import checkpoint
 from sparsexpert.train.config import RunConfig
+from sparsexpert.weights import checkpoint
 
 # ---------------------------------------------------------------- ranking metrics
 
@@ -345,12 +345,10 @@ def knowledge_probe(
 def _embedding_scores(pt, facts, e_index, r_index, cand_idx: list[int], tails: bool) -> np.ndarray:
     """[len(facts), len(cand_idx)] TransE scores of the candidates as tails (or heads); candidates
     the entity table lacks score -inf."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
     know = pt.engine.module.knowledge
     ids = [[e_index[f[0]] for f in facts], [r_index[f[1]] for f in facts], [e_index[f[2]] for f in facts]]
     h, r, t = pt.h.to_device(torch.tensor(ids, dtype=torch.long)).unbind(0)
-    with GatheredParameters(list(know.parameters())):  # whole tables under ZeRO-3 (a method, not a forward)
+    with parallel.gathered(list(know.parameters())):  # whole tables under ZeRO-3 (a method, not a forward)
         full = (know.tail_scores(h, r) if tails else know.head_scores(r, t)).cpu().numpy()
     idx = np.asarray(cand_idx)
     out = np.full((len(facts), len(idx)), -np.inf)

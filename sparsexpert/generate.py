@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sparsexpert import device as _device
-from sparsexpert.export import load_init
+from sparsexpert.distributed import device as _device
 from sparsexpert.harness import load_state
 from sparsexpert.model.transformer import Transformer
+from sparsexpert.weights.export import load_init
 
 if TYPE_CHECKING:
     from data_prep.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer

@@ -35,11 +35,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sparsexpert import comm, parallel
-from sparsexpert import device as _device
+from sparsexpert.distributed import comm, parallel
+from sparsexpert.distributed import device as _device
 from sparsexpert.metrics import MetricsLogger
 from sparsexpert.model.config import ModelConfig
-from sparsexpert.train import checkpoint
+from sparsexpert.weights import checkpoint
 
 
 def load_state(

@@ -22,7 +22,7 @@ SHARED_DATA = Path(os.environ.get("SPARSEXPERT_SHARED_DATA", REPO.parent / "shar
 
 # The suite runs on the CPU, also on a GPU host (bench/gpu_smoke.sh runs it there): DeepSpeed's CPU
 # accelerator with gloo, no CUDA device visible. In device check mode every tensor reaching a model
-# or a collective must have passed through sparsexpert.device.to_device (see that module), which a
+# or a collective must have passed through sparsexpert.distributed.device.to_device (see that module), which a
 # CPU run cannot otherwise tell from a batch left on the host. Launched processes inherit both.
 os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -1,9 +1,9 @@
 """The data path as it was before the vectorization: the per-row code, kept verbatim as the reference
-that the vectorized code in sparsexpert/data/shards.py and sparsexpert/knowledge/data.py must equal
+that the vectorized code in sparsexpert/data/shards.py and sparsexpert/data/knowledge.py must equal
 draw for draw (the same arrays, the same random draws in the same order). tests/test_data.py and
 tests/test_knowledge.py check ours against it; bench/data_loading.py times ours against it.
 
-Copied from `git show HEAD:sparsexpert/data/shards.py` and `git show HEAD:sparsexpert/knowledge/data.py`
+Copied from `git show HEAD:sparsexpert/data/shards.py` and `git show HEAD:sparsexpert/data/knowledge.py`
 (commit ea92709), adapted only where needed to stand alone:
   gather         PackedDataset.__getitem__, a function of the dataset
   select         RowKnowledge._select; fusion_batch calls it where it called rk.mentions(row) and
@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sparsexpert.data.knowledge import DatasetKG, RowKnowledge
 from sparsexpert.data.shards import PackedDataset
 from sparsexpert.knowledge.config import KnowledgeConfig
-from sparsexpert.knowledge.data import DatasetKG, RowKnowledge
 from sparsexpert.knowledge.modules import KnowledgeBatch
 from sparsexpert.model.transformer import IGNORE_INDEX
 

@@ -7,8 +7,8 @@ import pytest
 
 from sparsexpert.cli import apply_overrides
 from sparsexpert.config import ConfigError, from_dict
+from sparsexpert.distributed.parallel import batch_triplet, check_config, prepare_ds_config, resolve_ep_size
 from sparsexpert.model import ModelConfig, MoEConfig
-from sparsexpert.parallel import batch_triplet, check_config, prepare_ds_config, resolve_ep_size
 from sparsexpert.train.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_deepspeed_sections_are_those_deepspeed_reads():
 
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from sparsexpert.parallel import DEEPSPEED_SECTIONS, check_sections
+    from sparsexpert.distributed.parallel import DEEPSPEED_SECTIONS, check_sections
 
     class Recording(dict):
         seen: set = set()

@@ -13,6 +13,7 @@ import torch
 from data_prep.example_world import RELATIONS, WorldSpec, build_world, write_world
 from data_prep.pipeline import EOS_ID, DataError, PrepConfig, pack, prepare_text
 from sparsexpert.data import BatchPlan, PackedDataset
+from sparsexpert.data.format import FORMAT
 
 
 def test_example_world_states_its_facts(tmp_path):
@@ -166,6 +167,7 @@ def _write_shards(out, sizes: list[int], seq_len: int, dtype: str) -> None:
         shards.append({"file": f"train_{n:05d}.bin", "num_sequences": size, "sha256": sha})
         first += size
     manifest = {
+        "format": FORMAT,
         "seq_len": seq_len,
         "dtype": dtype,
         "tokenizer": {"vocab_size": 1 << 16},

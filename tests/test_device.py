@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from conftest import REPO, TINY_MODEL, deepspeed_cmd, run_cmd
 
-from sparsexpert import comm
-from sparsexpert.device import DevicePlacementError, check_mode, guard, to_device
+from sparsexpert.distributed import comm
+from sparsexpert.distributed.device import DevicePlacementError, check_mode, guard, to_device
 from sparsexpert.harness import DeviceSums, MicroOut, Prefetcher, load_state
 from sparsexpert.knowledge.modules import KnowledgeBatch
 
@@ -47,12 +47,12 @@ COLLECTIVES = {
     "send",
 }
 DIST_MODULES = {"torch.distributed", "deepspeed.comm"}
-COMM_MODULE = "sparsexpert/comm.py"
+COMM_MODULE = "sparsexpert/distributed/comm.py"
 
 
 def violations(source: str, path: str) -> list[str]:
     """Where `source` breaks a rule that only a GPU run would otherwise reveal: a torch.distributed
-    collective outside sparsexpert/comm.py (NCCL takes CUDA tensors only; ours go through one
+    collective outside sparsexpert/distributed/comm.py (NCCL takes CUDA tensors only; ours go through one
     checked function), `.numpy()` on a tensor not first moved with `.cpu()`, `torch.load` without
     `map_location` (a CUDA tensor saved on one GPU would load onto that GPU of another host)."""
     tree = ast.parse(source)
@@ -117,8 +117,8 @@ def test_the_source_keeps_collectives_numpy_and_loads_device_safe():
 @pytest.mark.parametrize(
     "source, rule",
     [
-        ("import torch.distributed as dist\ndist.all_reduce(t)", "outside sparsexpert/comm.py"),
-        ("import torch\ntorch.distributed.barrier()", "outside sparsexpert/comm.py"),
+        ("import torch.distributed as dist\ndist.all_reduce(t)", "outside sparsexpert/distributed/comm.py"),
+        ("import torch\ntorch.distributed.barrier()", "outside sparsexpert/distributed/comm.py"),
         ("from torch import distributed\ndistributed.all_gather_object(o, x)", "outside"),
         ("import deepspeed.comm as dist\ndist.all_to_all_single(a, b)", "outside"),
         ("from torch.distributed import all_reduce", "imports the collective"),

@@ -17,10 +17,10 @@ import torch
 from conftest import TINY_MODEL, pretrain, write_ds_config
 
 from sparsexpert.config import ConfigError
-from sparsexpert.train import checkpoint
-from sparsexpert.train.checkpoint import load_weights
 from sparsexpert.train.config import RunConfig
 from sparsexpert.train.trainer import _check_resume_compatible
+from sparsexpert.weights import checkpoint
+from sparsexpert.weights.checkpoint import load_weights
 
 STEPS = 6
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")

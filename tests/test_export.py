@@ -13,7 +13,14 @@ from conftest import REPO, TINY_MODEL, deepspeed_cmd, launch_env, pretrain, run_
 from data_prep.example_world import write_world
 from data_prep.tokenizer import load_tokenizer
 from sparsexpert.config import ConfigError
-from sparsexpert.export import (
+from sparsexpert.finetune.data import load_tokenizer_for
+from sparsexpert.generate import generate
+from sparsexpert.model import ModelConfig, build_model
+from sparsexpert.model.config import MoEConfig
+from sparsexpert.model.transformer import Transformer
+from sparsexpert.weights import checkpoint
+from sparsexpert.weights.checkpoint import load_weights, resolve_tag
+from sparsexpert.weights.export import (
     check_same_vocabulary,
     hf_equivalent,
     load_init,
@@ -21,13 +28,6 @@ from sparsexpert.export import (
     save_hf,
     upcycle,
 )
-from sparsexpert.finetune.data import load_tokenizer_for
-from sparsexpert.generate import generate
-from sparsexpert.model import ModelConfig, build_model
-from sparsexpert.model.config import MoEConfig
-from sparsexpert.model.transformer import Transformer
-from sparsexpert.train import checkpoint
-from sparsexpert.train.checkpoint import load_weights, resolve_tag
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_ds_config
 
-from sparsexpert.export import upcycle
 from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.model import ModelConfig, build_model
-from sparsexpert.train.checkpoint import load_weights
+from sparsexpert.weights.checkpoint import load_weights
+from sparsexpert.weights.export import upcycle
 
 
 def _slice_conll(src, dst, n):

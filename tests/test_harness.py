@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_MODEL, pretrain, run_cmd, write_ds_config
 
-from sparsexpert import parallel
+from sparsexpert.distributed import parallel
 
 STEPS = 4
 
@@ -23,7 +23,7 @@ def in_finite_guard(where: str) -> bool:
     """Whether a counted call site lies in `parallel.skip_step_if_not_finite`: on ZeRO-0 in fp32 (where
     we clip) the step must be skipped on the host when the gradient norm is not finite, as DeepSpeed's
     own optimizers do on every other path (4 `bool()` syncs per step of theirs at ZeRO-2)."""
-    m = re.fullmatch(r"ours: sparsexpert/parallel\.py:(\d+) __bool__", where)
+    m = re.fullmatch(r"ours: sparsexpert/distributed/parallel\.py:(\d+) __bool__", where)
     lines, first = inspect.getsourcelines(parallel.skip_step_if_not_finite)
     return m is not None and first <= int(m.group(1)) < first + len(lines)
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsexpert.config import ConfigError
+from sparsexpert.data.knowledge import DatasetKG, Injector, RowKnowledge, fusion_batch
 from sparsexpert.evaluate import Scorer, filtered_targets, random_baseline, rank_of, ranking_metrics
 from sparsexpert.knowledge.config import KnowledgeConfig
-from sparsexpert.knowledge.data import DatasetKG, Injector, RowKnowledge, fusion_batch
 from sparsexpert.knowledge.modules import KnowledgeBatch
 from sparsexpert.model import IGNORE_INDEX, ModelConfig, MoEConfig, build_model
 
@@ -253,8 +253,8 @@ def test_link_prediction_filters_other_true_answers():
 
 
 def test_masked_lm_batches_mask_like_bert(example_data):
+    from sparsexpert.data.knowledge import KnowledgeLoader
     from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader
-    from sparsexpert.knowledge.data import KnowledgeLoader
 
     data = PackedDataset(example_data, "train")
     plan = BatchPlan(len(data), 64, 1, 1, 0, seed=0)
@@ -335,8 +335,8 @@ def test_vectorized_injection_matches_the_reference_by_hand():
 
 def test_vectorized_injection_matches_the_reference_on_the_example_world(example_data):
     from data_prep.tokenizer import load_tokenizer
+    from sparsexpert.data.knowledge import KnowledgeLoader
     from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader
-    from sparsexpert.knowledge.data import KnowledgeLoader
 
     data = PackedDataset(example_data, "train")
     kg, rk = DatasetKG.load(example_data), RowKnowledge(example_data, "train")

@@ -24,8 +24,8 @@ from conftest import (
     write_ds_config,
 )
 
-from sparsexpert.comm import Heartbeats, describe_failure
-from sparsexpert.train.checkpoint import find_latest
+from sparsexpert.distributed.comm import Heartbeats, describe_failure
+from sparsexpert.weights.checkpoint import find_latest
 
 STEPS = 4
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")

@@ -17,12 +17,12 @@ from conftest import (
 )
 
 from sparsexpert.config import ConfigError
-from sparsexpert.export import hf_equivalent
+from sparsexpert.distributed.parallel import check_config, prepare_ds_config, resolve_ep_size
 from sparsexpert.model import ModelConfig, MoEConfig, build_model
-from sparsexpert.parallel import check_config, prepare_ds_config, resolve_ep_size
-from sparsexpert.train.checkpoint import load_weights
 from sparsexpert.train.config import RunConfig
 from sparsexpert.train.trainer import _check_resume_compatible
+from sparsexpert.weights.checkpoint import load_weights
+from sparsexpert.weights.export import hf_equivalent
 
 STEPS = 4
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")

@@ -11,10 +11,7 @@ import torch.nn as nn
 from conftest import deepspeed_cmd, run_cmd
 
 from sparsexpert.config import ConfigError
-from sparsexpert.model import ModelConfig, MoEConfig, build_model
-from sparsexpert.model.moe import RouterLinear, RouterLogitsRecorder
-from sparsexpert.model.transformer import rope_tables
-from sparsexpert.parallel import (
+from sparsexpert.distributed.parallel import (
     AcceleratorInfo,
     accelerator_info,
     check_config,
@@ -25,6 +22,9 @@ from sparsexpert.parallel import (
     prepare_ds_config,
     routers_in_fp32,
 )
+from sparsexpert.model import ModelConfig, MoEConfig, build_model
+from sparsexpert.model.moe import RouterLinear, RouterLogitsRecorder
+from sparsexpert.model.transformer import rope_tables
 
 REPO = Path(__file__).resolve().parents[1]
 FP16_JSON = REPO / "ds_configs" / "moe_z2_fp16.json"

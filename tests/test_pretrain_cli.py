@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_MODEL, pretrain
 
-from sparsexpert.train import checkpoint
+from sparsexpert.weights import checkpoint
 
 
 def test_readme_command_trains_the_builtin_example(tmp_path):

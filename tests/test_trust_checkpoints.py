@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import TINY_MODEL, deepspeed_cmd, kill_when, pretrain, run_cmd, write_ds_config
 
-from sparsexpert.train import checkpoint
-from sparsexpert.train.checkpoint import CheckpointError, UnsafeCheckpointError
+from sparsexpert.weights import checkpoint
+from sparsexpert.weights.checkpoint import CheckpointError, UnsafeCheckpointError
 
 RUN_ARGS = [*TINY_MODEL, "--train.log_every=1", "--train.eval_every=0", "--train.tensorboard=false"]
 

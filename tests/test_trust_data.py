@@ -22,6 +22,7 @@ from data_prep.pipeline import EOS_ID, DataError, PrepConfig, prepare_text
 from data_prep.readers import RawDoc
 from data_prep.wikitext import WikiLink
 from sparsexpert.data import PackedDataset
+from sparsexpert.data.format import FORMAT, FORMAT_PREFIX, VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--vocab_size", "300", "--seq_len", "32", "--chunk_docs", "50"]
@@ -129,6 +130,23 @@ def test_manifest_file_names_stay_inside_the_dataset(example_data, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="tokenizer.file='../../tokenizer.model' leads out"):
         PackedDataset(copy, "train")
+
+
+def test_a_manifest_of_another_format_is_refused_not_misread(example_data, tmp_path):
+    """The format's version is checked where the dataset is opened: a newer one (whose files this reader
+    might misread) and a manifest that is not data_prep's are refused with what to do."""
+    copy, manifest = _copy(example_data, tmp_path)
+    assert manifest["format"] == FORMAT
+    PackedDataset(copy, "train")
+    for fmt, message in (
+        (f"{FORMAT_PREFIX}{VERSION + 1}", "is newer than this sparsexpert reads"),
+        ("other-tool/1", "is not a dataset written by data_prep"),
+        (None, "is not a dataset written by data_prep"),
+    ):
+        manifest["format"] = fmt
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match=rf"manifest.json: format.*{message}"):
+            PackedDataset(copy, "train")
 
 
 def test_shards_are_checked_against_the_manifest_at_load(example_data, tmp_path):

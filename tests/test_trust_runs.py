@@ -10,7 +10,7 @@ import math
 import pytest
 from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_ds_config
 
-from sparsexpert.train.checkpoint import find_latest
+from sparsexpert.weights.checkpoint import find_latest
 
 
 def strict_records(path) -> list[dict]:

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
-VERIFIED = ".verified.json"
-"""Beside the shards: the ones already checked against the manifest, by size and mtime."""
+from sparsexpert.data.format import MANIFEST, VERIFIED, Manifest, check_format
+
 _BLOCK = 1 << 24  # bytes hashed (and scanned for the largest id) at a time
 
 
-def read_manifest(data_dir: str | Path) -> dict:
+def read_manifest(data_dir: str | Path) -> Manifest:
     """The dataset's manifest.json, its file names checked: each must name a file inside the dataset
     folder (no absolute path, no "..", no symbolic link leading out)."""
     root = Path(data_dir)
@@ -46,6 +45,7 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise ValueError(
             f"{path}: not a data_prep manifest ({e!r}); re-run data_prep into a fresh folder"
         ) from e
+    check_format(manifest, path)
     if "tokenizer" in manifest:
         entries.append(("tokenizer.file", manifest["tokenizer"].get("file")))
     real_root = root.resolve()
@@ -93,7 +93,7 @@ def _lock(root: Path):
         os.close(fd)
 
 
-def verify_shards(root: Path, manifest: dict, split: str, vocab_size: int | None) -> None:
+def verify_shards(root: Path, manifest: Manifest, split: str, vocab_size: int | None) -> None:
     """Check every shard of `split` against the manifest's sha256, and its largest token id against
     vocab_size, hashing the shards in parallel threads. A shard checked before (same size and mtime,
     same expected hash: see VERIFIED) is not read again; the cache is skipped where the folder is

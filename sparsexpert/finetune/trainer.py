@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsexpert import comm, parallel
-from sparsexpert import device as _device
 from sparsexpert.config import ConfigError
-from sparsexpert.export import load_init, model_config_of, upcycled
+from sparsexpert.distributed import comm, parallel
+from sparsexpert.distributed import device as _device
 from sparsexpert.finetune import data as fdata
 from sparsexpert.finetune.config import FinetuneConfig
 from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
@@ -30,7 +29,8 @@ from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, load_state
 from sparsexpert.metrics import Monitor, format_duration, report_destinations
 from sparsexpert.model.transformer import IGNORE_INDEX
-from sparsexpert.train import checkpoint
+from sparsexpert.weights import checkpoint
+from sparsexpert.weights.export import load_init, model_config_of, upcycled
 
 RUN_FILES = (
     "best",

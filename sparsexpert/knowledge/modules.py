@@ -18,7 +18,7 @@ from sparsexpert.knowledge.config import KnowledgeConfig
 
 @dataclass
 class KnowledgeBatch:
-    """One micro-batch's knowledge inputs (built on the CPU by `sparsexpert.knowledge.data`)."""
+    """One micro-batch's knowledge inputs (built on the CPU by `sparsexpert.data.knowledge`)."""
 
     entity_ids: torch.Tensor
     """[B, S] entity fed to the fusion at each token (-1: none), after ERNIE's corruption."""

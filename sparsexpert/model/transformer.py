@@ -1,7 +1,7 @@
 """The sparsexpert language model: a pre-norm transformer whose feed-forward layers are MoE blocks.
 
 Plain PyTorch, no parallelism code: DeepSpeed shards the experts and the optimizer state from
-outside (see `sparsexpert/parallel.py`). Read top to bottom: norm, rotary attention, SwiGLU or
+outside (see `sparsexpert/distributed/parallel.py`). Read top to bottom: norm, rotary attention, SwiGLU or
 MoE feed-forward, the backbone and its initialization, the language model.
 """
 

@@ -17,17 +17,18 @@ from typing import Any
 
 import torch
 
-from sparsexpert import comm, export, parallel
 from sparsexpert.config import ConfigError, from_dict
+from sparsexpert.data.format import Manifest, is_dataset
+from sparsexpert.data.knowledge import KnowledgeLoader
 from sparsexpert.data.shards import BatchPlan, PackedDataset, ShardLoader, read_manifest
-from sparsexpert.device import accelerator_device
+from sparsexpert.distributed import comm, parallel
+from sparsexpert.distributed.device import accelerator_device
 from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, load_state
 from sparsexpert.knowledge.config import KnowledgeConfig
-from sparsexpert.knowledge.data import KnowledgeLoader
 from sparsexpert.metrics import Monitor, format_duration, report_destinations
 from sparsexpert.model import ModelConfig, build_model
-from sparsexpert.train import checkpoint
 from sparsexpert.train.config import RunConfig
+from sparsexpert.weights import checkpoint, export
 
 
 def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
@@ -36,7 +37,7 @@ def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
         read_manifest(cfg.data.path)  # fail early, with the path, if it is not a dataset
         return Path(cfg.data.path)
     data_dir = output_dir / "data"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (data_dir / "manifest.json").is_file():
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not is_dataset(data_dir):
         from data_prep.pipeline import PrepConfig, prepare_example
 
         log(f"preparing the built-in example knowledge world into {data_dir}")
@@ -46,7 +47,7 @@ def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
     return data_dir
 
 
-def resolve_knowledge_sizes(cfg: ModelConfig, manifest: dict[str, Any], data_dir: Path) -> None:
+def resolve_knowledge_sizes(cfg: ModelConfig, manifest: Manifest, data_dir: Path) -> None:
     """Size the entity and relation tables from data_prep's vocabularies (fusion mode)."""
     k = cfg.knowledge
     if k.mode == "none":
@@ -58,8 +59,7 @@ def resolve_knowledge_sizes(cfg: ModelConfig, manifest: dict[str, Any], data_dir
             f"the dataset {data_dir} has no linked entities; prepare it with a KG (python -m data_prep "
             "--kg ...) or set model.knowledge.mode=none",
         )
-    for field, key in (("num_entities", "entities"), ("num_relations", "relations")):
-        have = manifest[key]
+    for field, have in (("num_entities", manifest["entities"]), ("num_relations", manifest["relations"])):
         if getattr(k, field) == 0:
             setattr(k, field, max(have, 1))
         elif getattr(k, field) < have:
@@ -79,7 +79,7 @@ def resolved_config(cfg: RunConfig, ds_json: dict[str, Any], output_dir: str | P
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data_dir = Path(cfg.data.path) if cfg.data.path else Path(output_dir) / "data"
-    manifest = read_manifest(data_dir) if (data_dir / "manifest.json").is_file() else None
+    manifest = read_manifest(data_dir) if is_dataset(data_dir) else None
     unresolved = []
     if cfg.train.init:
         unresolved.append(f"model: the shape comes from train.init={cfg.train.init} when the run starts")
@@ -339,7 +339,7 @@ class Pretrainer:
         experts = layer_experts if len(set(layer_experts)) > 1 else (layer_experts or [m.num_experts])[0]
         routing = ""
         if m.num_experts and m.backend == "native":
-            from sparsexpert import native_moe
+            from sparsexpert.distributed import native_moe
 
             routing = f" ({native_moe.describe(m, layer_experts)})"
         self.h.log(
@@ -371,7 +371,7 @@ class Pretrainer:
             "data_position": {"global_batches_consumed": self.step},
             "tokenizer": self.tokenizer_file.name,
             "torch": torch.__version__,
-            "deepspeed": __import__("deepspeed").__version__,
+            "deepspeed": parallel.deepspeed_version(),
         }
 
     def save(self) -> Path:

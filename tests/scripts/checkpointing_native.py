@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sparsexpert import comm, native_moe, parallel  # noqa: E402
+from sparsexpert.distributed import comm, native_moe, parallel  # noqa: E402
 from sparsexpert.model import ModelConfig, MoEConfig, build_model  # noqa: E402
 
 CASES = [

@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from sparsexpert import comm  # noqa: E402
+from sparsexpert.distributed import comm  # noqa: E402
 from sparsexpert.harness import Harness  # noqa: E402
 
 TORCH_DIR = str(Path(torch.__file__).parent)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sparsexpert import comm, parallel  # noqa: E402
+from sparsexpert.distributed import comm, parallel  # noqa: E402
 from sparsexpert.model import ModelConfig, MoEConfig, build_model  # noqa: E402
 
 STEPS = 30

@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sparsexpert import comm, parallel  # noqa: E402
+from sparsexpert.distributed import comm, parallel  # noqa: E402
+from sparsexpert.distributed.native_moe import NativeMoE  # noqa: E402
 from sparsexpert.model import ModelConfig, MoEConfig, build_model  # noqa: E402
-from sparsexpert.native_moe import NativeMoE  # noqa: E402
 
 DS = {
     "train_micro_batch_size_per_gpu": 2,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparsexpert.ablation import SHARED, _launch, arm_overrides, mean_tokens_per_s, table
-from sparsexpert.train import checkpoint
+from experiments.ablation import SHARED, _launch, arm_overrides, mean_tokens_per_s, table
+from sparsexpert.data.format import is_dataset
+from sparsexpert.weights import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def prepare_news_wiki(out: Path, seq_len: int, log=print) -> Path:
     from data_prep.pipeline import PrepConfig, prepare
 
     data = out / "data"
-    if not (data / "manifest.json").is_file():
+    if not is_dataset(data):
         cfg = PrepConfig(
             corpus=[
                 str(SHARED / "news" / "lee_background.txt"),

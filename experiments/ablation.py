@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparsexpert.data.format import MANIFEST, is_dataset
 from sparsexpert.metrics import log_results
-from sparsexpert.train import checkpoint
+from sparsexpert.weights import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPARSEXPERT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -47,12 +48,12 @@ def prepare_corpus(corpus: str, out: Path, seq_len: int, log=print) -> dict[str,
 
     data = out / "data"
     if corpus == "world":
-        if not (data / "manifest.json").is_file():
+        if not is_dataset(data):
             prepare_example(data, PrepConfig(seq_len=seq_len), log=log)
         return {"data": data, "eval_args": ["--probe_world", str(out / "data_raw")]}
     if corpus == "news-nations":
         nations = SHARED / "kg" / "nations"
-        if not (data / "manifest.json").is_file():
+        if not is_dataset(data):
             cfg = PrepConfig(
                 corpus=[str(SHARED / "news" / "lee_background.txt")],
                 kg=str(nations / "train.tsv"),
@@ -171,7 +172,7 @@ def run_ablation(
         res = json.loads((run / "eval.json").read_text())
         config = json.loads((run / "config.json").read_text())
         steps = res["step"]
-        manifest = json.loads((Path(prep["data"]) / "manifest.json").read_text())
+        manifest = json.loads((Path(prep["data"]) / MANIFEST).read_text())
         train = {
             "tokens": steps * config["global_batch"] * manifest["seq_len"],
             "tokens_per_s": mean_tokens_per_s(run),

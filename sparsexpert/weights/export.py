@@ -11,7 +11,7 @@
 
 Folders from elsewhere are read as data only: safetensors and JSON here, a sparsexpert checkpoint
 through `checkpoint.load_weights` (every file checked against its COMPLETE.json, read with torch's
-weights-only unpickler; see sparsexpert/train/checkpoint.py).
+weights-only unpickler; see sparsexpert/weights/checkpoint.py).
 
 Two layout differences are converted, not approximated. Rotary embeddings: ours rotate channel
 pairs (2i, 2i+1) of a head, Hugging Face's rotate halves (i, i + d/2); the rows of wq and wk are
@@ -31,7 +31,7 @@ import torch
 
 from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.model.config import ModelConfig, MoEConfig
-from sparsexpert.train import checkpoint
+from sparsexpert.weights import checkpoint
 
 CONSOLIDATED_META = "sparsexpert_model.json"
 WEIGHTS = "model.safetensors"

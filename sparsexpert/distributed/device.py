@@ -94,7 +94,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
 def _unplaced(obj: Any, path: str, device: torch.device | None, found: list[str]) -> None:
     if isinstance(obj, torch.Tensor):
         if not getattr(obj, _MARK, False):
-            found.append(f"{path} (not passed through sparsexpert.device.to_device)")
+            found.append(f"{path} (not passed through sparsexpert.distributed.device.to_device)")
         elif device is not None and obj.device.type != device.type:
             found.append(f"{path} (on {obj.device}, the model is on {device})")
     elif isinstance(obj, dict):
@@ -117,7 +117,7 @@ def check_placed(obj: Any, what: str, device: torch.device | None = None) -> Non
     _unplaced(obj, what, device, found)
     if found:
         raise DevicePlacementError(
-            f"{'; '.join(found)}: move inputs with sparsexpert.device.to_device(batch, device) before "
+            f"{'; '.join(found)}: move inputs with sparsexpert.distributed.device.to_device(batch, device) before "
             "they reach a model or a collective (on a GPU this fails at the first step)"
         )
 

@@ -4,10 +4,10 @@
   (`check_config`), and fills the parts that follow from the model: the AutoEP section that tells
   DeepSpeed where our MoE blocks are, and the scheduler length.
 - `initialize` builds the engine with the parameter groups the MoE path needs; with the native MoE
-  backend it first puts DeepSpeed-MoE's own layers in place of our blocks (`sparsexpert/native_moe.py`).
+  backend it first puts DeepSpeed-MoE's own layers in place of our blocks (`sparsexpert/distributed/native_moe.py`).
 - Precision: `check_precision` refuses what the accelerator lacks (bf16 before Ampere, fp16 without
   kernels), `routers_in_fp32` keeps AutoEP's routers in fp32, `precision_state` reports skipped steps and fp16's loss scale.
-- `init_distributed` starts torch.distributed on this rank's device (collectives: `sparsexpert/comm.py`).
+- `init_distributed` starts torch.distributed on this rank's device (collectives: `sparsexpert/distributed/comm.py`).
 - Workarounds for DeepSpeed 0.19.8 behaviour live here and nowhere else (search "DeepSpeed quirk").
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sparsexpert import comm
-from sparsexpert import device as _device
 from sparsexpert.config import ConfigError
+from sparsexpert.distributed import comm
+from sparsexpert.distributed import device as _device
 from sparsexpert.model.config import ModelConfig
 
 # Where our MoE blocks live and what their parts are called (see sparsexpert/model/moe.py).
@@ -536,7 +536,7 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None
     check_precision_supported(ds_config, _device.accelerator_device())
     cfg: ModelConfig | None = getattr(model, "cfg", None)
     if cfg is not None and cfg.moe.num_experts > 0 and cfg.moe.backend == "native":
-        from sparsexpert import native_moe
+        from sparsexpert.distributed import native_moe
 
         ep_size = resolve_ep_size(cfg, comm.world_size())
         data_first = bool(ds_config.get("use_data_before_expert_parallelism"))  # DeepSpeed's key
@@ -552,10 +552,24 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], no_decay: str | None
     return engine
 
 
+def gathered(params: list[nn.Parameter]):
+    """A context in which `params` are whole on every rank (DeepSpeed's GatheredParameters: under ZeRO-3
+    each rank holds a shard; otherwise it does nothing), for a method that is not a forward."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters(params)
+
+
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
 def moe_drop_counts(module: nn.Module) -> torch.Tensor | None:
     """[MoE layers, 2] (dropped, routed) token-expert assignments of this rank's last forward with
     the native backend (capacity-limited routing); None for AutoEP, which drops nothing."""
-    from sparsexpert import native_moe
+    from sparsexpert.distributed import native_moe
 
     return native_moe.drop_counts(module)
 

@@ -4,7 +4,7 @@
   the code base (tests/test_device.py checks the source). `all_reduce` refuses a tensor on another
   device than the backend's (NCCL reduces CUDA tensors only; gloo reduces anything, which hid such
   mistakes on our CPU machines) and, in check mode, one that did not pass through
-  `sparsexpert.device.to_device`.
+  `sparsexpert.distributed.device.to_device`.
 - `RankWatch`: when one rank fails, every rank stops within seconds naming it.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from sparsexpert import device as _device
+from sparsexpert.distributed import device as _device
 
 
 def rank() -> int:
@@ -51,7 +51,7 @@ def all_reduce(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     if backend == "nccl" and tensor.device.type != "cuda":
         raise RuntimeError(
             f"all_reduce of a tensor on {tensor.device} over NCCL, which reduces CUDA tensors only: create "
-            "the buffer on the engine's device (sparsexpert.device.to_device)"
+            "the buffer on the engine's device (sparsexpert.distributed.device.to_device)"
         )
     dist.all_reduce(tensor, group=group)
     return tensor

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 import xxhash
 
-from sparsexpert import comm
+from sparsexpert.distributed import comm
 from sparsexpert.metrics import Progress
 
 COMPLETE = "COMPLETE.json"
@@ -862,7 +862,7 @@ def load_weights(
     module = load_file(tag / "mp_rank_00_model_states.pt")["module"]
     native = any(".deepspeed_moe." in k for k in module)  # DeepSpeed's native MoE layers (native_moe.py)
     if native:
-        from sparsexpert import native_moe
+        from sparsexpert.distributed import native_moe
     state = {k.replace(".mlp.router.gate.", ".mlp.gate."): v.float() for k, v in module.items()}
     if native:
         state = {native_moe.plain_name(k): v for k, v in state.items()}
