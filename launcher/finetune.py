@@ -85,26 +85,16 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     args, cfg, ds_json = parse_args(argv)
 
-    from sparsexpert.config import ConfigError
     from sparsexpert.finetune.trainer import Finetuner
-    from sparsexpert.harness import RunStopped
-    from sparsexpert.weights.checkpoint import CheckpointError, NoSpaceError
+    from sparsexpert.harness import exit_on_stop
 
-    try:
+    with exit_on_stop():
         if args.print_config:
             cfg.validate()
             if os.environ.get("RANK", "0") == "0":
                 cli.print_config({"run": asdict(cfg), "ds_json": ds_json})
             return
         Finetuner(cfg, ds_json, args.output_dir, args.resume, args.overwrite).train()
-    except (
-        RunStopped,
-        CheckpointError,
-        NoSpaceError,
-        ConfigError,
-    ) as stop:  # explained in its message: no traceback
-        print(f"sparsexpert: {stop}", file=sys.stderr, flush=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -92,25 +92,15 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     args, cfg, ds_json = parse_args(argv)
 
-    from sparsexpert.config import ConfigError
-    from sparsexpert.harness import RunStopped
+    from sparsexpert.harness import exit_on_stop
     from sparsexpert.train.trainer import pretrain, resolved_config
-    from sparsexpert.weights.checkpoint import CheckpointError, NoSpaceError
 
-    try:
+    with exit_on_stop():
         if args.print_config:
             if os.environ.get("RANK", "0") == "0":
                 cli.print_config(resolved_config(cfg, ds_json, args.output_dir))
             return
         pretrain(cfg, ds_json, args.output_dir, resume=args.resume, overwrite=args.overwrite)
-    except (
-        RunStopped,
-        CheckpointError,
-        NoSpaceError,
-        ConfigError,
-    ) as stop:  # explained in its message: no traceback
-        print(f"sparsexpert: {stop}", file=sys.stderr, flush=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import difflib
 import functools
 import inspect
 import json
+import re
 import textwrap
 import types
 import typing
@@ -112,15 +113,19 @@ def fields_help(cls: type | None, ds: bool) -> str:
     """The --help text of every config field of `cls` and, with ds, of the DeepSpeed overrides."""
     lines = []
     if cls is not None:
-        lines += [
+        lines += textwrap.wrap(
             "configuration fields (--field=VALUE or --field VALUE, a nested one as --section.field; the "
             "same nesting in a --config JSON file; --print_config shows the resolved configuration):",
-            "",
-        ]
+            100,
+        )
+        lines.append("")
         for f in iter_fields(cls):
             lines.append(f"  --{f.name} {_type_name(f.type)} (default: {json.dumps(f.default, default=str)})")
-            for para in (f.doc or "(no description)").split("\n"):
-                lines += textwrap.wrap(para, 96, initial_indent=" " * 6, subsequent_indent=" " * 6) or [""]
+            # a docstring's paragraphs, each re-flowed (its source line breaks are not meaningful)
+            for para in re.split(r"\n\s*\n", f.doc or "(no description)"):
+                lines += textwrap.wrap(
+                    " ".join(para.split()), 96, initial_indent=" " * 6, subsequent_indent=" " * 6
+                )
     if ds:
         lines += [
             "",

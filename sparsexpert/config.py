@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
 
@@ -108,3 +110,62 @@ def load_json(path: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); fix the file") from e
+
+
+REPORT_TO = ("tensorboard", "wandb")
+"""Where train.report_to may send the figures, besides metrics.jsonl and the console."""
+
+
+def report_destinations(report_to: str, field: str = "train.report_to") -> tuple[str, ...]:
+    """The destinations named by `report_to` ("tensorboard", "wandb", both comma-separated, or "none"),
+    checked: an unknown name, or wandb when the package is not installed, is a ConfigError naming `field`."""
+    names = tuple(dict.fromkeys(n.strip() for n in report_to.split(",") if n.strip()))
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown or not names:
+        raise ConfigError(
+            field, report_to, f"must name {' and/or '.join(REPORT_TO)} (comma-separated), or be none"
+        )
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            field,
+            report_to,
+            "asks for Weights & Biases, which is not installed: pip install wandb (and wandb login), "
+            "or leave wandb out",
+        )
+    return names
+
+
+@dataclass
+class LoopConfig:
+    """What every training loop (pretraining's and fine-tuning's `train` section) shares: where its
+    figures go, and when it stops by itself."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under <output_dir>/tensorboard (false: none, whatever report_to says)."""
+    report_to: str = "tensorboard"
+    """Where rank 0 sends the logged figures besides metrics.jsonl and the console: "tensorboard",
+    "wandb" (Weights & Biases: `pip install wandb` first, then `wandb login`; project "sparsexpert",
+    the run named after the output folder), both ("tensorboard,wandb"), or "none"."""
+    heatmap_every: int = 10
+    """Write the layer x expert load heatmap image (TensorBoard `expert_load_heatmap`) every this many
+    log intervals, and at the first and the last; 0 never."""
+    collective_timeout_minutes: float = 10.0
+    """A rank waiting longer than this in a collective fails instead of hanging."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradients are not finite before the run stops with exit status 1.
+    Such a step's update is skipped (DeepSpeed's optimizers skip it; ZeRO-0 in fp32 we do) and no
+    checkpoint is written after it, so the newest checkpoint is healthy. fp16 overflow steps (skipped while
+    the loss scale adapts) do not count."""
+
+    def validate(self) -> None:
+        report_destinations(self.report_to, "train.report_to")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("train.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
+        if self.heatmap_every < 0:
+            raise ConfigError("train.heatmap_every", self.heatmap_every, "must be >= 0")
+        if self.collective_timeout_minutes <= 0:
+            raise ConfigError(
+                "train.collective_timeout_minutes", self.collective_timeout_minutes, "must be > 0"
+            )

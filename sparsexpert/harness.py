@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import queue
 import shutil
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparsexpert.config import ConfigError, LoopConfig, report_destinations
 from sparsexpert.distributed import comm, parallel
 from sparsexpert.distributed import device as _device
 from sparsexpert.metrics import MetricsLogger
@@ -260,6 +262,18 @@ class RunStopped(RuntimeError):
     what was kept and what to do; the launcher exits with status 1."""
 
 
+@contextlib.contextmanager
+def exit_on_stop() -> Iterator[None]:
+    """Around a launcher's run: a stop the run explains in its message (a failed rank, values no longer
+    finite, an output folder holding a run, no usable checkpoint, no space, a configuration error) is
+    printed as one line, without a traceback, and the process exits with status 1."""
+    try:
+        yield
+    except (RunStopped, checkpoint.CheckpointError, checkpoint.NoSpaceError, ConfigError) as stop:
+        print(f"sparsexpert: {stop}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 class NonFiniteSteps:
     """Counts the steps in a row whose update was not applied because the loss or gradient norm was not
     finite. fp16 overflow steps do not count: skipping them is how dynamic loss scaling searches its
@@ -288,6 +302,32 @@ class NonFiniteSteps:
 
 class Harness:
     """One run's distributed context, engine and loop machinery (see the module docstring)."""
+
+    @classmethod
+    def for_loop(
+        cls,
+        output_dir: str | Path,
+        loop: LoopConfig,
+        max_steps: int,
+        resume: bool,
+        overwrite: bool,
+        run_files: tuple[str, ...],
+    ) -> Harness:
+        """The harness of a training loop (pretraining, fine-tuning) from its `train` section: where the
+        figures go (train.tensorboard, train.report_to), the collective timeout, and what the run does
+        with an output folder that holds a run (--resume continues it, --overwrite starts over)."""
+        if resume and overwrite:
+            raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
+        report_to = report_destinations(loop.report_to)
+        return cls(
+            output_dir,
+            max_steps,
+            loop.tensorboard and "tensorboard" in report_to,
+            loop.collective_timeout_minutes,
+            "resume" if resume else "overwrite" if overwrite else "new",
+            run_files,
+            wandb="wandb" in report_to,
+        )
 
     def __init__(
         self,

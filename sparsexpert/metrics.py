@@ -19,7 +19,6 @@ are computed on the host from what `Harness.interval` brought there in its one c
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import re
@@ -215,33 +214,6 @@ class MetricsLogger:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-REPORT_TO = ("tensorboard", "wandb")
-"""Where train.report_to may send the figures, besides metrics.jsonl and the console."""
-
-
-def report_destinations(report_to: str, field: str = "train.report_to") -> tuple[str, ...]:
-    """The destinations named by `report_to` ("tensorboard", "wandb", both comma-separated, or "none"),
-    checked: an unknown name, or wandb when the package is not installed, is a ConfigError naming `field`."""
-    from sparsexpert.config import ConfigError
-
-    names = tuple(dict.fromkeys(n.strip() for n in report_to.split(",") if n.strip()))
-    if names == ("none",):
-        return ()
-    unknown = [n for n in names if n not in REPORT_TO]
-    if unknown or not names:
-        raise ConfigError(
-            field, report_to, f"must name {' and/or '.join(REPORT_TO)} (comma-separated), or be none"
-        )
-    if "wandb" in names and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(
-            field,
-            report_to,
-            "asks for Weights & Biases, which is not installed: pip install wandb (and wandb login), "
-            "or leave wandb out",
-        )
-    return names
 
 
 # ---------------------------------------------------------------- throughput and memory

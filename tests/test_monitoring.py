@@ -3,6 +3,7 @@ read back with TensorBoard's own EventAccumulator, and each figure's formula che
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -15,7 +16,7 @@ import torch
 from conftest import TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_ds_config
 
 from sparsexpert import metrics
-from sparsexpert.config import ConfigError, from_dict
+from sparsexpert.config import ConfigError, from_dict, report_destinations
 from sparsexpert.harness import DeviceSums, MicroOut
 from sparsexpert.model import ModelConfig, MoEConfig, build_model
 from sparsexpert.model.moe import router_stats
@@ -315,15 +316,15 @@ def test_results_reach_tensorboard(tmp_path):
 def test_report_to_is_checked_when_loaded(monkeypatch):
     assert TrainConfig().report_to == "tensorboard"
     TrainConfig().validate()
-    assert metrics.report_destinations(" tensorboard,tensorboard") == ("tensorboard",)
-    assert metrics.report_destinations("none") == ()
+    assert report_destinations(" tensorboard,tensorboard") == ("tensorboard",)
+    assert report_destinations("none") == ()
     with pytest.raises(
         ConfigError, match=r"train\.report_to='tensorbord': must name tensorboard and/or wandb"
     ):
         TrainConfig(report_to="tensorbord").validate()
-    real = metrics.importlib.util.find_spec
+    real = importlib.util.find_spec
     monkeypatch.setattr(
-        metrics.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
     with pytest.raises(ConfigError, match=r"train\.report_to='tensorboard,wandb'.*pip install wandb"):
         TrainConfig(report_to="tensorboard,wandb").validate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparsexpert.config import ConfigError
+from sparsexpert.config import ConfigError, LoopConfig
 from sparsexpert.model.config import ModelConfig
 
 KINDS = ("ner", "classification", "relation")
@@ -85,7 +85,7 @@ class DistillConfig:
 
 
 @dataclass
-class FinetuneTrainConfig:
+class FinetuneTrainConfig(LoopConfig):
     """The loop, with the same names as pretraining's `train` section. Batch sizes, optimizer,
     learning-rate schedule, precision and ZeRO live in the DeepSpeed JSON (--ds_config, --ds.*)."""
 
@@ -106,29 +106,13 @@ class FinetuneTrainConfig:
     """Log training metrics every this many steps."""
     seed: int = 0
     """Seed of heads, data order, sampling."""
-    tensorboard: bool = True
-    """Write TensorBoard event files under <output_dir>/tensorboard (false: none, whatever report_to says)."""
-    report_to: str = "tensorboard"
-    """Where rank 0 sends the logged figures besides metrics.jsonl and the console: "tensorboard",
-    "wandb" (Weights & Biases: `pip install wandb` first, then `wandb login`; project "sparsexpert",
-    the run named after the output folder), both ("tensorboard,wandb"), or "none"."""
-    heatmap_every: int = 10
-    """Write the layer x expert load heatmap image (TensorBoard `expert_load_heatmap`) every this many
-    log intervals, and at the first and the last; 0 never."""
-    collective_timeout_minutes: float = 10.0
-    """A rank waiting longer than this in a collective fails instead of hanging."""
-    max_nonfinite_steps: int = 3
-    """Steps in a row whose loss or gradients are not finite (their updates skipped, no checkpoint
-    written after them) before the run stops with exit status 1; fp16 overflow steps do not count."""
 
     def validate(self) -> None:
-        from sparsexpert.metrics import report_destinations
-
-        report_destinations(self.report_to, "train.report_to")
-        for name in ("max_steps", "eval_every", "log_every", "max_nonfinite_steps"):
+        super().validate()
+        for name in ("max_steps", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 1")
-        for name in ("patience", "upcycle_experts", "heatmap_every"):
+        for name in ("patience", "upcycle_experts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 0")
         if self.upcycle_experts and not self.init:

@@ -27,7 +27,7 @@ from sparsexpert.finetune.config import FinetuneConfig
 from sparsexpert.finetune.metrics import classification_scores, entity_report, relation_scores
 from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, load_state
-from sparsexpert.metrics import Monitor, format_duration, report_destinations
+from sparsexpert.metrics import Monitor, format_duration
 from sparsexpert.model.transformer import IGNORE_INDEX
 from sparsexpert.weights import checkpoint
 from sparsexpert.weights.export import load_init, model_config_of, upcycled
@@ -56,20 +56,8 @@ class Finetuner:
         """resume: continue the run in output_dir from its checkpoints/ (written at each evaluation);
         overwrite: start over in a folder that holds a run. Neither: the folder must hold no run."""
         cfg.validate()
-        if resume and overwrite:
-            raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
-        claim = "resume" if resume else "overwrite" if overwrite else "new"
         tc = cfg.train
-        report_to = report_destinations(tc.report_to)
-        self.h = h = Harness(
-            output_dir,
-            tc.max_steps,
-            tc.tensorboard and "tensorboard" in report_to,
-            tc.collective_timeout_minutes,
-            claim,
-            RUN_FILES,
-            wandb="wandb" in report_to,
-        )
+        self.h = h = Harness.for_loop(output_dir, tc, tc.max_steps, resume, overwrite, RUN_FILES)
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.rank, self.world = h.rank, h.world
         log = h.log

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparsexpert.config import ConfigError
+from sparsexpert.config import ConfigError, LoopConfig
 from sparsexpert.data.config import DataConfig
-from sparsexpert.metrics import report_destinations
 from sparsexpert.model.config import ModelConfig
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     """The loop around the DeepSpeed engine. Batch sizes, optimizer, learning-rate schedule,
     precision and ZeRO live in the DeepSpeed JSON (--ds_config)."""
 
@@ -29,22 +28,6 @@ class TrainConfig:
     """Evaluate the validation loss every this many steps (and at the end). 0 disables."""
     eval_batches: int = 8
     """Micro-batches per rank in one evaluation."""
-    tensorboard: bool = True
-    """Write TensorBoard event files under <output_dir>/tensorboard (false: none, whatever report_to says)."""
-    report_to: str = "tensorboard"
-    """Where rank 0 sends the logged figures besides metrics.jsonl and the console: "tensorboard",
-    "wandb" (Weights & Biases: `pip install wandb` first, then `wandb login`; project "sparsexpert",
-    the run named after the output folder), both ("tensorboard,wandb"), or "none"."""
-    heatmap_every: int = 10
-    """Write the layer x expert load heatmap image (TensorBoard `expert_load_heatmap`) every this many
-    log intervals, and at the first and the last; 0 never."""
-    collective_timeout_minutes: float = 10.0
-    """A rank waiting longer than this in a collective fails instead of hanging."""
-    max_nonfinite_steps: int = 3
-    """Steps in a row whose loss or gradients are not finite before the run stops with exit status 1.
-    Such a step's update is skipped (DeepSpeed's optimizers skip it; ZeRO-0 in fp32 we do) and no
-    checkpoint is written after it, so the newest checkpoint is healthy. fp16 overflow steps (skipped while
-    the loss scale adapts) do not count."""
     init: str = ""
     """Start from these weights instead of a random initialization (step 0, a fresh optimizer): a
     sparsexpert run folder or checkpoint (any world size, ep_size, ZeRO stage), a consolidated folder
@@ -56,24 +39,21 @@ class TrainConfig:
     FFN, the router starting small."""
 
     def validate(self) -> None:
+        super().validate()
         if self.max_steps < 1:
             raise ConfigError("train.max_steps", self.max_steps, "must be >= 1")
-        if self.max_nonfinite_steps < 1:
-            raise ConfigError("train.max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every", self.log_every, "must be >= 1")
         if self.upcycle_experts and not self.init:
             raise ConfigError(
                 "train.upcycle_experts", self.upcycle_experts, "needs train.init (a dense model)"
             )
-        report_destinations(self.report_to, "train.report_to")
         for name in (
             "save_every",
             "keep_checkpoints",
             "eval_every",
             "eval_batches",
             "upcycle_experts",
-            "heatmap_every",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", getattr(self, name), "must be >= 0")

@@ -25,7 +25,7 @@ from sparsexpert.distributed import comm, parallel
 from sparsexpert.distributed.device import accelerator_device
 from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, load_state
 from sparsexpert.knowledge.config import KnowledgeConfig
-from sparsexpert.metrics import Monitor, format_duration, report_destinations
+from sparsexpert.metrics import Monitor, format_duration
 from sparsexpert.model import ModelConfig, build_model
 from sparsexpert.train.config import RunConfig
 from sparsexpert.weights import checkpoint, export
@@ -206,19 +206,7 @@ class Pretrainer:
         over in a folder that holds a run (its files are deleted). Neither: the folder must hold no run."""
         cfg.validate()
         t = cfg.train
-        if resume and overwrite:
-            raise ConfigError("--overwrite", True, "and --resume exclude each other: continue, or start over")
-        claim = "resume" if resume else "overwrite" if overwrite else "new"
-        report_to = report_destinations(t.report_to)
-        self.h = h = Harness(
-            output_dir,
-            t.max_steps,
-            t.tensorboard and "tensorboard" in report_to,
-            t.collective_timeout_minutes,
-            claim,
-            RUN_FILES,
-            wandb="wandb" in report_to,
-        )
+        self.h = h = Harness.for_loop(output_dir, t, t.max_steps, resume, overwrite, RUN_FILES)
         self.cfg, self.output_dir, self.ds_json = cfg, Path(output_dir), ds_json
         self.rank, self.world = h.rank, h.world
         log = h.log
