@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsexpert.data.format import shard_name
+from sparsexpert.data.format import shard_name, table_name
 
 EOS_ID = 2
 """The end-of-sequence id of the SentencePiece models data_prep trains (a loaded tokenizer brings its own)."""
@@ -127,7 +127,7 @@ class Packer:
             else np.zeros((0, width), np.int64)
         )
         keep = int(np.searchsorted(data[:, 0], self.n_rows, side="left"))  # entries are written in row order
-        final = out / f"{self.split}_{kind}.npy"
+        final = out / table_name(self.split, kind)
         with open(final, "wb") as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False}
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (keep, width)})

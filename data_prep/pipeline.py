@@ -46,7 +46,7 @@ from data_prep.pack import EOS_ID, Packer, pack, sha256_file
 from data_prep.readers import INVALID_REASONS, DataError, RawDoc, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 from data_prep.wikitext import WikiLink
-from sparsexpert.data.format import FORMAT, MANIFEST, token_dtype
+from sparsexpert.data.format import FORMAT, MANIFEST, SPLITS, token_dtype
 from sparsexpert.metrics import Progress
 
 if TYPE_CHECKING:
@@ -682,9 +682,7 @@ def _pack(
     entity_index = {
         e: i for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))
     }
-    packers = {
-        s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in ("train", "valid")
-    }
+    packers = {s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in SPLITS}
     res = Packed(entity_index, list(know.triples), Counter(), {}, 0, Counter())
     counts: Counter[str] = Counter()
     progress = Progress("data_prep pack", len(chunk_files), "chunks")

@@ -184,6 +184,23 @@ def example_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, example_data) -> Path:
+    """A 2-step pretraining run of TINY_MODEL on the example world (one process, ZeRO-2), made once for
+    the tests that only start from it (`--init`, a teacher's backbone); none of them writes into it."""
+    out = tmp_path_factory.mktemp("pre") / "run"
+    pretrain(
+        out,
+        1,
+        REPO / "ds_configs" / "moe_z2.json",
+        *TINY_MODEL,
+        f"--data.path={example_data}",
+        "--train.max_steps=2",
+        "--train.eval_every=0",
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         raise FileNotFoundError(

@@ -223,11 +223,8 @@ def test_pretraining_prints_the_config_it_then_records(tmp_path, example_data):
     assert recorded["ds_config"]["train_micro_batch_size_per_gpu"] == 4
 
 
-def test_fine_tuning_prints_the_config_it_then_records(tmp_path, example_data, shared_data):
-    pre = tmp_path / "pre"
-    pretrain(
-        pre, 1, DS, *TINY_MODEL, f"--data.path={example_data}", "--train.max_steps=1", "--train.eval_every=0"
-    )
+def test_fine_tuning_prints_the_config_it_then_records(tmp_path, tiny_pretrained, shared_data):
+    pre = tiny_pretrained
     src = (shared_data / "ner" / "wnut16" / "train.conll").read_text(encoding="utf-8").split("\n\n")[:16]
     data = tmp_path / "train.conll"
     data.write_text("\n\n".join(src) + "\n", encoding="utf-8")

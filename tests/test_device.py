@@ -54,7 +54,8 @@ def violations(source: str, path: str) -> list[str]:
     """Where `source` breaks a rule that only a GPU run would otherwise reveal: a torch.distributed
     collective outside sparsexpert/distributed/comm.py (NCCL takes CUDA tensors only; ours go through one
     checked function), `.numpy()` on a tensor not first moved with `.cpu()`, `torch.load` without
-    `map_location` (a CUDA tensor saved on one GPU would load onto that GPU of another host)."""
+    `map_location` (a CUDA tensor saved on one GPU would load onto that GPU of another host) or without
+    `weights_only=True` (a file from elsewhere could run code when unpickled)."""
     tree = ast.parse(source)
     dist_names: set[str] = set()  # local names of torch.distributed / deepspeed.comm
     found = []
@@ -98,14 +99,23 @@ def violations(source: str, path: str) -> list[str]:
             )
             if not moved and owner not in ("np", "numpy"):
                 found.append(f"{path}:{node.lineno}: .numpy() without .cpu()")
-        if dotted(func) == "torch.load" and not any(k.arg == "map_location" for k in node.keywords):
-            found.append(f"{path}:{node.lineno}: torch.load without map_location")
+        if dotted(func) == "torch.load":
+            if not any(k.arg == "map_location" for k in node.keywords):
+                found.append(f"{path}:{node.lineno}: torch.load without map_location")
+            safe = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
+            if not safe:
+                found.append(f"{path}:{node.lineno}: torch.load without weights_only=True")
     return found
 
 
 def test_the_source_keeps_collectives_numpy_and_loads_device_safe():
     files = sorted(
-        p for d in ("sparsexpert", "launcher", "data_prep", "bench") for p in (REPO / d).rglob("*.py")
+        p
+        for d in ("sparsexpert", "launcher", "data_prep", "bench", "experiments")
+        for p in (REPO / d).rglob("*.py")
     )
     assert len(files) > 40
     found = []
@@ -124,12 +134,17 @@ def test_the_source_keeps_collectives_numpy_and_loads_device_safe():
         ("from torch.distributed import all_reduce", "imports the collective"),
         ("x = logits.argmax(-1).numpy()", ".numpy() without .cpu()"),
         ("import torch\nsd = torch.load(path, weights_only=True)", "without map_location"),
+        ("import torch\nsd = torch.load(path, map_location='cpu')", "without weights_only=True"),
+        (
+            "import torch\nsd = torch.load(path, map_location='cpu', weights_only=False)",
+            "without weights_only=True",
+        ),
     ],
 )
 def test_the_source_rules_catch_each_mistake(source, rule):
     found = violations(source, "sparsexpert/x.py")
     assert len(found) == 1 and rule in found[0], found
-    ok = "y = t.cpu().numpy()\nimport torch\nsd = torch.load(p, map_location='cpu')\nz = np.asarray(a)"
+    ok = "y = t.cpu().numpy()\nimport torch\nsd = torch.load(p, map_location='cpu', weights_only=True)\nz = np.asarray(a)"
     assert violations(ok, "sparsexpert/x.py") == []
     assert violations("import torch.distributed as dist\ndist.all_reduce(t)", COMM_MODULE) == []
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_MODEL, pretrain, run_cmd, write_ds_config
+from conftest import TINY_MODEL, run_cmd, write_ds_config
 
 from sparsexpert.distributed import parallel
 
@@ -83,22 +83,7 @@ def test_pretraining_steps_make_no_host_sync_of_ours(tmp_path, example_data, sta
         assert all(w.startswith("ours: sparsexpert/harness.py:") and w.endswith("tolist") for w in r["where"])
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, example_data) -> Path:
-    out = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(
-        out,
-        1,
-        REPO / "ds_configs" / "moe_z2.json",
-        *TINY_MODEL,
-        f"--data.path={example_data}",
-        "--train.max_steps=2",
-        "--train.eval_every=0",
-    )
-    return out
-
-
-def test_fine_tuning_steps_make_no_host_sync_of_ours(tmp_path, pretrained, example_data, shared_data):
+def test_fine_tuning_steps_make_no_host_sync_of_ours(tmp_path, tiny_pretrained, example_data, shared_data):
     """PGD (two extra forwards and a gradient per micro-batch) and distillation from a teacher. The
     teacher is a plain model outside DeepSpeed: its MoE blocks read their split sizes on the host,
     one synchronization per MoE layer and micro-batch; at ZeRO-0 in fp32 the non-finite guard reads the
@@ -109,7 +94,7 @@ def test_fine_tuning_steps_make_no_host_sync_of_ours(tmp_path, pretrained, examp
     ds = write_ds_config(
         tmp_path / "ds.json", "moe_z0.json", gradient_clipping=1.0, train_micro_batch_size_per_gpu=4
     )
-    task = ["--task", "ner", "--train", str(train), "--dev", str(train), "--init", str(pretrained)]
+    task = ["--task", "ner", "--train", str(train), "--dev", str(train), "--init", str(tiny_pretrained)]
     teacher = tmp_path / "teacher"
     run_cmd(
         [

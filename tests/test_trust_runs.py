@@ -85,22 +85,7 @@ def test_an_output_folder_holding_a_run_is_not_reused_by_accident(tmp_path, exam
     assert (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.fixture(scope="module")
-def small_pretrained(tmp_path_factory, example_data):
-    out = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(
-        out,
-        1,
-        REPO / "ds_configs" / "moe_z2.json",
-        *TINY_MODEL,
-        f"--data.path={example_data}",
-        "--train.max_steps=2",
-        "--train.eval_every=0",
-    )
-    return out
-
-
-def test_fine_tuning_resumes_where_it_stopped(tmp_path, small_pretrained, shared_data):
+def test_fine_tuning_resumes_where_it_stopped(tmp_path, tiny_pretrained, shared_data):
     """A fine-tuning run that fails at step 5 (after its step-4 evaluation wrote checkpoints/) continues
     with --resume and computes exactly what an uninterrupted run computes: the same losses from step 5,
     the same best step and dev metric; every step once in metrics.jsonl."""
@@ -112,7 +97,7 @@ def test_fine_tuning_resumes_where_it_stopped(tmp_path, small_pretrained, shared
     def finetune(out, *extra, env=None, check=True):
         cmd = deepspeed_cmd(
             1, "launcher/finetune.py", "--ds_config", str(ds), "--output_dir", str(out), "--init",
-            str(small_pretrained), "--task", "ner", "--train", str(data), "--dev", str(data),
+            str(tiny_pretrained), "--task", "ner", "--train", str(data), "--dev", str(data),
             "--train.max_steps=6", "--train.eval_every=2", "--train.log_every=1", *extra,
         )  # fmt: skip
         return run_cmd(cmd, out, check=check, env=env)

@@ -44,12 +44,9 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}.bin"
 
 
-def spans_name(split: str) -> str:
-    return f"{split}_spans.npy"
-
-
-def triples_name(split: str) -> str:
-    return f"{split}_triples.npy"
+def table_name(split: str, kind: str) -> str:
+    """The per-row table of a split: kind "spans" (mentions) or "triples" (attached triples)."""
+    return f"{split}_{kind}.npy"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -68,12 +65,6 @@ class TokenizerEntry(TypedDict):
     bos_id: int
     unk_id: int
     mask_id: int
-    sha256: str
-
-
-class ShardEntry(TypedDict):
-    file: str
-    num_sequences: int
     sha256: str
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsexpert.data.format import table_name
 from sparsexpert.data.shards import ShardLoader
 from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.knowledge.modules import KnowledgeBatch
@@ -92,8 +93,8 @@ class RowKnowledge:
 
     def __init__(self, data_dir: str | Path, split: str):
         d = Path(data_dir)
-        self.spans = np.load(d / f"{split}_spans.npy", mmap_mode="r")  # row, start, end, entity
-        self.row_triples = np.load(d / f"{split}_triples.npy", mmap_mode="r")  # row, triple index
+        self.spans = np.load(d / table_name(split, "spans"), mmap_mode="r")  # row, start, end, entity
+        self.row_triples = np.load(d / table_name(split, "triples"), mmap_mode="r")  # row, triple index
 
     @staticmethod
     def _select(table: np.ndarray, rows: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray]:
