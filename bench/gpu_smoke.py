@@ -358,7 +358,7 @@ class Smoke:
         import torch
         from safetensors.torch import load_file
 
-        from sparsexpert.weights.checkpoint import load_weights
+        from sparsexpert.weights.deepspeed_formats import load_weights
 
         self.run(
             [
@@ -486,7 +486,11 @@ class Smoke:
     def suite(self) -> None:
         env = dict(self.env, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x"], cwd=REPO, env=env, capture_output=True, text=True
+            [sys.executable, "-m", "pytest", "-q", "-x", "-n", "2"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
         if proc.returncode:

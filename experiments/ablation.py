@@ -77,17 +77,27 @@ def mean_tokens_per_s(run: Path) -> float:
 
 
 def _launch(nproc: int, script: str, args: list[str], log_file: Path) -> None:
-    """Run an entry point on `nproc` processes: through the `deepspeed` launcher, or for one process
-    directly (a world of one; the launcher would only add two Python processes' start-up)."""
+    """Run an entry point (`script`, relative to the checkout) on `nproc` processes: through the
+    `deepspeed` launcher, or for one process directly (a world of one; the launcher would only add two
+    Python processes' start-up). It runs in the caller's folder, where the user's relative paths
+    (--output_dir, --ds_config, data files) lead."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     if nproc == 1:
-        cmd = [sys.executable, script, *args]
+        cmd = [sys.executable, str(REPO / script), *args]
         env["MASTER_PORT"] = str(_free_port())
     else:
         launcher = str(Path(sys.executable).with_name("deepspeed"))
-        cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(_free_port()), script, *args]
+        cmd = [
+            launcher,
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            str(REPO / script),
+            *args,
+        ]
     with open(log_file, "a") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log_file}")
 

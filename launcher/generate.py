@@ -2,8 +2,8 @@
 
 One process. The model may be a run folder (its latest checkpoint), a checkpoint tag, a fine-tuning
 run's best/, a consolidated folder, or a Hugging Face Mixtral/Llama folder (e.g. our export):
-    python launcher/generate.py --model runs/pretrain --prompt "Alice Varga was born in"
-    python launcher/generate.py --model runs/pretrain/hf --prompt "Alice Varga was born in" \\
+    python launcher/generate.py --model runs/pretrain --prompt "Vokaul Ullo was born in"
+    python launcher/generate.py --model runs/pretrain/hf --prompt "Vokaul Ullo was born in" \\
         --max_new_tokens 40 --temperature 0.8 --top_k 50 --num_samples 3
 
 The prompt follows an end-of-sequence token, as a document does in the packed training rows

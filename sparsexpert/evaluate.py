@@ -40,7 +40,7 @@ from sparsexpert.knowledge.modules import KnowledgeBatch
 from sparsexpert.metrics import Progress, log_results
 from sparsexpert.model import build_model
 from sparsexpert.train.config import RunConfig
-from sparsexpert.weights import checkpoint
+from sparsexpert.weights import checkpoint, deepspeed_formats
 
 # ---------------------------------------------------------------- ranking metrics
 
@@ -105,7 +105,7 @@ class Opened:
 
 def open_checkpoint(run_dir: str | Path) -> Opened:
     """The latest complete checkpoint of a pretraining run under an engine built with its own model
-    and DeepSpeed config at this world size: the full weights (`checkpoint.load_weights`, any world
+    and DeepSpeed config at this world size: the full weights (`deepspeed_formats.load_weights`, any world
     size, ep_size or ZeRO stage) loaded before deepspeed.initialize shards the experts, no optimizer.
     Collective: call on every rank."""
     from sparsexpert.train.trainer import make_loader
@@ -127,7 +127,7 @@ def open_checkpoint(run_dir: str | Path) -> Opened:
         meta["ds_json"], cfg.model, t.max_steps, manifest["tokenizer"]["vocab_size"], manifest["seq_len"]
     )
     model = build_model(cfg.model, t.seed)
-    state, _ = checkpoint.load_weights(tag)
+    state, _ = deepspeed_formats.load_weights(tag)
     load_state(model, state, str(tag))
     param_counts = model.num_params()
     engine = h.build_engine(model, ds_config, training=False)

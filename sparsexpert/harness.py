@@ -41,7 +41,7 @@ from sparsexpert.distributed import comm, parallel
 from sparsexpert.distributed import device as _device
 from sparsexpert.metrics import MetricsLogger
 from sparsexpert.model.config import ModelConfig
-from sparsexpert.weights import checkpoint
+from sparsexpert.weights import checkpoint, deepspeed_formats
 
 
 def load_state(
@@ -462,14 +462,14 @@ class Harness:
 
     def resume(self, tag_dir: Path, elastic: bool, seed: int, ep_size: int) -> dict[str, Any]:
         """Load `tag_dir` into the engine: as written, or resharded when `elastic` (the engine must have
-        been built with `checkpoint.universal_loading`). Returns the checkpoint's metadata."""
+        been built with `deepspeed_formats.universal_loading`). Returns the checkpoint's metadata."""
         if not elastic:
-            return checkpoint.load(self.engine, tag_dir)
-        meta, owned = checkpoint.load_elastic(self.engine, tag_dir, seed)
+            return deepspeed_formats.load(self.engine, tag_dir)
+        meta, owned = deepspeed_formats.load_elastic(self.engine, tag_dir, seed)
         self.log(
             f"elastic resume: world {meta['world_size']} -> {self.world}, ep {meta['ep_size']} -> "
             f"{ep_size}, resharded through DeepSpeed's universal "
             f"checkpoint; checked the weights, the optimizer step {meta['step']} and the experts by global id: "
-            + checkpoint.describe_experts(owned)
+            + deepspeed_formats.describe_experts(owned)
         )
         return meta

@@ -40,6 +40,19 @@ TINY_MODEL = [
 ]
 
 
+SLOWEST_FIRST = ("test_readme.py", "test_gpu_smoke.py")
+"""The files that take longest (about 5 and 2.5 minutes on 2 cores), collected first."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The README's test command runs the suite on 2 workers (pytest-xdist `-n 2`; pyproject's addopts
+    add `--dist loadfile`: each file on one worker, so module fixtures are built once, and
+    `--no-loadscope-reorder`: the files in collection order, not by their number of tests): the
+    longest go first, so that neither is left running alone at the end."""
+    first = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,31 +186,51 @@ def write_ds_config(path: Path, base: str = "moe_z2.json", **changes) -> Path:
     return path
 
 
+def made_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(path)` once per test run. Under pytest-xdist (`-n 2`, the README's test command) every
+    worker is a session of its own: the first to ask builds under a file lock in the run's shared
+    temporary folder, the others wait and reuse what it built (nothing writes into it afterwards)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-<user>/pytest-N/, above each worker's popen-gw<i>/
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def example_data(tmp_path_factory) -> Path:
     """The built-in example world prepared once, with short rows for fast tests."""
     from data_prep.pipeline import PrepConfig, prepare_example
 
-    out = tmp_path_factory.mktemp("example") / "data"
-    prepare_example(out, PrepConfig(vocab_size=512, seq_len=32), log=lambda *_: None)
-    return out
+    def build(out: Path) -> None:
+        prepare_example(out / "data", PrepConfig(vocab_size=512, seq_len=32), log=lambda *_: None)
+
+    return made_once(tmp_path_factory, "example", build) / "data"
 
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory, example_data) -> Path:
     """A 2-step pretraining run of TINY_MODEL on the example world (one process, ZeRO-2), made once for
     the tests that only start from it (`--init`, a teacher's backbone); none of them writes into it."""
-    out = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(
-        out,
-        1,
-        REPO / "ds_configs" / "moe_z2.json",
-        *TINY_MODEL,
-        f"--data.path={example_data}",
-        "--train.max_steps=2",
-        "--train.eval_every=0",
-    )
-    return out
+
+    def build(out: Path) -> None:
+        pretrain(
+            out / "run",
+            1,
+            REPO / "ds_configs" / "moe_z2.json",
+            *TINY_MODEL,
+            f"--data.path={example_data}",
+            "--train.max_steps=2",
+            "--train.eval_every=0",
+        )
+
+    return made_once(tmp_path_factory, "pre", build) / "run"
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, deepspeed_cmd, kill_when, pretrain, run_cmd, write_ds_config
 
-from sparsexpert.weights.checkpoint import load_weights
+from sparsexpert.weights.deepspeed_formats import load_weights
 
 STEPS = 4
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")

@@ -19,8 +19,8 @@ from conftest import TINY_MODEL, pretrain, write_ds_config
 from sparsexpert.config import ConfigError
 from sparsexpert.train.config import RunConfig
 from sparsexpert.train.trainer import _check_resume_compatible
-from sparsexpert.weights import checkpoint
-from sparsexpert.weights.checkpoint import load_weights
+from sparsexpert.weights import checkpoint, deepspeed_formats
+from sparsexpert.weights.deepspeed_formats import load_weights
 
 STEPS = 6
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
@@ -85,7 +85,7 @@ def _saved_steps(tag: Path) -> tuple[int, int, set[int], set[str]]:
     )
     adam, names = set(), set()
     for f in tag.glob("zero_pp_rank_*_optim_states.pt"):
-        sd = checkpoint.load_file(f, allow=checkpoint.deepspeed_classes())["optimizer_state_dict"]
+        sd = checkpoint.load_file(f, allow=deepspeed_formats.deepspeed_classes())["optimizer_state_dict"]
         base = sd.get("base_optimizer_state") or sd["optimizer_state_dict"]  # ZeRO-1/2, ZeRO-3
         adam |= {int(s["step"]) for s in base["state"].values()}
         names |= {g["name"] for g in base["param_groups"]}

@@ -19,7 +19,8 @@ from sparsexpert.model import ModelConfig, build_model
 from sparsexpert.model.config import MoEConfig
 from sparsexpert.model.transformer import Transformer
 from sparsexpert.weights import checkpoint
-from sparsexpert.weights.checkpoint import load_weights, resolve_tag
+from sparsexpert.weights.checkpoint import resolve_tag
+from sparsexpert.weights.deepspeed_formats import load_weights
 from sparsexpert.weights.export import (
     check_same_vocabulary,
     hf_equivalent,

@@ -12,7 +12,7 @@ from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_d
 
 from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.model import ModelConfig, build_model
-from sparsexpert.weights.checkpoint import load_weights
+from sparsexpert.weights.deepspeed_formats import load_weights
 from sparsexpert.weights.export import upcycle
 
 
@@ -325,35 +325,6 @@ def test_multitask_classification_and_relation(tmp_path, pretrained, wnut, examp
     assert res["majority_baseline"]["cls"]["accuracy"] == pytest.approx(share)
 
 
-def test_readme_main_job_fine_tunes_after_pretraining(tmp_path, pretrained, example_data):
-    """The README's main command after its pretraining part (tested in test_pretrain_cli): the
-    distant-supervised relation set and the fine-tune, with fewer steps."""
-    line = next(
-        x for x in (REPO / "README.md").read_text().splitlines() if "launcher/finetune.py" in x and "&&" in x
-    )
-    steps = [c.strip() for c in line.split("&&")]
-    relations = next(c for c in steps if c.startswith("python -m data_prep relations"))
-    ft = next(c for c in steps if c.startswith("deepspeed launcher/finetune.py"))
-    raw = example_data.parent / "data_raw"
-
-    def local(cmd: str) -> list[str]:
-        cmd = cmd.replace("runs/pretrain/data_raw", str(raw)).replace("runs/pretrain", str(pretrained))
-        cmd = cmd.replace("runs/re", str(tmp_path / "re")).replace("runs/finetune", str(tmp_path / "ft"))
-        return (
-            cmd.replace("--train.max_steps=100", "--train.max_steps=6")
-            .replace("--train.eval_every=50", "--train.eval_every=3")
-            .split()
-        )
-
-    rel = local(relations)
-    subprocess.run([sys.executable, *rel[1:]], cwd=REPO, check=True, capture_output=True)
-    cmd = local(ft)
-    run = run_cmd(deepspeed_cmd(1, *cmd[1:]), tmp_path / "ft")
-    res = json.loads((tmp_path / "ft" / "results.json").read_text())
-    assert res["steps"] == 6 and 0 <= res["results"]["relation"]["f1"] <= 1
-    assert "done: best dev metric" in run.output
-
-
 def test_upcycling_a_dense_checkpoint(tmp_path, example_data, wnut):
     train, dev = wnut
     ds = write_ds_config(tmp_path / "ds.json", "moe_z2.json")
@@ -388,43 +359,3 @@ def test_upcycling_a_dense_checkpoint(tmp_path, example_data, wnut):
         experts = moe[f"layers.{layer}.mlp.experts.w1"]
         assert experts.shape[0] == 4  # each started as the dense FFN; two small steps later still close
         assert (experts - dense[f"layers.{layer}.mlp.w1.weight"]).abs().max() < 0.05
-
-
-def test_comparison_command(tmp_path, wnut, example_data):
-    """launcher/compare.py end to end at toy size, pretraining on the example dataset (news +
-    Wikipedia + Nations, the default, only costs time here): three pretrained arms, four fine-tunes,
-    one table."""
-    train, dev = wnut
-    cmd = [
-        sys.executable,
-        "launcher/compare.py",
-        "--output_dir",
-        str(tmp_path),
-        "--pretrain_steps",
-        "2",
-        "--data",
-        str(example_data),
-        *ner_args(train, dev),
-        *TINY_MODEL,
-        "--train.max_steps=2",
-        "--train.eval_every=2",
-    ]
-    run = run_cmd(cmd, tmp_path, timeout=600)
-    text = (tmp_path / "comparison.txt").read_text()
-    assert text in run.output
-    header = [h.strip() for h in text.splitlines()[0].split("|")[1:]]
-    assert header == ["a) MoE + KG", "b) MoE, text only", "c) dense, same active", "d) MoE from scratch"]
-    rows = {
-        line.split(" | ")[0].strip(): [c.strip() for c in line.split(" | ")[1:]]
-        for line in text.splitlines()[2:]
-    }
-    active = [float(x) for x in rows["params active (M)"]]
-    assert active[0] == active[1] == active[3] and abs(active[2] - active[0]) / active[0] < 0.01
-    assert float(rows["params total (M)"][2]) < float(
-        rows["params total (M)"][1]
-    )  # dense twin: fewer in total
-    assert (
-        rows["majority-class baseline (dev metric)"] == ["0.0000"] * 4 and rows["pretrain tokens/s"][3] == "-"
-    )
-    for arm in "abcd":
-        assert json.loads((tmp_path / f"finetune_{arm}" / "results.json").read_text())["steps"] == 2

@@ -84,11 +84,24 @@ def test_the_library_does_not_reach_up_to_experiments_or_launchers():
 
 
 def test_deepspeed_is_used_in_the_distributed_package_and_for_checkpoints_only():
-    """DeepSpeed-facing code lives in sparsexpert/distributed/; weights/ reads DeepSpeed's checkpoint
-    formats (its universal conversion, the classes its files hold)."""
+    """DeepSpeed-facing code lives in sparsexpert/distributed/, and in weights/deepspeed_formats.py,
+    which reads DeepSpeed's checkpoint formats inside our tags (its universal conversion, the classes its
+    files hold, the engine's loading). That module is built on our tag format, which uses distributed's
+    collectives: in distributed/ it would make the two packages import each other."""
     graph = import_graph()
     users = sorted(part for part, targets in graph.items() if "deepspeed" in targets)
     assert users == ["distributed", "weights"], users
+    files = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.relative_to(PACKAGE).parts[0] != "distributed"
+        and any(
+            (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "deepspeed" for a in n.names))
+            or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "deepspeed")
+            for n in ast.walk(ast.parse(path.read_text()))
+        )
+    )
+    assert files == ["weights/deepspeed_formats.py"], files
 
 
 def test_the_model_is_plain_pytorch():

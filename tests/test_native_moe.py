@@ -21,7 +21,7 @@ from sparsexpert.distributed.parallel import check_config, prepare_ds_config, re
 from sparsexpert.model import ModelConfig, MoEConfig, build_model
 from sparsexpert.train.config import RunConfig
 from sparsexpert.train.trainer import _check_resume_compatible
-from sparsexpert.weights.checkpoint import load_weights
+from sparsexpert.weights.deepspeed_formats import load_weights
 from sparsexpert.weights.export import hf_equivalent
 
 STEPS = 4

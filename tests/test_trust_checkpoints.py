@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, deepspeed_cmd, kill_when, pretrain, run_cmd, write_ds_config
 
-from sparsexpert.weights import checkpoint
+from sparsexpert.weights import checkpoint, deepspeed_formats
 from sparsexpert.weights.checkpoint import CheckpointError, UnsafeCheckpointError
 
 RUN_ARGS = [*TINY_MODEL, "--train.log_every=1", "--train.eval_every=0", "--train.tensorboard=false"]
@@ -45,7 +45,7 @@ def _rewrite_manifest(tag: Path, name: str) -> None:
 
 def _poison(tag: Path, name: str, marker: Path) -> None:
     """Add a code-running object to a torch.save file of `tag`, with a matching COMPLETE.json."""
-    data = checkpoint.load_file(tag / name, allow=checkpoint.deepspeed_classes())
+    data = checkpoint.load_file(tag / name, allow=deepspeed_formats.deepspeed_classes())
     data["extra"] = Payload(marker)
     torch.save(data, tag / name)
     _rewrite_manifest(tag, name)
@@ -185,7 +185,7 @@ def test_no_code_runs_from_a_checkpoint(tiny_run, example_data, tmp_path):
         else:
             _poison(tag, name, marker)
             with pytest.raises(UnsafeCheckpointError, match=name):
-                checkpoint.load_weights(tag)
+                deepspeed_formats.load_weights(tag)
     assert not marker.exists()
 
 
@@ -220,11 +220,11 @@ def test_damage_at_the_same_size_is_refused_naming_the_file(tiny_run, tmp_path):
     manifest = json.loads((tag2 / checkpoint.COMPLETE).read_text())
     assert manifest["checksum"] == "xxh3_128" and manifest["healthy"] is True
     assert all(set(e) == {"size", "xxh3_128"} for e in manifest["files"].values())
-    assert checkpoint.load_weights(tag2)[1]["step"] == 2
+    assert deepspeed_formats.load_weights(tag2)[1]["step"] == 2
 
     expert = "layer_0_expert_1_mp_rank_00_model_states.pt"
     _flip_byte(tag2 / expert)
-    for read in (checkpoint.load_weights, checkpoint.resolve_tag):
+    for read in (deepspeed_formats.load_weights, checkpoint.resolve_tag):
         with pytest.raises(CheckpointError, match=f"{expert} differs from what was written"):
             read(tag2)
     # a run folder: the damaged newest is passed over, saying why; the older one is read
@@ -280,15 +280,15 @@ def test_a_damaged_universal_conversion_is_converted_again(tiny_run, tmp_path):
     """<tag>/universal/ (DeepSpeed's converter's output, reused by elastic resumes and ZeRO-3 readers)
     records its files' checksums in CONVERTED.json; a damaged file there means converting again."""
     tag = _copy_run(tiny_run, tmp_path / "run") / "checkpoints" / "step_00000002"
-    out = checkpoint.to_universal(tag)
+    out = deepspeed_formats.to_universal(tag)
     converted = json.loads((out / checkpoint.CONVERTED).read_text())
     name = "zero/layers.0.mlp.experts.w1/fp32.pt"
     assert converted["checksum"] == "xxh3_128" and name in converted["files"]
     want = (out / name).read_bytes()
     _flip_byte(out / name)
-    assert "differs from what was written" in checkpoint._converted_problems(out)[0]
-    checkpoint.to_universal(tag)
-    assert (out / name).read_bytes() == want and not checkpoint._converted_problems(out)
+    assert "differs from what was written" in deepspeed_formats._converted_problems(out)[0]
+    deepspeed_formats.to_universal(tag)
+    assert (out / name).read_bytes() == want and not deepspeed_formats._converted_problems(out)
 
 
 @pytest.mark.parametrize(
@@ -310,7 +310,7 @@ def test_latest_must_name_a_tag_of_its_own_folder(tiny_run, tmp_path, latest):
     with pytest.raises(CheckpointError, match=r"latest: holds '.*', not a tag name"):
         checkpoint.for_resume(root)
     with pytest.raises(CheckpointError, match=r"latest: holds"):
-        checkpoint.load_weights(run)
+        deepspeed_formats.load_weights(run)
 
 
 def test_files_listed_outside_the_tag_are_refused(tiny_run, tmp_path):

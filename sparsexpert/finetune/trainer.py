@@ -29,7 +29,7 @@ from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.harness import Harness, MicroOut, NonFiniteSteps, RunStopped, load_state
 from sparsexpert.metrics import Monitor, format_duration
 from sparsexpert.model.transformer import IGNORE_INDEX
-from sparsexpert.weights import checkpoint
+from sparsexpert.weights import checkpoint, deepspeed_formats
 from sparsexpert.weights.export import load_init, model_config_of, upcycled
 
 RUN_FILES = (
@@ -214,7 +214,7 @@ class Finetuner:
 
     def _load_teacher(self) -> TaskModel:
         """The frozen teacher, on this rank's device in the student's compute dtype."""
-        state, meta = checkpoint.load_weights(self.cfg.distill.teacher)
+        state, meta = deepspeed_formats.load_weights(self.cfg.distill.teacher)
         if meta.get("kind") != "finetune":
             raise ConfigError(
                 "distill.teacher",

@@ -28,7 +28,7 @@ from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.metrics import Monitor, format_duration
 from sparsexpert.model import ModelConfig, build_model
 from sparsexpert.train.config import RunConfig
-from sparsexpert.weights import checkpoint, export
+from sparsexpert.weights import checkpoint, deepspeed_formats, export
 
 
 def prepare_data(cfg: RunConfig, output_dir: Path, log) -> Path:
@@ -108,7 +108,7 @@ def _check_resume_compatible(
     zero_stage: int,
     tag_dir: Path,
 ) -> bool:
-    """Whether resuming `tag_dir` is elastic (another world size or ep_size: `checkpoint.load_elastic`);
+    """Whether resuming `tag_dir` is elastic (another world size or ep_size: `deepspeed_formats.load_elastic`);
     raises ConfigError for what no resume can change: the model (but its ep_size), the global batch."""
     saved_model = from_dict(ModelConfig, meta["run"]["model"])
     saved_model.moe.ep_size = cfg.model.moe.ep_size  # compared below, as resolved
@@ -260,7 +260,7 @@ class Pretrainer:
         # Engine, then the checkpoint. Universal loading must be on at initialize for an elastic
         # resume; self.ds_config (saved with checkpoints) stays without it.
         self.engine = h.build_engine(
-            model, checkpoint.universal_loading(self.ds_config) if elastic else self.ds_config
+            model, deepspeed_formats.universal_loading(self.ds_config) if elastic else self.ds_config
         )
         self.step = 0
         if tag_dir is not None:

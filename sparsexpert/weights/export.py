@@ -10,7 +10,7 @@
   consolidated folder, a Hugging Face Mixtral or Llama folder (a dense one can be upcycled into an MoE).
 
 Folders from elsewhere are read as data only: safetensors and JSON here, a sparsexpert checkpoint
-through `checkpoint.load_weights` (every file checked against its COMPLETE.json, read with torch's
+through `deepspeed_formats.load_weights` (every file checked against its COMPLETE.json, read with torch's
 weights-only unpickler; see sparsexpert/weights/checkpoint.py).
 
 Two layout differences are converted, not approximated. Rotary embeddings: ours rotate channel
@@ -31,7 +31,7 @@ import torch
 
 from sparsexpert.config import ConfigError, from_dict
 from sparsexpert.model.config import ModelConfig, MoEConfig
-from sparsexpert.weights import checkpoint
+from sparsexpert.weights import checkpoint, deepspeed_formats
 
 CONSOLIDATED_META = "sparsexpert_model.json"
 WEIGHTS = "model.safetensors"
@@ -61,7 +61,7 @@ def consolidate(path: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     tag = checkpoint.resolve_tag(path)
-    state, meta = checkpoint.load_weights(tag)
+    state, meta = deepspeed_formats.load_weights(tag)
     cfg = model_config_of(meta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -480,7 +480,7 @@ def load_init(path: str | Path) -> Initial:
         cfg, state = load_hf(p)
         return Initial(cfg, state, _tokenizer_in(p), f"Hugging Face folder {p}")
     tag = checkpoint.resolve_tag(p)
-    state, meta = checkpoint.load_weights(tag)
+    state, meta = deepspeed_formats.load_weights(tag)
     src = f"{tag} (step {meta.get('step')})"
     return Initial(model_config_of(meta), state, _tokenizer_in(tag), src)
 
