@@ -43,7 +43,7 @@ from data_prep import output
 from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_pickles
 from data_prep.join import init_worker, process_chunk
 from data_prep.pack import EOS_ID, Packer, pack, sha256_file
-from data_prep.readers import INVALID_REASONS, DataError, RawDoc, read_corpus
+from data_prep.readers import INVALID_REASONS, DataError, RawDoc, expand_corpus, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 from data_prep.wikitext import WikiLink
 from sparsexpert.data.format import FORMAT, MANIFEST, SPLITS, token_dtype
@@ -64,7 +64,9 @@ class PrepConfig:
     """One data_prep run."""
 
     corpus: list[str] = field(default_factory=list)
-    """Corpus files: .txt (one document a line), .jsonl, .parquet, MediaWiki .xml / .xml.bz2."""
+    """Corpus inputs: .txt (one document a line), .jsonl, .parquet, MediaWiki .xml / .xml.bz2; text and
+    JSONL also compressed (.gz, .bz2, .zst); a folder (every corpus file under it, sorted); a folder
+    Hugging Face `datasets` wrote with save_to_disk (streamed from its Arrow files)."""
     output: str = ""
     """Dataset folder to write."""
     kg: str | None = None
@@ -237,8 +239,8 @@ def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[R
     (readers count what they filter or skip, ingest counts empty and duplicate documents). A
     document over max_doc_chars comes out as its pieces (counts["split"], counts["pieces"])."""
     seen: set[bytes] = set()
-    for path in cfg.corpus:
-        for raw in read_corpus(Path(path), cfg.text_field, rejected, cfg.on_error):
+    for path in expand_corpus(cfg.corpus):
+        for raw in read_corpus(path, cfg.text_field, rejected, cfg.on_error):
             counts["in"] += 1
             text = raw.text if raw.links else unicodedata.normalize("NFC", raw.text).strip()
             if not text.strip():
@@ -326,9 +328,7 @@ def load_inputs(cfg: PrepConfig) -> Knowledge:
     from data_prep.kg import check_aliases, read_aliases, read_triples
 
     cfg.validate()
-    for p in cfg.corpus:
-        if not Path(p).is_file():
-            raise DataError(f"{p}: no such corpus file; check the path")
+    expand_corpus(cfg.corpus)  # every input exists; no folder holds files of other types
     triples, aliases, missing = [], None, 0
     if cfg.kg:
         triples = read_triples(cfg.kg)
@@ -771,7 +771,7 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
     manifest = {
         "format": FORMAT,
         "config": {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS},
-        "inputs": [{"path": str(p), "sha256": sha256_file(Path(p))} for p in inputs],
+        "inputs": [{"path": str(p), "sha256": _treesha256_file(Path(p))} for p in inputs],
         "tokenizer": {
             "file": tok.name,
             "type": tok.kind,

@@ -2,6 +2,11 @@
 
 Formats: plain text (one document a line), JSONL (a configurable text field), Parquet (a text
 column) and MediaWiki XML dumps (`.xml`, `.xml.bz2`), whose `[[links]]` become entity mentions.
+Text and JSONL may be compressed (`.gz`, `.bz2`, `.zst`: decompressed while streaming, by pyarrow's
+codecs). A folder stands for every corpus file of a known type under it, in sorted order (a Parquet
+folder, a folder of JSONL shards); a folder that Hugging Face `datasets` wrote with `save_to_disk`
+(a Dataset, or a DatasetDict: its splits in their saved order) is read through `datasets`, which
+memory-maps its Arrow files, a batch of rows at a time.
 A malformed record raises `DataError` naming the file and line and what to do, or, with
 `on_error="skip"`, is counted under its reason and skipped.
 """
@@ -9,6 +14,7 @@ A malformed record raises `DataError` naming the file and line and what to do, o
 from __future__ import annotations
 
 import bz2
+import io
 import json
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -16,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from data_prep.wikitext import WikiLink, strip_wikitext
 
@@ -44,15 +51,82 @@ class RawDoc:
     """The whole document's content hash when this is a piece, so that all pieces go to one split."""
 
 
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
+"""Compressed text and JSONL: suffix -> pyarrow codec."""
+
+CORPUS_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".parquet", ".xml")
+"""What a corpus file in a folder may be called (each also with a COMPRESSION suffix, but Parquet)."""
+
+
+def _compression(path: Path) -> str | None:
+    return COMPRESSION.get(path.suffix.lower())
+
+
 def corpus_format(path: Path) -> str:
+    if is_hf_dataset(path):
+        return "datasets"
     name = path.name.lower()
     if name.endswith((".xml", ".xml.bz2")):
         return "mediawiki"
+    if _compression(path):
+        name = name[: -len(path.suffix)]
     if name.endswith((".jsonl", ".json")):
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
+
+
+def is_hf_dataset(path: Path) -> bool:
+    """A folder Hugging Face `datasets` wrote with save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
+
+
+def _is_corpus_file(path: Path) -> bool:
+    name = path.name.lower()
+    stem = name[: -len(path.suffix)] if _compression(path) else name
+    return stem.endswith(CORPUS_SUFFIXES) and not (stem.endswith(".parquet") and stem != name)
+
+
+def expand_corpus(entries: list[str]) -> list[Path]:
+    """The corpus inputs as the readers take them: a file as it is; a `datasets` folder as it is;
+    any other folder as every corpus file under it, sorted by path (hidden files and folders
+    excluded). A missing input, or a folder holding no corpus file or files of other types, is a
+    DataError naming them and the fix."""
+    out: list[Path] = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_file() or is_hf_dataset(path):
+            out.append(path)
+            continue
+        if not path.is_dir():
+            raise DataError(f"{path}: no such corpus file or folder; check the path")
+        files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+        other = [f for f in files if not _is_corpus_file(f)]
+        if other:
+            raise DataError(
+                f"{path}: a corpus folder holds only corpus files ({', '.join(CORPUS_SUFFIXES)}, text and "
+                f"JSONL also compressed: {', '.join(COMPRESSION)}); it also holds {len(other)} other file(s), "
+                f"e.g. {other[0]}: move them out, or name the corpus files one by one"
+            )
+        if not files:
+            raise DataError(f"{path}: the folder holds no corpus file; check the path")
+        out += files
+    return out
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed while read where its suffix names a codec."""
+    codec = _compression(path)
+    if codec is None:
+        return open(path, "rb")
+    import pyarrow as pa
+
+    return io.BufferedReader(pa.input_stream(str(path), compression=codec))
 
 
 def _bad(rejected: Counter | None, reason: str, message: str) -> None:
@@ -62,8 +136,8 @@ def _bad(rejected: Counter | None, reason: str, message: str) -> None:
 
 
 def read_text(path: Path, rejected: Counter | None) -> Iterator[RawDoc]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    with _open_binary(path) as f:
+        for lineno, raw in _lines(f, path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -75,6 +149,18 @@ def read_text(path: Path, rejected: Counter | None) -> Iterator[RawDoc]:
                 )
                 continue
             yield RawDoc(line, f"{path}:{lineno}")
+
+
+def _lines(f: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a file, with a decompression error named as the file's."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, raw
+    except OSError as e:  # pyarrow's codecs: a truncated or damaged archive
+        raise DataError(
+            f"{path}:{lineno + 1}: cannot decompress ({e}); the archive is damaged or truncated"
+        ) from e
 
 
 def read_jsonl(path: Path, text_field: str, rejected: Counter | None) -> Iterator[RawDoc]:
@@ -154,14 +240,39 @@ def read_mediawiki(path: Path, filtered: Counter) -> Iterator[RawDoc]:
             ) from e
 
 
+def read_hf_dataset(path: Path, text_field: str, rejected: Counter | None) -> Iterator[RawDoc]:
+    """Rows of a `datasets` folder (save_to_disk), a batch at a time from its memory-mapped Arrow
+    files; a DatasetDict's splits in their saved order."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    parts = list(loaded.items()) if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split, ds in parts:
+        where = f"{path}[{split}]" if split is not None else str(path)
+        if text_field not in ds.column_names:
+            raise DataError(f"{where}: no column {text_field!r} (have {ds.column_names}); set --text_field")
+        row = 0
+        for batch in ds.select_columns([text_field]).iter(batch_size=4096):
+            for text in batch[text_field]:
+                row += 1
+                if not isinstance(text, str):
+                    _bad(rejected, "missing_text_field", f"{where}:row {row}: {text_field!r} is not a string")
+                    continue
+                yield RawDoc(text, f"{where}:row {row}")
+
+
 def read_corpus(path: Path, text_field: str, rejected: Counter, on_error: str) -> Iterator[RawDoc]:
-    """Documents of one corpus file; what is filtered or skipped is added to `rejected`."""
+    """Documents of one corpus input (a file, or a `datasets` folder: see `expand_corpus` for other
+    folders); what is filtered or skipped is added to `rejected`."""
+    errors = rejected if on_error == "skip" else None
+    fmt = corpus_format(path)
+    if fmt == "datasets":
+        yield from read_hf_dataset(path, text_field, errors)
+        return
     if not path.is_file():
         raise DataError(f"{path}: no such corpus file; check the path")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; remove it from the inputs")
-    errors = rejected if on_error == "skip" else None
-    fmt = corpus_format(path)
     if fmt == "mediawiki":
         yield from read_mediawiki(path, rejected)
     elif fmt == "jsonl":
