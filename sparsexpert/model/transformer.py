@@ -59,6 +59,26 @@ def apply_rope(x_BHSd: torch.Tensor, cos_Sh: torch.Tensor, sin_Sh: torch.Tensor)
     return out.to(x_BHSd.dtype)
 
 
+class LayerCache:
+    """Keys and values of the positions a layer has already run ([B, H, T, head_dim] each), so that
+    generation runs each new token alone (`Transformer.new_cache`)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys and values followed by these (which are kept for the next call)."""
+        if self.k is not None and self.v is not None:
+            k_BHSd, v_BHSd = torch.cat([self.k, k_BHSd], dim=2), torch.cat([self.v, v_BHSd], dim=2)
+        self.k, self.v = k_BHSd, v_BHSd
+        return k_BHSd, v_BHSd
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,18 +89,35 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(
-        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_BSS: torch.Tensor | None
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask_BST: torch.Tensor | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
+        """mask_BST [B, S, T] (True = may attend) replaces the causal mask; T = S, or with a cache the
+        cached positions and these. With a cache and no mask, the S new positions follow the cached
+        ones causally."""
         B, S, D = x_BSD.shape
         q, k, v = (
             w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
             for w in (self.wq, self.wk, self.wv)
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask_BSS is None:
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.extend(k, v)
+        if mask_BST is not None:  # an explicit visibility mask (True = may attend)
+            y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BST.unsqueeze(1))
+        elif past == 0 or not self.causal:
             y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:  # an explicit visibility mask (True = may attend) replaces the causal one
-            y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BSS.unsqueeze(1))
+        elif S == 1:  # one new position sees every cached one
+            y_BHSd = F.scaled_dot_product_attention(q, k, v)
+        else:  # new position i sees the cached ones and new ones up to i
+            mask_ST = torch.ones(S, past + S, dtype=torch.bool, device=q.device).tril(past)
+            y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ST)
         return self.wo(y_BHSd.transpose(1, 2).reshape(B, S, D))
 
 
@@ -111,9 +148,14 @@ class Block(nn.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -194,14 +236,17 @@ class Backbone(nn.Module):
         attn_mask: torch.Tensor | None = None,
         knowledge: KnowledgeBatch | None = None,
         embed_delta: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(final normalized hidden states [B, S, D], token embeddings [B, S, D]). The router logits
         of this pass are recorded for `router_losses`. embed_delta [B, S, D] is added to the token
         embeddings (adversarial training perturbs them). With model.activation_checkpointing, while
-        training with gradients, each block keeps only its input and runs again in backward."""
+        training with gradients, each block keeps only its input and runs again in backward.
+        cache (`new_cache`, generation): input_ids continue the positions cached so far."""
         B, S = input_ids.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        start = 0 if cache is None else cache[0].length
+        if start + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         recorder = self._router_recorder
         recorder.attach(self.moe_blocks())
         recorder.reset()
@@ -209,7 +254,7 @@ class Backbone(nn.Module):
         emb = self.tok_embeddings(input_ids)
         h = emb if embed_delta is None else emb + embed_delta
         if position_ids is None:
-            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+            cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
         else:
             cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -235,8 +280,12 @@ class Backbone(nn.Module):
                     context_fn=lambda: (contextlib.nullcontext(), recorder.paused()),
                 )
             else:
-                h = layer(h, cos, sin, attn_mask)
+                h = layer(h, cos, sin, attn_mask, None if cache is None else cache[i])
         return self.norm(h), emb
+
+    def new_cache(self) -> list[LayerCache]:
+        """An empty key-value cache, one per layer, for `hidden_states(..., cache=)` (generation)."""
+        return [LayerCache() for _ in self.layers]
 
     def router_losses(
         self, like: torch.Tensor
@@ -309,14 +358,16 @@ class Transformer(Backbone):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         knowledge: KnowledgeBatch | None = None,
+        cache: list[LayerCache] | None = None,
     ) -> ModelOutput:
         """input_ids [B, S]. labels [B, S] (IGNORE_INDEX where unlabelled): for a causal model,
         position t is scored on predicting labels[t+1]; for a masked model, on labels[t].
         targets [B, S]: instead of labels, the token each position must predict, unshifted.
         position_ids [B, S] and attn_mask [B, S, S] (True = may attend): K-BERT injected rows.
-        knowledge: the entity inputs and objectives' data (knowledge fusion)."""
+        knowledge: the entity inputs and objectives' data (knowledge fusion).
+        cache (`new_cache`): generation's key-value cache; attn_mask is then [B, S, cached + S]."""
         h, _ = self.hidden_states(
-            input_ids, position_ids=position_ids, attn_mask=attn_mask, knowledge=knowledge
+            input_ids, position_ids=position_ids, attn_mask=attn_mask, knowledge=knowledge, cache=cache
         )
         logits = self.output(h)
 
