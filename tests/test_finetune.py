@@ -359,3 +359,44 @@ def test_upcycling_a_dense_checkpoint(tmp_path, example_data, wnut):
         experts = moe[f"layers.{layer}.mlp.experts.w1"]
         assert experts.shape[0] == 4  # each started as the dense FFN; two small steps later still close
         assert (experts - dense[f"layers.{layer}.mlp.w1.weight"]).abs().max() < 0.05
+
+
+def test_a_ner_set_saved_by_hugging_face_datasets_fine_tunes(tmp_path, tiny_pretrained, wnut):
+    """conll2003's and wnut_17's layout on disk (integer ner_tags with a ClassLabel): the same
+    predictions file format, with the tag names, as from the CoNLL files."""
+    import datasets
+
+    from sparsexpert.finetune.readers import label_vocab, read_ner
+
+    train, dev = (read_ner(p) for p in wnut)
+    names = label_vocab(t for ex in train + dev for t in ex.tags)
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names)),
+        }
+    )
+
+    def split(examples):
+        rows = {
+            "tokens": [e.tokens for e in examples],
+            "ner_tags": [[names.index(t) for t in e.tags] for e in examples],
+        }
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    datasets.DatasetDict({"train": split(train), "validation": split(dev)}).save_to_disk(str(tmp_path / "hf"))
+    finetune(
+        tmp_path / "ner",
+        tiny_pretrained,
+        *ner_args(
+            tmp_path / "hf" / "train",
+            tmp_path / "hf" / "validation",
+            "--train.max_steps=2",
+            "--train.eval_every=2",
+        ),
+    )
+    res = json.loads((tmp_path / "ner" / "results.json").read_text())
+    assert res["steps"] == 2 and 0 <= res["results"]["ner"]["f1"] <= 1
+    sents = (tmp_path / "ner" / "predictions" / "ner_dev.conll").read_text().strip().split("\n\n")
+    assert len(sents) == len(dev)
+    assert [line.split("\t")[1] for line in sents[0].splitlines()] == dev[0].tags  # gold tags by name

@@ -412,3 +412,53 @@ def test_relation_scores_by_hand():
         "accuracy": 0.5,
     }
     assert relation_scores(["no_relation"], ["no_relation"])["accuracy"] == 1.0
+
+
+def _hf_ner(examples: list[NerExample]):
+    """A `datasets` split in conll2003's and wnut_17's layout: tokens, integer ner_tags, ClassLabel."""
+    import datasets
+
+    names = label_vocab(t for ex in examples for t in ex.tags)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names)),
+        }
+    )
+    rows = {
+        "id": [str(i) for i in range(len(examples))],
+        "tokens": [ex.tokens for ex in examples],
+        "ner_tags": [[names.index(t) for t in ex.tags] for ex in examples],
+    }
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_read_ner_and_classification_saved_by_hugging_face_datasets(tmp_path, wnut16):
+    """A split saved with save_to_disk reads as the same sentences, ClassLabel ids mapped to their
+    names; a DatasetDict's root folder is refused naming its splits."""
+    import datasets
+
+    dd = datasets.DatasetDict({"train": _hf_ner(wnut16["train"][:300]), "validation": _hf_ner(wnut16["dev"])})
+    dd.save_to_disk(str(tmp_path / "wnut"))
+    assert read_ner(tmp_path / "wnut" / "train") == wnut16["train"][:300]
+    assert read_ner(tmp_path / "wnut" / "validation") == wnut16["dev"]
+    with pytest.raises(
+        FinetuneDataError, match=r"wnut: a DatasetDict with the splits \['train', 'validation'\]"
+    ):
+        read_ner(tmp_path / "wnut")
+
+    labels = datasets.ClassLabel(names=["negative", "positive"])
+    cls = datasets.Dataset.from_dict(
+        {"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]},
+        features=datasets.Features({"sentence": datasets.Value("string"), "label": labels}),
+    )
+    cls.save_to_disk(str(tmp_path / "sst"))
+    got = read_classification(tmp_path / "sst", text_field="sentence")
+    assert [(e.text, e.label) for e in got] == [
+        ("good", "positive"),
+        ("bad", "negative"),
+        ("fine", "positive"),
+    ]
+    with pytest.raises(FinetuneDataError, match=r"sst: no column 'text'"):
+        read_classification(tmp_path / "sst")

@@ -1,5 +1,8 @@
 """Readers for fine-tuning data: NER (CoNLL/BIO or JSONL), text classification (JSONL or CSV) and
-relation classification (JSONL with the character spans of two entity mentions).
+relation classification (JSONL with the character spans of two entity mentions). NER and classification
+also read a split that Hugging Face `datasets` saved to disk (`save_to_disk`; e.g. conll2003's or
+wnut_17's layout: `tokens` and integer `ner_tags` whose `ClassLabel` names the tags), mapping class ids
+to their names.
 
 Every reader returns a list of small dataclasses. Bad input raises `FinetuneDataError` naming the
 file, the line and what to change.
@@ -101,10 +104,68 @@ def read_ner(path: str | Path) -> list[NerExample]:
     (columns split at tabs, or at whitespace when the line has no tab), a blank line between sentences,
     `-DOCSTART-` lines skipped, and a last sentence without a closing blank line kept."""
     path = Path(path)
-    examples = list(_read_ner_jsonl(path) if path.suffix == ".jsonl" else _read_conll(path))
+    if path.is_dir():
+        examples = list(_read_ner_dataset(path))
+    else:
+        examples = list(_read_ner_jsonl(path) if path.suffix == ".jsonl" else _read_conll(path))
     if not examples:
         raise _no_examples(path, "sentences")
     return examples
+
+
+def _load_split(path: Path) -> Any:
+    """A `datasets` split saved to disk. A DatasetDict's folder is refused naming its splits (each is
+    a folder of its own: pass one)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise FinetuneDataError(
+            f"{path}: a DatasetDict with the splits {splits}; pass one split's folder, e.g. {path / splits[0]}"
+            if splits
+            else f"{path}: a DatasetDict; pass one split's folder"
+        )
+    if not (path / "dataset_info.json").is_file():
+        raise FinetuneDataError(
+            f"{path}: a folder, but not one Hugging Face datasets saved (no dataset_info.json); give a file "
+            "or a folder written by Dataset.save_to_disk"
+        )
+    import datasets
+
+    return datasets.load_from_disk(str(path))
+
+
+def _class_names(ds: Any, column: str) -> list[str] | None:
+    """The ClassLabel names of a column (or of the items of a list column), if it has them."""
+    import datasets
+
+    feature = ds.features[column]
+    inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) or List(ClassLabel)
+    return list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
+
+
+def _read_ner_dataset(path: Path) -> Iterator[NerExample]:
+    ds = _load_split(path)
+    tags_col = next((c for c in ("ner_tags", "tags") if c in ds.column_names), None)
+    if "tokens" not in ds.column_names or tags_col is None:
+        raise FinetuneDataError(
+            f"{path}: an NER dataset needs the columns 'tokens' and 'ner_tags' (or 'tags'); it has "
+            f"{ds.column_names}"
+        )
+    names = _class_names(ds, tags_col)
+    for row, record in enumerate(ds.select_columns(["tokens", tags_col]), 1):
+        tokens, tags = record["tokens"], record[tags_col]
+        if names is not None:
+            tags = [names[t] for t in tags]
+        if not _is_str_list(tokens) or not _is_str_list(tags):
+            raise FinetuneDataError(
+                f"{path}:row {row}: 'tokens' must be strings and {tags_col!r} strings or ClassLabel ids"
+            )
+        if len(tokens) != len(tags):
+            raise FinetuneDataError(f"{path}:row {row}: {len(tokens)} tokens but {len(tags)} tags")
+        if not tokens:
+            continue  # conll2003 holds empty rows where its -DOCSTART- lines were
+        for tag in tags:
+            _check_tag(path, row, tag)
+        yield NerExample(list(tokens), list(tags))
 
 
 def _read_conll(path: Path) -> Iterator[NerExample]:
@@ -176,7 +237,9 @@ def read_classification(
     """(text, label) examples from a `.jsonl` file (one object a line) or a `.csv` file (a header row
     naming the fields)."""
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if path.is_dir():
+        examples = list(_read_classification_dataset(path, text_field, label_field))
+    elif path.suffix == ".jsonl":
         examples = list(_read_classification_jsonl(path, text_field, label_field))
     elif path.suffix == ".csv":
         examples = list(_read_classification_csv(path, text_field, label_field))
@@ -187,6 +250,25 @@ def read_classification(
     if not examples:
         raise _no_examples(path, "examples")
     return examples
+
+
+def _read_classification_dataset(
+    path: Path, text_field: str, label_field: str
+) -> Iterator[ClassificationExample]:
+    ds = _load_split(path)
+    missing = [c for c in (text_field, label_field) if c not in ds.column_names]
+    if missing:
+        raise FinetuneDataError(
+            f"{path}: no column {missing[0]!r} (have {ds.column_names}); name the text and label fields"
+        )
+    names = _class_names(ds, label_field)
+    for row, record in enumerate(ds.select_columns([text_field, label_field]), 1):
+        text, label = record[text_field], record[label_field]
+        if not isinstance(text, str):
+            raise FinetuneDataError(f"{path}:row {row}: {text_field!r} must be a string")
+        if names is not None and isinstance(label, int):
+            label = names[label]
+        yield ClassificationExample(text, _label(path, row, label, label_field))
 
 
 def _read_classification_jsonl(
