@@ -263,17 +263,3 @@ def test_export_refuses_what_mixtral_cannot_express(change, field):
     with pytest.raises(ConfigError) as e:
         hf_equivalent(cfg)
     assert e.value.field == field
-
-
-def test_import_refuses_grouped_query_attention(tmp_path):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="grouped-query attention"):
-        load_init(tmp_path)

@@ -167,6 +167,35 @@ NATIVE_ONLY_FIELDS = (
 
 
 @dataclass
+class RopeScalingConfig:
+    """Rotary frequencies stretched for contexts longer than pretraining's, as Llama 3.1+ defines it
+    (transformers' rope_type "llama3"): wavelengths under original_max_seq_len / high_freq_factor
+    stay, those over original_max_seq_len / low_freq_factor are divided by `factor`, those between
+    blend smoothly. Imported with a Llama 3.x checkpoint; "none" keeps the plain rotary frequencies."""
+
+    type: str = "none"
+    """ "none" or "llama3"."""
+    factor: float = 8.0
+    """How much the long wavelengths are stretched."""
+    low_freq_factor: float = 1.0
+    """original_max_seq_len / low_freq_factor: the wavelength above which frequencies are divided by factor."""
+    high_freq_factor: float = 4.0
+    """original_max_seq_len / high_freq_factor: the wavelength below which frequencies stay."""
+    original_max_seq_len: int = 8192
+    """The context length the frequencies were first trained for."""
+
+    def validate(self) -> None:
+        if self.type not in ("none", "llama3"):
+            raise ConfigError("model.rope_scaling.type", self.type, 'expected "none" or "llama3"')
+        if self.type == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor):
+            raise ConfigError(
+                "model.rope_scaling.high_freq_factor",
+                self.high_freq_factor,
+                f"must exceed low_freq_factor={self.low_freq_factor} > 0",
+            )
+
+
+@dataclass
 class ModelConfig:
     """A pre-norm decoder (or encoder) transformer: RMSNorm, rotary positions, SwiGLU, MoE blocks."""
 
@@ -178,12 +207,20 @@ class ModelConfig:
     """Transformer blocks."""
     n_heads: int = 4
     """Attention heads; d_model must divide by it."""
+    n_kv_heads: int = 0
+    """Key and value heads (grouped-query attention, as Llama 3, Mistral, Mixtral and Qwen2 have): each
+    serves n_heads / n_kv_heads query heads, which shrinks the key-value projections and cache. 0: as many
+    as n_heads (multi-head attention)."""
+    attention_bias: bool = False
+    """Biases on the query, key and value projections (not the output's), as Qwen2 has."""
     d_ff: int = 256
     """Hidden size of the dense SwiGLU feed-forward layers."""
     max_seq_len: int = 256
     """Longest sequence the rotary cache covers."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding frequencies."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """Stretched rotary frequencies for long contexts (Llama 3.1+); none by default."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm."""
     causal: bool = True
@@ -206,6 +243,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key and value heads: n_kv_heads, or n_heads when that is 0."""
+        return self.n_kv_heads or self.n_heads
 
     @property
     def d_expert_resolved(self) -> int:
@@ -236,6 +278,11 @@ class ModelConfig:
             raise ConfigError(
                 "model.n_heads", self.n_heads, "d_model / n_heads must be even for rotary embeddings"
             )
+        if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+            raise ConfigError(
+                "model.n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads} (0: n_heads)"
+            )
+        self.rope_scaling.validate()
         if not isinstance(self.activation_checkpointing, bool):
             raise ConfigError(
                 "model.activation_checkpointing", self.activation_checkpointing, "expected true or false"

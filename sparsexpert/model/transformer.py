@@ -8,6 +8,7 @@ MoE feed-forward, the backbone and its initialization, the language model.
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sparsexpert.knowledge.modules import KnowledgeBatch, KnowledgeEmbeddings
-from sparsexpert.model.config import ModelConfig
+from sparsexpert.model.config import ModelConfig, RopeScalingConfig
 from sparsexpert.model.moe import (
     MoEBlock,
     RouterLogitsRecorder,
@@ -44,9 +45,22 @@ class RMSNorm(nn.Module):
         return x_f.to(x.dtype) * self.weight
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each [S, head_dim/2]."""
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each [S, head_dim/2] (frequencies stretched as `scaling` says,
+    model.rope_scaling)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    r = scaling
+    if r is not None and r.type == "llama3":  # as transformers' _compute_llama3_parameters
+        wavelen = 2 * math.pi / inv_freq
+        low, high = r.original_max_seq_len / r.low_freq_factor, r.original_max_seq_len / r.high_freq_factor
+        scaled = torch.where(wavelen > low, inv_freq / r.factor, inv_freq)
+        smooth = (r.original_max_seq_len / wavelen - r.low_freq_factor) / (
+            r.high_freq_factor - r.low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / r.factor + smooth * scaled
+        inv_freq = torch.where((wavelen >= high) & (wavelen <= low), blended, scaled)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -80,12 +94,17 @@ class LayerCache:
 
 
 class Attention(nn.Module):
+    """Rotary self-attention; with model.n_kv_heads < n_heads, grouped-query: query head h reads key
+    and value head h // (n_heads / n_kv_heads)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim, self.causal = cfg.n_heads, cfg.head_dim, cfg.causal
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.causal = cfg.causal
+        kv_dim = cfg.kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(
@@ -100,15 +119,18 @@ class Attention(nn.Module):
         cached positions and these. With a cache and no mask, the S new positions follow the cached
         ones causally."""
         B, S, D = x_BSD.shape
-        q, k, v = (
-            w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-            for w in (self.wq, self.wk, self.wv)
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (
+            w(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2) for w in (self.wk, self.wv)
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
-        if cache is not None:
+        if cache is not None:  # keeps the n_kv_heads heads
             past = cache.length
             k, v = cache.extend(k, v)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask_BST is not None:  # an explicit visibility mask (True = may attend)
             y_BHSd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BST.unsqueeze(1))
         elif past == 0 or not self.causal:
@@ -204,7 +226,7 @@ class Backbone(nn.Module):
         self.knowledge = KnowledgeEmbeddings(cfg.d_model, cfg.knowledge) if cfg.knowledge.fusion else None
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._router_recorder = RouterLogitsRecorder()
@@ -214,7 +236,8 @@ class Backbone(nn.Module):
         the rotary tables follow the device but are rebuilt in fp32, as 16-bit tables would shift every
         position's angle (bf16 keeps 3 significant digits of cos/sin). apply_rope computes in fp32."""
         super()._apply(fn, recurse)
-        cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
+        c = self.cfg
+        cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta, c.rope_scaling)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         return self
 
@@ -318,7 +341,7 @@ class Backbone(nn.Module):
             if ".experts." in name:
                 continue
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
-            if name.endswith("residual_coef.bias"):
+            if name.endswith(("residual_coef.bias", "attn.wq.bias", "attn.wk.bias", "attn.wv.bias")):
                 p.zero_()
                 continue
             is_residual_out = name.endswith(("attn.wo.weight", "mlp.w2.weight", "shared_experts.w2.weight"))

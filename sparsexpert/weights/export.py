@@ -88,14 +88,19 @@ def consolidate(path: str | Path, out_dir: str | Path) -> Path:
 
 
 def _rope_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of wq/wk from interleaved pairs (2i, 2i+1) to halves (i, i + d/2), per head."""
-    out_dim, d_in = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, d_in).transpose(1, 2).reshape(out_dim, d_in)
+    """Rows of wq/wk (or entries of their biases) from interleaved pairs (2i, 2i+1) to halves
+    (i, i + d/2), per head."""
+    out_dim = w.shape[0]
+    rows = w.reshape(out_dim, -1)
+    moved = rows.view(n_heads, out_dim // n_heads // 2, 2, -1).transpose(1, 2).reshape(rows.shape)
+    return moved.reshape(w.shape)
 
 
 def _rope_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    out_dim, d_in = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, d_in).transpose(1, 2).reshape(out_dim, d_in)
+    out_dim = w.shape[0]
+    rows = w.reshape(out_dim, -1)
+    moved = rows.view(n_heads, 2, out_dim // n_heads // 2, -1).transpose(1, 2).reshape(rows.shape)
+    return moved.reshape(w.shape)
 
 
 def hf_equivalent(cfg: ModelConfig) -> str:
@@ -104,6 +109,12 @@ def hf_equivalent(cfg: ModelConfig) -> str:
     if not cfg.causal:
         raise ConfigError(
             "model.causal", False, "a bidirectional (masked LM) model has no causal-LM equivalent to export"
+        )
+    if cfg.attention_bias:
+        raise ConfigError(
+            "model.attention_bias",
+            True,
+            "Mixtral and Llama have no biases on the query, key and value projections alone (Qwen2's layout)",
         )
     if m.num_experts == 0:
         return "LlamaForCausalLM"
@@ -151,11 +162,11 @@ def hf_config(cfg: ModelConfig, tok: Any | None) -> Any:
         hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_hf_rope(cfg),
         tie_word_embeddings=cfg.tie_embeddings,
         hidden_act="silu",
         attention_dropout=0.0,
@@ -176,9 +187,23 @@ def hf_config(cfg: ModelConfig, tok: Any | None) -> Any:
     )
 
 
+def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
+    r = cfg.rope_scaling
+    if r.type == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": cfg.rope_theta,
+        "factor": r.factor,
+        "low_freq_factor": r.low_freq_factor,
+        "high_freq_factor": r.high_freq_factor,
+        "original_max_position_embeddings": r.original_max_seq_len,
+    }
+
+
 def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our parameter names and layouts -> transformers' Mixtral/Llama ones."""
-    H = cfg.n_heads
+    H, KV = cfg.n_heads, cfg.kv_heads
     out = {
         "model.embed_tokens.weight": state["tok_embeddings.weight"],
         "model.norm.weight": state["norm.weight"],
@@ -190,7 +215,7 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         out[d + "input_layernorm.weight"] = state[s + "attn_norm.weight"]
         out[d + "post_attention_layernorm.weight"] = state[s + "ffn_norm.weight"]
         out[d + "self_attn.q_proj.weight"] = _rope_to_hf(state[s + "attn.wq.weight"], H)
-        out[d + "self_attn.k_proj.weight"] = _rope_to_hf(state[s + "attn.wk.weight"], H)
+        out[d + "self_attn.k_proj.weight"] = _rope_to_hf(state[s + "attn.wk.weight"], KV)
         out[d + "self_attn.v_proj.weight"] = state[s + "attn.wv.weight"]
         out[d + "self_attn.o_proj.weight"] = state[s + "attn.wo.weight"]
         if cfg.is_moe_layer(i):
@@ -322,9 +347,15 @@ def save_hf(
 def _hf_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
     """Our config for a Hugging Face Mixtral or Llama config; anything we cannot match is refused."""
     kind = hf.get("model_type")
-    if kind not in ("mixtral", "llama", "mistral"):
+    if kind not in ("mixtral", "llama", "mistral", "qwen2"):
         raise ValueError(
-            f"{where}/config.json: model_type {kind!r}; sparsexpert imports mixtral (MoE) and llama/mistral (dense)"
+            f"{where}/config.json: model_type {kind!r}; sparsexpert imports mixtral (MoE) and llama, "
+            "mistral, qwen2 (dense)"
+            + (
+                "; qwen3's per-head RMSNorm of queries and keys (q_norm, k_norm) has no equivalent here"
+                if kind == "qwen3"
+                else ""
+            )
         )
 
     def need(ok: bool, what: str) -> None:
@@ -332,19 +363,28 @@ def _hf_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
             raise ValueError(f"{where}/config.json: {what}; sparsexpert's model has no equivalent")
 
     heads = hf["num_attention_heads"]
-    need(
-        hf.get("num_key_value_heads", heads) == heads, "grouped-query attention (num_key_value_heads < heads)"
-    )
-    need(not hf.get("attention_bias") and not hf.get("mlp_bias"), "biases in attention or MLP")
+    kv_heads = hf.get("num_key_value_heads") or heads
+    need(heads % kv_heads == 0, f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
+    # Llama's attention_bias puts a bias on the output projection too; Qwen2's is on q, k, v only
+    need(kind == "qwen2" or not hf.get("attention_bias"), "a bias on the attention output projection")
+    need(not hf.get("mlp_bias"), "biases in the MLP")
     need(hf.get("hidden_act", "silu") == "silu", f"activation {hf.get('hidden_act')}")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     need(head_dim * heads == hf["hidden_size"], "head_dim * heads != hidden_size")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    need(rope.get("rope_type", rope.get("type", "default")) == "default", f"rope scaling {rope}")
-    need(
-        not hf.get("sliding_window") or hf["sliding_window"] >= hf["max_position_embeddings"],
-        "sliding-window attention",
-    )
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    need(rope_type in ("default", "llama3"), f"rope scaling of type {rope_type!r} (llama3 is supported)")
+    scaling: dict[str, Any] = {"type": "none"}
+    if rope_type == "llama3":
+        scaling = {
+            "type": "llama3",
+            "factor": float(rope["factor"]),
+            "low_freq_factor": float(rope["low_freq_factor"]),
+            "high_freq_factor": float(rope["high_freq_factor"]),
+            "original_max_seq_len": int(rope["original_max_position_embeddings"]),
+        }
+    windowed = hf.get("use_sliding_window", kind != "qwen2") and hf.get("sliding_window")
+    need(not windowed or hf["sliding_window"] >= hf["max_position_embeddings"], "sliding-window attention")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     moe = {"num_experts": 0}
     if kind == "mixtral":
@@ -356,6 +396,9 @@ def _hf_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
             "d_model": hf["hidden_size"],
             "n_layers": hf["num_hidden_layers"],
             "n_heads": heads,
+            "n_kv_heads": kv_heads if kv_heads != heads else 0,
+            "attention_bias": kind == "qwen2",
+            "rope_scaling": scaling,
             "d_ff": hf["intermediate_size"],
             "max_seq_len": hf["max_position_embeddings"],
             "rope_theta": float(theta),
@@ -369,7 +412,7 @@ def _hf_model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
 def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """transformers' Mixtral/Llama names and layouts -> ours (the inverse of to_hf_state). Also reads
     the per-expert layout older Mixtral files use (block_sparse_moe.experts.e.w1/w2/w3)."""
-    H = cfg.n_heads
+    H, KV = cfg.n_heads, cfg.kv_heads
     g = hf_state.__getitem__
     out = {"tok_embeddings.weight": g("model.embed_tokens.weight"), "norm.weight": g("model.norm.weight")}
     out["output.weight"] = g("model.embed_tokens.weight") if cfg.tie_embeddings else g("lm_head.weight")
@@ -378,8 +421,12 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         out[s + "attn_norm.weight"] = g(d + "input_layernorm.weight")
         out[s + "ffn_norm.weight"] = g(d + "post_attention_layernorm.weight")
         out[s + "attn.wq.weight"] = _rope_from_hf(g(d + "self_attn.q_proj.weight"), H)
-        out[s + "attn.wk.weight"] = _rope_from_hf(g(d + "self_attn.k_proj.weight"), H)
+        out[s + "attn.wk.weight"] = _rope_from_hf(g(d + "self_attn.k_proj.weight"), KV)
         out[s + "attn.wv.weight"] = g(d + "self_attn.v_proj.weight")
+        if cfg.attention_bias:  # Qwen2
+            out[s + "attn.wq.bias"] = _rope_from_hf(g(d + "self_attn.q_proj.bias"), H)
+            out[s + "attn.wk.bias"] = _rope_from_hf(g(d + "self_attn.k_proj.bias"), KV)
+            out[s + "attn.wv.bias"] = g(d + "self_attn.v_proj.bias")
         out[s + "attn.wo.weight"] = g(d + "self_attn.o_proj.weight")
         if cfg.is_moe_layer(i):
             if d + "mlp.experts.gate_up_proj" in hf_state:
@@ -491,6 +538,9 @@ _ARCH_FIELDS = (
     "d_model",
     "n_layers",
     "n_heads",
+    "n_kv_heads",
+    "attention_bias",
+    "rope_scaling",
     "d_ff",
     "max_seq_len",
     "rope_theta",
