@@ -16,6 +16,7 @@ News + Nations: link prediction on the Nations test split, filtered against ever
 
 Two processes (of a run trained on any number):
     deepspeed --num_gpus 2 launcher/evaluate.py --run runs/pretrain2 --probe_world runs/pretrain2/data_raw
+    torchrun --nproc_per_node 2 launcher/evaluate.py --run_dir runs/pretrain2   # --run is torchrun's --run-path
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", required=True, help="a pretraining output folder (with checkpoints/)")
+    parser.add_argument(
+        "--run",
+        "--run_dir",
+        dest="run",
+        required=True,
+        help="a pretraining output folder (with checkpoints/); under torchrun write --run_dir (torchrun's own "
+        "parser takes --run for its --run-path)",
+    )
     parser.add_argument(
         "--probe_world", help="the built-in world's raw folder (kg.tsv, heldout.tsv, aliases.tsv)"
     )
