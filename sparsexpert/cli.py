@@ -29,6 +29,7 @@ import difflib
 import functools
 import inspect
 import json
+import os
 import re
 import textwrap
 import types
@@ -329,12 +330,16 @@ def parser(doc: str | None, cls: type | None, ds: bool, prog: str | None = None)
         allow_abbrev=False,
     )
     if ds:
+        # `accelerate launch --use_deepspeed --deepspeed_config_file F` hands F on in this variable
+        from_accelerate = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         p.add_argument(
             "--ds_config",
             "--deepspeed_config",
             dest="ds_config",
-            required=True,
-            help="DeepSpeed JSON (see ds_configs/); --ds.<path>=VALUE overrides its settings",
+            required=not from_accelerate,
+            default=from_accelerate,
+            help="DeepSpeed JSON (see ds_configs/); --ds.<path>=VALUE overrides its settings. Under "
+            "`accelerate launch --use_deepspeed --deepspeed_config_file F`, F when not given",
         )
     if cls is not None:
         p.add_argument(

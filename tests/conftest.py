@@ -40,8 +40,8 @@ TINY_MODEL = [
 ]
 
 
-SLOWEST_FIRST = ("test_readme.py", "test_gpu_smoke.py")
-"""The files that take longest (about 5 and 2.5 minutes on 2 cores), collected first."""
+SLOWEST_FIRST = ("test_readme.py", "test_gpu_smoke.py", "test_launchers.py")
+"""The files that take longest (about 5, 2.5 and 1.5 minutes on 2 cores), collected first."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,6 +1,7 @@
-"""Launchers other than DeepSpeed's: `torchrun` (what many clusters use) starts every entry point as
-`deepspeed` does. Two processes, experts split over both: pretraining gives the losses the `deepspeed`
-launcher gives, then evaluation and fine-tuning run on its checkpoint."""
+"""Launchers other than DeepSpeed's: `torchrun` (what many clusters use) and `accelerate launch` with its
+DeepSpeed plugin (how Hugging Face users start DeepSpeed jobs) start every entry point as `deepspeed`
+does. Two processes, experts split over both: pretraining gives the losses the `deepspeed` launcher
+gives, then evaluation and fine-tuning run on its checkpoint."""
 
 from __future__ import annotations
 
@@ -16,7 +17,34 @@ def torchrun(script: str, *args: str) -> list[str]:
     return [launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), script, *args]
 
 
-def test_torchrun_runs_pretraining_evaluation_and_fine_tuning(tmp_path, example_data, shared_data):
+def accelerate(script: str, ds_config: str, *args: str) -> list[str]:
+    """`accelerate launch` with its DeepSpeed plugin pointing at our JSON (no --ds_config: the entry
+    point takes the plugin's file)."""
+    launcher = str(Path(sys.executable).with_name("accelerate"))
+    return [
+        launcher,
+        "launch",
+        "--use_deepspeed",
+        "--deepspeed_config_file",
+        ds_config,
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        script,
+        *args,
+    ]
+
+
+def test_torchrun_and_accelerate_run_pretraining_evaluation_and_fine_tuning(
+    tmp_path, example_data, shared_data
+):
     common = [
         *TINY_MODEL,
         "--model.moe.ep_size=2",
@@ -58,3 +86,12 @@ def test_torchrun_runs_pretraining_evaluation_and_fine_tuning(tmp_path, example_
     )
     run_cmd(cmd, ft)
     assert json.loads((ft / "results.json").read_text())["steps"] == 2
+
+    acc = tmp_path / "accelerate"
+    run = run_cmd(accelerate("launcher/pretrain.py", ds, "--output_dir", str(acc), *common), acc)
+    assert run.losses() == reference.losses()
+    ft2 = tmp_path / "ner_accelerate"
+    ft_args = cmd[cmd.index("--init") :]
+    ft_args[ft_args.index("--output_dir") + 1] = str(ft2)
+    run_cmd(accelerate("launcher/finetune.py", ds, *ft_args), ft2)
+    assert json.loads((ft2 / "results.json").read_text())["steps"] == 2
