@@ -298,9 +298,134 @@ def export_tokenizer(tokenizer_path: Path, out_dir: Path) -> None:
 
 
 def export_hf(path: str | Path, out_dir: str | Path, log=print) -> Path:
-    """A checkpoint (or consolidated folder) -> a Hugging Face model folder with its tokenizer."""
+    """A checkpoint (or consolidated folder) -> a Hugging Face model folder with its tokenizer. A
+    fine-tuning checkpoint's language model goes to out_dir as before, and each task whose head
+    transformers computes the same way to out_dir/<task> (`save_task_hf`); the others are named with
+    the reason."""
     init = load_init(path)
-    return save_hf(init.cfg, init.state, init.tokenizer, out_dir, log)
+    tasks = _finetune_tasks(path)
+    state = {k: v for k, v in init.state.items() if not k.startswith(("heads.", "task_embeddings."))}
+    if tasks:
+        log(
+            f"export: {path} is a fine-tuning checkpoint: its language model -> {out_dir}; its task heads "
+            f"({', '.join(t['name'] for t in tasks)}) as task models beside it, where transformers has one"
+        )
+    out = save_hf(init.cfg, state, init.tokenizer, out_dir, log)
+    written = 0
+    for task in tasks:
+        try:
+            save_task_hf(
+                init.cfg, init.state, init.tokenizer, task, _run_of(path), Path(out_dir) / task["name"], log
+            )
+            written += 1
+        except ConfigError as e:
+            log(f"export: task {task['name']!r} ({task['kind']}) is not exported: {e}")
+    if tasks and not written:
+        log("export: no task model written: transformers has no head that computes any of these tasks' heads")
+    return out
+
+
+def _finetune_tasks(path: str | Path) -> list[dict[str, Any]]:
+    """The tasks (name, kind, labels) of a fine-tuning checkpoint; [] for anything else."""
+    p = Path(path)
+    if (
+        (p / CONSOLIDATED_META).is_file()
+        or (p / "config.json").is_file()
+        and not (p / "checkpoints").is_dir()
+    ):
+        return []
+    meta = json.loads((checkpoint.resolve_tag(p) / checkpoint.META).read_text())
+    return list(meta.get("tasks") or []) if meta.get("kind") == "finetune" else []
+
+
+def _run_of(path: str | Path) -> dict[str, Any]:
+    return json.loads((checkpoint.resolve_tag(Path(path)) / checkpoint.META).read_text()).get("run", {})
+
+
+def save_task_hf(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    tok_path: Path | None,
+    task: dict[str, Any],
+    run: dict[str, Any],
+    out_dir: Path,
+    log=print,
+) -> Path:
+    """One fine-tuned task as a transformers model AutoModelForTokenClassification loads without
+    trust_remote_code: Mixtral/LlamaForTokenClassification computes our NER head exactly (the last
+    hidden state, then a linear layer with bias, causal attention), with id2label/label2id and a
+    tokenizer that starts every text with the token fine-tuning put first. Refused (ConfigError, with
+    the reason) where transformers computes something else: sequence classification (ours averages the
+    hidden states over the text, transformers' *ForSequenceClassification reads the last token),
+    relation classification (the entity markers' states), a bidirectional fine-tune (transformers'
+    Mixtral and Llama attend causally), task-aware routing (its task embedding has no place there)."""
+    import transformers
+
+    from data_prep.tokenizer import load_tokenizer
+
+    name, kind, labels = task["name"], task["kind"], list(task["labels"])
+    if kind == "classification":
+        raise ConfigError(
+            "task.kind",
+            kind,
+            "our head averages the hidden states over the text; transformers' *ForSequenceClassification "
+            "reads the last token's, so no transformers class computes it",
+        )
+    if kind == "relation":
+        raise ConfigError(
+            "task.kind",
+            kind,
+            "our head reads the states at the [E1] and [E2] markers; transformers has no such head",
+        )
+    if run.get("bidirectional"):
+        raise ConfigError(
+            "bidirectional",
+            True,
+            "fine-tuned with bidirectional attention; transformers' Mixtral and Llama attend causally",
+        )
+    if run.get("task_aware_routing"):
+        raise ConfigError(
+            "task_aware_routing",
+            True,
+            "its task embedding is added to the inputs; transformers has no place for it",
+        )
+    arch = hf_equivalent(cfg).replace("ForCausalLM", "ForTokenClassification")
+    tok = load_tokenizer(tok_path) if tok_path is not None else None
+    hf_cfg = hf_config(cfg, tok)
+    hf_cfg.num_labels = len(labels)
+    hf_cfg.id2label = dict(enumerate(labels))
+    hf_cfg.label2id = {lab: i for i, lab in enumerate(labels)}
+    with torch.device("meta"):
+        model = getattr(transformers, arch)(hf_cfg)
+    lm = {k: v for k, v in state.items() if not k.startswith(("heads.", "knowledge.", "task_embeddings."))}
+    hf_state = {k: v for k, v in to_hf_state(lm, cfg).items() if k != "lm_head.weight"}
+    hf_state["score.weight"] = state[f"heads.{name}.weight"]
+    hf_state["score.bias"] = state[f"heads.{name}.bias"]
+    missing, unexpected = model.load_state_dict(hf_state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"export to {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    if tok_path is not None and tok is not None:
+        export_tokenizer(Path(tok_path), out_dir)
+        # fine-tuning puts the tokenizer's BOS (else its EOS) before every text: so must the pipeline
+        first = tok.bos_id if tok.bos_id is not None and tok.bos_id >= 0 else tok.eos_id
+        _prepend_token(out_dir, first)
+    log(f"export: task {name!r} as {arch} ({len(labels)} labels) -> {out_dir}")
+    return out_dir
+
+
+def _prepend_token(folder: Path, token_id: int) -> None:
+    """tokenizer.json's post-processor puts `token_id` before every text (add_special_tokens=True)."""
+    from tokenizers import Tokenizer, processors
+
+    path = folder / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    piece = tok.id_to_token(token_id)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{piece} $A", pair=f"{piece} $A $B", special_tokens=[(piece, token_id)]
+    )
+    tok.save(str(path))
 
 
 def save_hf(
