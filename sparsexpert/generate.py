@@ -48,7 +48,7 @@ def load_model(
             f"generate: {path} is a fine-tuning checkpoint: generating with its language model, without its task heads ({', '.join(heads)})"
         )
     model = Transformer(cfg)
-    load_state(model, state, str(path), skip=("heads.",))
+    load_state(model, state, str(path), skip=("heads.", "task_embeddings."))  # task-aware routing's too
     model = _device.guard(model.to(_device.resolve(device)).eval(), "generation model")
     return model, (load_tokenizer(tok_path) if tok_path is not None else None)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +303,7 @@ def export_hf(path: str | Path, out_dir: str | Path, log=print) -> Path:
     transformers computes the same way to out_dir/<task> (`save_task_hf`); the others are named with
     the reason."""
     init = load_init(path)
-    tasks = _finetune_tasks(path)
+    tasks = list(init.meta.get("tasks") or []) if init.meta.get("kind") == "finetune" else []
     state = {k: v for k, v in init.state.items() if not k.startswith(("heads.", "task_embeddings."))}
     if tasks:
         log(
@@ -315,7 +315,13 @@ def export_hf(path: str | Path, out_dir: str | Path, log=print) -> Path:
     for task in tasks:
         try:
             save_task_hf(
-                init.cfg, init.state, init.tokenizer, task, _run_of(path), Path(out_dir) / task["name"], log
+                init.cfg,
+                init.state,
+                init.tokenizer,
+                task,
+                init.meta.get("run", {}),
+                Path(out_dir) / task["name"],
+                log,
             )
             written += 1
         except ConfigError as e:
@@ -323,23 +329,6 @@ def export_hf(path: str | Path, out_dir: str | Path, log=print) -> Path:
     if tasks and not written:
         log("export: no task model written: transformers has no head that computes any of these tasks' heads")
     return out
-
-
-def _finetune_tasks(path: str | Path) -> list[dict[str, Any]]:
-    """The tasks (name, kind, labels) of a fine-tuning checkpoint; [] for anything else."""
-    p = Path(path)
-    if (
-        (p / CONSOLIDATED_META).is_file()
-        or (p / "config.json").is_file()
-        and not (p / "checkpoints").is_dir()
-    ):
-        return []
-    meta = json.loads((checkpoint.resolve_tag(p) / checkpoint.META).read_text())
-    return list(meta.get("tasks") or []) if meta.get("kind") == "finetune" else []
-
-
-def _run_of(path: str | Path) -> dict[str, Any]:
-    return json.loads((checkpoint.resolve_tag(Path(path)) / checkpoint.META).read_text()).get("run", {})
 
 
 def save_task_hf(
@@ -634,6 +623,8 @@ class Initial:
     """The tokenizer beside the weights (a SentencePiece file or a folder with tokenizer.json)."""
     source: str
     """Where the weights came from, for the log."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """The checkpoint's sparsexpert.json (empty for a consolidated or Hugging Face folder)."""
 
 
 def load_init(path: str | Path) -> Initial:
@@ -654,7 +645,7 @@ def load_init(path: str | Path) -> Initial:
     tag = checkpoint.resolve_tag(p)
     state, meta = deepspeed_formats.load_weights(tag)
     src = f"{tag} (step {meta.get('step')})"
-    return Initial(model_config_of(meta), state, _tokenizer_in(tag), src)
+    return Initial(model_config_of(meta), state, _tokenizer_in(tag), src, meta)
 
 
 # Fields that describe the network's shape: a run starting from `train.init` takes them from there.
