@@ -64,8 +64,8 @@ class PrepConfig:
     """One data_prep run."""
 
     corpus: list[str] = field(default_factory=list)
-    """Corpus inputs: .txt (one document a line), .jsonl, .parquet, MediaWiki .xml / .xml.bz2; text and
-    JSONL also compressed (.gz, .bz2, .zst); a folder (every corpus file under it, sorted); a folder
+    """Corpus inputs: .txt (one document a line), .jsonl, .parquet, MediaWiki .xml / .xml.bz2; text,
+    JSONL and dumps also compressed (.gz, .bz2, .zst); a folder (every corpus file under it, sorted); a folder
     Hugging Face `datasets` wrote with save_to_disk (streamed from its Arrow files)."""
     output: str = ""
     """Dataset folder to write."""

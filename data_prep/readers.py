@@ -2,8 +2,7 @@
 
 Formats: plain text (one document a line), JSONL (a configurable text field), Parquet (a text
 column) and MediaWiki XML dumps (`.xml`, `.xml.bz2`), whose `[[links]]` become entity mentions.
-Text and JSONL may be compressed (`.gz`, `.bz2`, `.zst`: decompressed while streaming, by pyarrow's
-codecs). A folder stands for every corpus file of a known type under it, in sorted order (a Parquet
+Text, JSONL and dumps may be compressed (`.gz`, `.bz2`, `.zst`: decompressed while streaming). A folder stands for every corpus file of a known type under it, in sorted order (a Parquet
 folder, a folder of JSONL shards); a folder that Hugging Face `datasets` wrote with `save_to_disk`
 (a Dataset, or a DatasetDict: its splits in their saved order) is read through `datasets`, which
 memory-maps its Arrow files, a batch of rows at a time.
@@ -14,6 +13,7 @@ A malformed record raises `DataError` naming the file and line and what to do, o
 from __future__ import annotations
 
 import bz2
+import gzip
 import io
 import json
 import unicodedata
@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from data_prep.wikitext import WikiLink, strip_wikitext
 
@@ -55,7 +55,7 @@ COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
 """Compressed text and JSONL: suffix -> pyarrow codec."""
 
 CORPUS_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".parquet", ".xml")
-"""What a corpus file in a folder may be called (each also with a COMPRESSION suffix, but Parquet)."""
+"""What a corpus file in a folder may be called (each also with a COMPRESSION suffix, Parquet excepted)."""
 
 
 def _compression(path: Path) -> str | None:
@@ -66,10 +66,10 @@ def corpus_format(path: Path) -> str:
     if is_hf_dataset(path):
         return "datasets"
     name = path.name.lower()
-    if name.endswith((".xml", ".xml.bz2")):
-        return "mediawiki"
     if _compression(path):
         name = name[: -len(path.suffix)]
+    if name.endswith(".xml"):
+        return "mediawiki"
     if name.endswith((".jsonl", ".json")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -120,10 +120,16 @@ def expand_corpus(entries: list[str]) -> list[Path]:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
-    """The file's bytes, decompressed while read where its suffix names a codec."""
+    """The file's bytes, decompressed while read where its suffix names a codec: gzip and bz2 by the
+    standard library (which reads every member of a multi-member file, as pigz and pbzip2 write them),
+    zstd by pyarrow's codec."""
     codec = _compression(path)
     if codec is None:
         return open(path, "rb")
+    if codec == "gzip":
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    if codec == "bz2":
+        return bz2.open(path, "rb")
     import pyarrow as pa
 
     return io.BufferedReader(pa.input_stream(str(path), compression=codec))
@@ -157,7 +163,7 @@ def _lines(f: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         for lineno, raw in enumerate(f, 1):
             yield lineno, raw
-    except OSError as e:  # pyarrow's codecs: a truncated or damaged archive
+    except (OSError, EOFError) as e:  # a truncated or damaged archive
         raise DataError(
             f"{path}:{lineno + 1}: cannot decompress ({e}); the archive is damaged or truncated"
         ) from e
@@ -209,8 +215,7 @@ def read_parquet(path: Path, text_field: str, rejected: Counter | None) -> Itera
 def read_mediawiki(path: Path, filtered: Counter) -> Iterator[RawDoc]:
     """Stream <page>s of a dump; articles (namespace 0) that are not redirects become documents.
     Other pages are not errors: they are counted in `filtered` by reason."""
-    opener = bz2.open if path.name.lower().endswith(".bz2") else open
-    with opener(path, "rb") as f:
+    with _open_binary(path) as f:
         title = ns = None
         redirect = False
         try:
