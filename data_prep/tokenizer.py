@@ -141,6 +141,12 @@ class HuggingFaceTokenizer:
         return offsets[:, 0], offsets[:, 1]
 
 
+def text_start_id(tok: SentencePieceTokenizer | HuggingFaceTokenizer) -> int:
+    """The token put before every fine-tuning text (and so before every text of an exported task
+    model): the tokenizer's BOS, else its EOS (a document boundary, as in the packed training rows)."""
+    return tok.bos_id if tok.bos_id is not None and tok.bos_id >= 0 else tok.eos_id
+
+
 def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | HuggingFaceTokenizer:
     path = Path(path)
     if path.is_dir():

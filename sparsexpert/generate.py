@@ -24,7 +24,7 @@ import torch
 from sparsexpert.distributed import device as _device
 from sparsexpert.harness import load_state
 from sparsexpert.model.transformer import Transformer
-from sparsexpert.weights.export import load_init
+from sparsexpert.weights.export import TASK_ONLY, load_init
 
 if TYPE_CHECKING:
     from data_prep.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
@@ -48,7 +48,7 @@ def load_model(
             f"generate: {path} is a fine-tuning checkpoint: generating with its language model, without its task heads ({', '.join(heads)})"
         )
     model = Transformer(cfg)
-    load_state(model, state, str(path), skip=("heads.", "task_embeddings."))  # task-aware routing's too
+    load_state(model, state, str(path), skip=TASK_ONLY)
     model = _device.guard(model.to(_device.resolve(device)).eval(), "generation model")
     return model, (load_tokenizer(tok_path) if tok_path is not None else None)
 

@@ -177,6 +177,30 @@ def pretrain(
     return run_cmd(cmd, out, timeout=timeout, check=check)
 
 
+def finetune_briefly(out: Path, init: Path, task: str, train: Path, dev: Path) -> Run:
+    """Two fine-tuning steps of `task` from `init` (one process, moe_z2.json), dev evaluated at the end:
+    for the tests that only need a fine-tuning checkpoint to start from."""
+    cmd = deepspeed_cmd(
+        1,
+        "launcher/finetune.py",
+        "--ds_config",
+        str(REPO / "ds_configs" / "moe_z2.json"),
+        "--init",
+        str(init),
+        "--task",
+        task,
+        "--train",
+        str(train),
+        "--dev",
+        str(dev),
+        "--output_dir",
+        str(out),
+        "--train.max_steps=2",
+        "--train.eval_every=2",
+    )
+    return run_cmd(cmd, out)
+
+
 def write_ds_config(path: Path, base: str = "moe_z2.json", **changes) -> Path:
     """A copy of ds_configs/<base> with top-level keys replaced (e.g. gradient_clipping=0.0)."""
     cfg = json.loads((REPO / "ds_configs" / base).read_text())

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import deepspeed_cmd, run_cmd
+from conftest import finetune_briefly, run_cmd
 
 from sparsexpert.distributed import device as _device
 from sparsexpert.generate import generate, generate_batch, load_model
@@ -87,27 +87,7 @@ def test_a_fine_tuning_checkpoint_generates_with_its_language_model(tmp_path, ti
     data = tmp_path / "cls.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ft = tmp_path / "ft"
-    run_cmd(
-        deepspeed_cmd(
-            1,
-            "launcher/finetune.py",
-            "--ds_config",
-            "ds_configs/moe_z2.json",
-            "--init",
-            str(tiny_pretrained),
-            "--task",
-            "classification",
-            "--train",
-            str(data),
-            "--dev",
-            str(data),
-            "--output_dir",
-            str(ft),
-            "--train.max_steps=2",
-            "--train.eval_every=2",
-        ),
-        ft,
-    )
+    finetune_briefly(ft, tiny_pretrained, "classification", data, data)
     said = []
     model, tok = load_model(str(ft / "best"), "cpu", log=said.append)
     assert tok is not None and "without its task heads (classification)" in said[0]

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import transformers
-from conftest import deepspeed_cmd, run_cmd
+from conftest import finetune_briefly
 
-from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer import load_tokenizer, text_start_id
 from sparsexpert.finetune.config import TaskConfig
 from sparsexpert.finetune.data import encode
 from sparsexpert.finetune.model import TaskModel, TaskSpec
@@ -40,25 +40,7 @@ def test_ner_exports_as_a_token_classification_model_the_pipeline_agrees_with(
     dev_file = shared_data / "ner" / "wnut16" / "dev.conll"
     dev = read_ner(dev_file)
     ft = tmp_path / "ft"
-    cmd = deepspeed_cmd(
-        1,
-        "launcher/finetune.py",
-        "--ds_config",
-        "ds_configs/moe_z2.json",
-        "--init",
-        str(tiny_pretrained),
-        "--task",
-        "ner",
-        "--train",
-        str(dev_file),
-        "--dev",
-        str(dev_file),
-        "--output_dir",
-        str(ft),
-        "--train.max_steps=2",
-        "--train.eval_every=2",
-    )
-    run_cmd(cmd, ft)
+    finetune_briefly(ft, tiny_pretrained, "ner", dev_file, dev_file)
     said: list[str] = []
     export_hf(ft / "best", tmp_path / "hf", log=said.append)
     assert any("task 'ner' as MixtralForTokenClassification" in s for s in said), said
@@ -70,8 +52,9 @@ def test_ner_exports_as_a_token_classification_model_the_pipeline_agrees_with(
 
     init = load_init(ft / "best")
     tok = load_tokenizer(init.tokenizer)
-    bos = tok.bos_id if tok.bos_id is not None and tok.bos_id >= 0 else tok.eos_id
-    enc = encode(TaskConfig(name="ner"), dev, labels, tok, bos, init.cfg.max_seq_len, str(dev_file))
+    enc = encode(
+        TaskConfig(name="ner"), dev, labels, tok, text_start_id(tok), init.cfg.max_seq_len, str(dev_file)
+    )
     # our predictions file, word by word, against the pipeline's label of each word's first piece
     rows = [x.splitlines() for x in (ft / "predictions" / "ner_dev.conll").read_text().strip().split("\n\n")]
     ours = [[r.split("\t")[2] for r in x] for x in rows]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_prep.readers import is_hf_dataset
+
 NER_TAG = re.compile(r"O|[BI]-\S+")
 TAG_HELP = "tags must be 'O', 'B-<type>' or 'I-<type>' (BIO/IOB2)"
 
@@ -123,7 +125,7 @@ def _load_split(path: Path) -> Any:
             if splits
             else f"{path}: a DatasetDict; pass one split's folder"
         )
-    if not (path / "dataset_info.json").is_file():
+    if not is_hf_dataset(path):
         raise FinetuneDataError(
             f"{path}: a folder, but not one Hugging Face datasets saved (no dataset_info.json); give a file "
             "or a folder written by Dataset.save_to_disk"

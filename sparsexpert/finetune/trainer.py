@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.tokenizer import text_start_id
 from sparsexpert.config import ConfigError
 from sparsexpert.distributed import comm, parallel
 from sparsexpert.distributed import device as _device
@@ -95,7 +96,7 @@ class Finetuner:
         self.max_len = cfg.max_len or model_cfg.max_seq_len
         if self.max_len > model_cfg.max_seq_len:
             raise ConfigError("max_len", cfg.max_len, f"must be <= model.max_seq_len={model_cfg.max_seq_len}")
-        bos = self.tok.bos_id if self.tok.bos_id is not None and self.tok.bos_id >= 0 else self.tok.eos_id
+        bos = text_start_id(self.tok)
         self.pad_id = self.tok.pad_id if self.tok.pad_id is not None else self.tok.eos_id
 
         # Tasks and data.

@@ -304,7 +304,7 @@ def export_hf(path: str | Path, out_dir: str | Path, log=print) -> Path:
     the reason."""
     init = load_init(path)
     tasks = list(init.meta.get("tasks") or []) if init.meta.get("kind") == "finetune" else []
-    state = {k: v for k, v in init.state.items() if not k.startswith(("heads.", "task_embeddings."))}
+    state = {k: v for k, v in init.state.items() if not k.startswith(TASK_ONLY)}
     if tasks:
         log(
             f"export: {path} is a fine-tuning checkpoint: its language model -> {out_dir}; its task heads "
@@ -331,6 +331,11 @@ def export_hf(path: str | Path, out_dir: str | Path, log=print) -> Path:
     return out
 
 
+TASK_ONLY = ("heads.", "task_embeddings.")
+"""Parameters a fine-tuning checkpoint holds beyond the language model: the task heads, and task-aware
+routing's task embedding."""
+
+
 def save_task_hf(
     cfg: ModelConfig,
     state: dict[str, torch.Tensor],
@@ -350,7 +355,7 @@ def save_task_hf(
     Mixtral and Llama attend causally), task-aware routing (its task embedding has no place there)."""
     import transformers
 
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer, text_start_id
 
     name, kind, labels = task["name"], task["kind"], list(task["labels"])
     if kind == "classification":
@@ -386,7 +391,7 @@ def save_task_hf(
     hf_cfg.label2id = {lab: i for i, lab in enumerate(labels)}
     with torch.device("meta"):
         model = getattr(transformers, arch)(hf_cfg)
-    lm = {k: v for k, v in state.items() if not k.startswith(("heads.", "knowledge.", "task_embeddings."))}
+    lm = {k: v for k, v in state.items() if not k.startswith((*TASK_ONLY, "knowledge."))}
     hf_state = {k: v for k, v in to_hf_state(lm, cfg).items() if k != "lm_head.weight"}
     hf_state["score.weight"] = state[f"heads.{name}.weight"]
     hf_state["score.bias"] = state[f"heads.{name}.bias"]
@@ -397,9 +402,7 @@ def save_task_hf(
     model.save_pretrained(str(out_dir))
     if tok_path is not None and tok is not None:
         export_tokenizer(Path(tok_path), out_dir)
-        # fine-tuning puts the tokenizer's BOS (else its EOS) before every text: so must the pipeline
-        first = tok.bos_id if tok.bos_id is not None and tok.bos_id >= 0 else tok.eos_id
-        _prepend_token(out_dir, first)
+        _prepend_token(out_dir, text_start_id(tok))  # as fine-tuning did before every text
     log(f"export: task {name!r} as {arch} ({len(labels)} labels) -> {out_dir}")
     return out_dir
 
