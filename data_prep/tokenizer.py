@@ -70,9 +70,9 @@ class SentencePieceTokenizer:
         end_b = np.fromiter((p.end for p in proto.pieces), dtype=np.int64, count=len(proto.pieces))
         cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
         char_end_b = np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))
-        return np.searchsorted(char_end_b, begin_b, side="right"), np.searchsorted(
-            char_end_b, end_b, side="left"
-        ) + 1
+        begin = np.searchsorted(char_end_b, begin_b, side="right")
+        end = np.searchsorted(char_end_b, end_b, side="left") + 1
+        return begin, np.where(end_b > begin_b, end, begin)  # a piece of no bytes (the "▁" of a dummy prefix)
 
 
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")

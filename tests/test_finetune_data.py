@@ -462,3 +462,67 @@ def test_read_ner_and_classification_saved_by_hugging_face_datasets(tmp_path, wn
     ]
     with pytest.raises(FinetuneDataError, match=r"sst: no column 'text'"):
         read_classification(tmp_path / "sst")
+
+
+def test_ner_trains_every_piece_and_predicts_entities_as_they_chunk_over_pieces(example_data):
+    """encode: a word's first piece carries its tag, the others its inside form. ner_decode: entities are
+    the chunks of the per-piece tags with their character spans (a chunk of only a bare "▁" names no
+    character and is none), and each word's tag is those entities seen word by word."""
+    from data_prep.tokenizer import load_tokenizer
+    from sparsexpert.finetune.config import TaskConfig
+    from sparsexpert.finetune.data import encode, ner_decode
+
+    tok = load_tokenizer(example_data / "tokenizer.model")
+    labels = ["O", "B-per", "I-per", "B-loc", "I-loc"]
+    words = ["Mariposa", "Okonkwo", "visited", "Zanzibar", "."]
+    ex = NerExample(words, ["B-per", "I-per", "O", "B-loc", "O"])
+    enc = encode(TaskConfig(name="ner"), [ex], labels, tok, 1, 64, "x")
+    pieces = [list(tok.encode([w])[0]) for w in words]
+    assert all(len(p) > 1 for p in pieces[:4])  # every name is cut into pieces by a 512-piece vocabulary
+    want = [-100]
+    for p, tag in zip(pieces, ex.tags):
+        inside = {"B-per": 2, "I-per": 2, "B-loc": 4, "O": 0}[tag]
+        want += [labels.index(tag)] + [inside] * (len(p) - 1)
+    assert enc.labels[0].tolist() == want
+    first = enc.first_piece[0]
+    text = " ".join(words)
+    starts = [text.index(w) for w in words]
+    bounds = enc.char_bounds[0]
+    for w, a, b in zip(words, first, enc.piece_end[0]):  # a word's pieces tile it, <unk> pieces too
+        assert bounds[a, 0] == starts[words.index(w)] and bounds[b - 1, 1] == bounds[a, 0] + len(w)
+        assert (bounds[a + 1 : b, 0] == bounds[a : b - 1, 1]).all()
+
+    def decode(tags: list[str]):
+        return ner_decode(enc, 0, [0] + [labels.index(t) for t in tags], labels)
+
+    n = [len(p) for p in pieces]
+    # a well-behaved prediction: the gold pieces' labels give the gold words and spans
+    got = decode([labels[i] for i in want[1:]])
+    assert got.tags == ex.tags and got.inside_word == 0
+    assert [(e["type"], e["text"]) for e in got.entities] == [
+        ("per", "Mariposa Okonkwo"),
+        ("loc", "Zanzibar"),
+    ]
+    # an entity that starts inside a word keeps its span; the word tag covers the word
+    tags = ["O"] * sum(n)
+    tags[1 : n[0]] = ["B-loc"] + ["I-loc"] * (n[0] - 2)  # all of Mariposa but its first piece
+    got = decode(tags)
+    assert got.tags == ["B-loc", "O", "O", "O", "O"] and got.inside_word == 1
+    e = got.entities[0]
+    assert (e["start"], e["end"]) == (int(enc.char_bounds[0][2, 0]), len("Mariposa"))
+    assert e["text"] == text[e["start"] : e["end"]] and e["start"] > starts[0]
+    # two entities in one word: both kept, the word takes the first one's tag
+    tags = ["O"] * sum(n)
+    tags[0], tags[1] = "B-per", "B-loc"
+    got = decode(tags)
+    assert got.tags[0] == "B-per" and [x["type"] for x in got.entities] == ["per", "loc"]
+    # Okonkwo's first piece is a bare "▁": alone it names no character and is no entity
+    assert tok.sp.id_to_piece(int(enc.ids[0][first[1]])) == "▁"
+    tags = ["O"] * sum(n)
+    tags[first[1] - 1] = "B-per"
+    got = decode(tags)
+    assert got.entities == [] and got.empty == 1 and got.tags == ["O"] * 5
+    tags[first[1]] = "I-per"  # with the piece after it, it starts the word
+    got = decode(tags)
+    assert [(x["start"], x["end"]) for x in got.entities] == [(starts[1], starts[1] + 1)]
+    assert got.tags == ["O", "B-per", "O", "O", "O"]

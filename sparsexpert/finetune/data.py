@@ -1,7 +1,10 @@
 """Task examples to token tensors, and the deterministic order in which ranks read them.
 
-NER: each word is encoded on its own (SentencePiece pieces never cross a space), its first piece
-carries the word's tag and the others are ignored in the loss. Relation: the sentence with
+NER: each word is encoded on its own (SentencePiece pieces never cross a space). Every piece is trained
+(Hugging Face's `label_all_tokens`): the first carries the word's tag, the others its inside form (B-X and
+I-X give I-X, O gives O). The model's prediction is the entities of its per-piece tags, chunked as seqeval
+chunks words; a word's predicted tag is that prediction seen word by word (`ner_decode`), so a pipeline
+that labels every piece (transformers' `aggregation_strategy="simple"`) finds the same entities. Relation: the sentence with
 `[E1] ... [/E1]` and `[E2] ... [/E2]` around the two mentions; the head pools the states at the first
 piece of each opening marker. Every example starts with BOS. Longer examples are cut at max_len
 (counted); a relation example whose marker would be cut is dropped (counted).
@@ -19,6 +22,7 @@ import torch
 
 from data_prep.tokenizer import CachedEncoder
 from sparsexpert.finetune.config import TaskConfig
+from sparsexpert.finetune.metrics import get_entities
 from sparsexpert.finetune.readers import label_vocab, read_classification, read_ner, read_relations
 from sparsexpert.model.transformer import IGNORE_INDEX
 
@@ -40,6 +44,11 @@ class Encoded:
     """NER: every word's gold tag (also of words cut by max_len, so scores stay honest)."""
     first_piece: list[np.ndarray] = field(default_factory=list)
     """NER: token position of each word's first piece (-1: the word was cut)."""
+    piece_end: list[np.ndarray] = field(default_factory=list)
+    """NER: token position after each word's last piece (-1: the word was cut)."""
+    char_bounds: list[np.ndarray] = field(default_factory=list)
+    """NER: (tokens, 2) character [begin, end) of every token in the words joined by single spaces
+    (the BOS row is (0, 0))."""
     counts: Counter = field(default_factory=Counter)
 
 
@@ -80,17 +89,33 @@ def encode(
             )
         return index[lab]
 
+    bounds: dict[str, np.ndarray] = {}
+
+    def word_bounds(word: str) -> np.ndarray:
+        """(pieces, 2) character bounds of each piece of `word` encoded alone."""
+        if word not in bounds:
+            ids = enc(word)
+            bounds[word] = np.stack(tok.char_bounds(word, ids), 1) if len(ids) else np.zeros((0, 2), np.int64)
+        return bounds[word]
+
     for n, ex in enumerate(examples):
         if task.kind == "ner":
             pieces = [enc(w) for w in ex.tokens]
-            ids, tags, first = [bos], [IGNORE_INDEX], []
-            for w, tag in zip(pieces, ex.tags):
+            ids, tags, first, end = [bos], [IGNORE_INDEX], [], []
+            where, at = [np.zeros((1, 2), np.int64)], 0
+            for word, w, tag in zip(ex.tokens, pieces, ex.tags):
+                start, at = at, at + len(word) + 1
                 if len(ids) + max(len(w), 1) > max_len:
                     first.append(-1)
+                    end.append(-1)
                     continue
                 first.append(len(ids) if len(w) else -1)
+                end.append(len(ids) + len(w) if len(w) else -1)
                 ids += list(w)
-                tags += [label_id(tag, n)] + [IGNORE_INDEX] * (len(w) - 1)
+                head = label_id(tag, n)
+                rest = IGNORE_INDEX if head == IGNORE_INDEX else index["O" if tag == "O" else f"I-{tag[2:]}"]
+                tags += [head] + [rest] * (len(w) - 1)
+                where.append(np.clip(word_bounds(word), 0, len(word)) + start)
             if -1 in first:
                 out.counts["sentences_cut"] += 1
             out.ids.append(np.asarray(ids, np.int64))
@@ -98,6 +123,8 @@ def encode(
             out.words.append(list(ex.tokens))
             out.tags.append(list(ex.tags))
             out.first_piece.append(np.asarray(first, np.int64))
+            out.piece_end.append(np.asarray(end, np.int64))
+            out.char_bounds.append(np.concatenate(where))
         elif task.kind == "classification":
             ids = np.r_[bos, enc(ex.text)][:max_len]
             out.counts["texts_cut"] += int(len(enc(ex.text)) + 1 > max_len)
@@ -124,6 +151,46 @@ def encode(
             out.ids.append(np.asarray(ids[:max_len], np.int64))
             out.labels.append(label_id(ex.label, n))
             out.markers.append((marks["[E1]"], marks["[E2]"]))
+    return out
+
+
+@dataclass
+class NerPrediction:
+    """One sentence's NER prediction."""
+
+    tags: list[str]
+    """Each word's tag as the entities give it: B- where an entity starts in the word, I- where one goes
+    on through it, O elsewhere (also for a word cut by max_len)."""
+    entities: list[dict[str, Any]]
+    """The entities of the per-piece tags, chunked over the pieces as seqeval chunks words:
+    {"type", "start", "end", "text"}, character offsets in the words joined by single spaces."""
+    inside_word: int = 0
+    """Entities that start or end inside a word (their word tags cover the whole word)."""
+    empty: int = 0
+    """Chunks of pieces that cover no character (a bare word-start mark "▁"): not entities."""
+
+
+def ner_decode(data: Encoded, i: int, pred: np.ndarray, labels: list[str]) -> NerPrediction:
+    """Sentence i's prediction from its per-token label ids `pred` (BOS first, as in data.ids[i])."""
+    first, end, bounds = data.first_piece[i], data.piece_end[i], data.char_bounds[i]
+    word_of = np.full(len(data.ids[i]), -1)
+    for w, (a, b) in enumerate(zip(first, end)):
+        if a >= 0:
+            word_of[a:b] = w
+    text = " ".join(data.words[i])
+    out = NerPrediction(["O"] * len(first), [])
+    for type_, a, b in get_entities([labels[p] for p in pred[1 : len(data.ids[i])]]):
+        a, b = a + 1, b + 1  # token positions, BOS being 0
+        start, stop = int(bounds[a, 0]), int(bounds[b, 1])
+        if start == stop:  # only a bare word-start mark "▁": no character named
+            out.empty += 1
+            continue
+        out.entities.append({"type": type_, "start": start, "end": stop, "text": text[start:stop]})
+        touched = sorted({int(w) for w in word_of[a : b + 1] if w >= 0})
+        out.inside_word += int(first[touched[0]] != a or end[touched[-1]] != b + 1)
+        free = [w for w in touched if out.tags[w] == "O"]
+        for k, w in enumerate(free):
+            out.tags[w] = f"{'I' if k else 'B'}-{type_}"
     return out
 
 

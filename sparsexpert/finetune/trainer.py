@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.output import atomic_write
 from data_prep.tokenizer import text_start_id
 from sparsexpert.config import ConfigError
 from sparsexpert.distributed import comm, parallel
@@ -344,15 +345,14 @@ class Finetuner:
             pred = pred_dev.cpu().numpy()
             for b, i in enumerate(idx):
                 if kind == "ner":
-                    fp = data.first_piece[i]
-                    mine.append((int(i), [int(pred[b, p]) if p >= 0 else 0 for p in fp]))
+                    mine.append((int(i), pred[b, : len(data.ids[i])]))
                 else:
                     mine.append((int(i), int(pred[b])))
         self.engine.train()
         out: list = [None] * n
         for part in comm.all_gather_object(mine):
             for i, p in part:
-                out[i] = p
+                out[i] = fdata.ner_decode(data, i, p, self.specs[task].labels) if kind == "ner" else p
         return out
 
     def score(self, task: int, data: fdata.Encoded, preds: list) -> dict[str, Any]:
@@ -360,13 +360,14 @@ class Finetuner:
         predicted O), accuracy and macro F1 (classification), micro F1 without the negative class (relation)."""
         spec = self.specs[task]
         if spec.kind == "ner":
-            rep = entity_report(data.tags, [[spec.labels[p] for p in ps] for ps in preds])
+            rep = entity_report(data.tags, [p.tags for p in preds])
             micro = rep["micro avg"]
             return {
                 "f1": micro["f1-score"],
                 "precision": micro["precision"],
                 "recall": micro["recall"],
                 "macro_f1": rep["macro avg"]["f1-score"],
+                "entities_inside_words": sum(p.inside_word for p in preds),
                 "report": rep,
             }
         y_true = [spec.labels[y] for y in data.labels]
@@ -378,9 +379,9 @@ class Finetuner:
     def majority_baseline(self, task: int) -> dict[str, Any]:
         """Dev scores of always predicting the most frequent training label (ner: "O" everywhere)."""
         spec, train, dev = self.specs[task], self.train_sets[task], self.dev_sets[task]
-        preds: list[list[int]] | list[int]
+        preds: list[fdata.NerPrediction] | list[int]
         if spec.kind == "ner":
-            preds = [[0] * len(words) for words in dev.words]
+            preds = [fdata.NerPrediction(["O"] * len(words), []) for words in dev.words]
         else:
             majority = int(np.bincount(np.asarray(train.labels), minlength=len(spec.labels)).argmax())
             preds = [majority] * len(dev.ids)
@@ -400,24 +401,30 @@ class Finetuner:
         return float(np.mean(mains)), results
 
     def write_predictions(self, split: str, task: int, data: fdata.Encoded, preds: list) -> Path:
-        """ner: `word<TAB>gold<TAB>predicted` lines, a blank line between sentences; else JSONL."""
+        """ner: `word<TAB>gold<TAB>predicted` lines, a blank line between sentences, and beside them
+        <task>_<split>.entities.jsonl, each sentence's entities with character spans in its words joined
+        by single spaces (what transformers' NER pipeline gives on that text); else JSONL."""
         spec = self.specs[task]
         d = self.output_dir / "predictions"
         d.mkdir(parents=True, exist_ok=True)
         if spec.kind == "ner":
             path = d / f"{spec.name}_{split}.conll"
             lines = []
-            for words, gold, ps in zip(data.words, data.tags, preds):
-                lines += [f"{w}\t{g}\t{spec.labels[p]}" for w, g, p in zip(words, gold, ps)] + [""]
-            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            for words, gold, p in zip(data.words, data.tags, preds):
+                lines += [f"{w}\t{g}\t{t}" for w, g, t in zip(words, gold, p.tags)] + [""]
+            atomic_write(path, ("\n".join(lines) + "\n").encode())
+            rows = [
+                json.dumps({"index": i, "text": " ".join(w), "entities": p.entities}, ensure_ascii=False)
+                for i, (w, p) in enumerate(zip(data.words, preds))
+            ]
+            atomic_write(d / f"{spec.name}_{split}.entities.jsonl", ("\n".join(rows) + "\n").encode())
             return path
         path = d / f"{spec.name}_{split}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for i, p in enumerate(preds):
-                f.write(
-                    json.dumps({"index": i, "gold": spec.labels[data.labels[i]], "pred": spec.labels[p]})
-                    + "\n"
-                )
+        rows = [
+            json.dumps({"index": i, "gold": spec.labels[data.labels[i]], "pred": spec.labels[p]})
+            for i, p in enumerate(preds)
+        ]
+        atomic_write(path, ("\n".join(rows) + "\n").encode())
         return path
 
     # ------------------------------------------------------------------ the loop
