@@ -28,6 +28,9 @@ Scale-out over K machines sharing a filesystem:
     python -m data_prep join --corpus ... --output data/big --num_shards K --shard_index i   # machine i
     python -m data_prep merge --corpus ... --output data/big                # once, after all K
 
+With --kg, the KG is first read into a compact index in <output>.kgindex (data_prep/kg_index.py),
+reused by later runs with the same KG, aliases, --case and --on_error, and memory-mapped by every worker.
+
 Writes tokenizer.model, {train,valid}_*.bin, *_spans.npy, *_triples.npy, entities.tsv,
 relations.tsv, triples.tsv, stats.json and, last, manifest.json into --output. An existing
 --output that is not a dataset data_prep wrote is refused unless --overwrite is given; an input

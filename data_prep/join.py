@@ -22,19 +22,18 @@ _WORKER: dict = {}
 
 
 def init_worker(
-    tokenizer: str,
-    aliases: dict | None,
-    case: str,
-    pair_index: dict | None,
-    extractor: tuple[str, str | None] | None = None,
+    tokenizer: str, kg_index: str | None, extractor: tuple[str, str | None] | None = None
 ) -> None:
+    """A worker's state: the tokenizer, the KG index memory-mapped (every worker reads the same pages,
+    so its memory does not grow with the KG), the extractor."""
     from data_prep.extractors import load_extractor
-    from data_prep.kg import Linker
+    from data_prep.kg_index import KGIndex, PairIndex
 
+    index = KGIndex.open(kg_index) if kg_index else None
     _WORKER.update(
         tok=load_tokenizer(tokenizer),
-        linker=Linker(aliases, case) if aliases else None,
-        pairs=pair_index or {},
+        linker=index.matcher() if index else None,
+        pairs=PairIndex(index) if index else {},
         extractor=load_extractor(*extractor) if extractor else None,
     )
 
@@ -48,10 +47,13 @@ def _sentences(text: str) -> list[tuple[int, int]]:
     return [(s, e) for s, e in spans if e > s]
 
 
-def find_mentions(doc: RawDoc, linker, extractor) -> tuple[list[tuple[int, int, str]], list]:
+def find_mentions(
+    doc: RawDoc, linker, extractor, linked: list | None = None
+) -> tuple[list[tuple[int, int, str]], list]:
     """Stage link: the document's mentions as sorted character spans (start, end, entity) - wiki
     links first, alias matches where no link is, then an extractor's where neither is - and the
-    extractor's triples as (start, end, Triple)."""
+    extractor's triples as (start, end, Triple). linked: the linker's matches, if already found (a
+    batch of documents is matched in one pass)."""
     mentions = [(link.start, link.end, link.target) for link in doc.links]
     if linker is None and extractor is None:
         return mentions, []
@@ -59,7 +61,7 @@ def find_mentions(doc: RawDoc, linker, extractor) -> tuple[list[tuple[int, int, 
     for s, e, _ in mentions:
         taken[s:e] = True
     if linker is not None:
-        for m in linker.find(doc.text):
+        for m in linked if linked is not None else linker.find(doc.text):
             if not taken[m.start : m.end].any():
                 mentions.append((m.start, m.end, m.entity))
                 taken[m.start : m.end] = True
@@ -74,11 +76,10 @@ def find_mentions(doc: RawDoc, linker, extractor) -> tuple[list[tuple[int, int, 
     return mentions, extracted
 
 
-def distant_supervision(
-    text: str, mentions: list[tuple[int, int, str]], pairs: dict[tuple[str, str], list[int]]
-) -> list[tuple[int, int, int]]:
+def distant_supervision(text: str, mentions: list[tuple[int, int, str]], pairs) -> list[tuple[int, int, int]]:
     """Stage extract: (sentence start, sentence end, KG triple index) for every KG triple whose head
-    and tail are both mentioned in the sentence."""
+    and tail are both mentioned in the sentence. pairs: (head, tail) -> triple indices (a dict, or
+    kg_index.PairIndex)."""
     if not pairs or len({m[2] for m in mentions}) < 2:
         return []
     sents = _sentences(text)
@@ -116,16 +117,31 @@ def process_chunk(docs: list[RawDoc]) -> list[dict]:
     out: list[dict] = []
     for batch in _batches(docs):
         texts = [d.text for d in batch]
+        linked = _link_many(linker, texts)
         out.extend(
-            _join(doc, text, ids, tok, linker, pairs, extractor)
-            for doc, text, ids in zip(batch, texts, tok.encode(texts))
+            _join(doc, text, ids, tok, linker, pairs, extractor, found)
+            for doc, text, ids, found in zip(batch, texts, tok.encode(texts), linked)
         )
     return out
 
 
-def _join(doc: RawDoc, text: str, ids: np.ndarray, tok, linker, pairs, extractor) -> dict:
+def _link_many(linker, texts: list[str], per_pass: int = 1 << 20) -> list:
+    """The linker's matches of each text, a pass over about per_pass characters at a time."""
+    if linker is None or not hasattr(linker, "find_many"):
+        return [None] * len(texts)
+    out: list = []
+    start = size = 0
+    for i, t in enumerate(texts):
+        size += len(t)
+        if size >= per_pass or i == len(texts) - 1:
+            out += linker.find_many(texts[start : i + 1])
+            start, size = i + 1, 0
+    return out
+
+
+def _join(doc: RawDoc, text: str, ids: np.ndarray, tok, linker, pairs, extractor, linked=None) -> dict:
     """One document: its mentions as token spans, the triples attached with their token spans."""
-    mentions, extracted = find_mentions(doc, linker, extractor)
+    mentions, extracted = find_mentions(doc, linker, extractor, linked)
     # (char start, char end, triple): KG triples by index, an extractor's as Triple (the main
     # process gives new ones an index)
     evidence = distant_supervision(text, mentions, pairs) + extracted

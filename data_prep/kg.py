@@ -4,7 +4,9 @@
   objects with `head`, `relation`, `tail`. A bad line raises `DataError` with file:line.
 - `read_aliases(path)`: `entity_id<TAB>surface form` lines; without a file, entity names serve as aliases.
 - `Linker`: an Aho-Corasick automaton (pyahocorasick) over every alias; finds the longest
-  non-overlapping matches that start and end on word boundaries, with a case policy.
+  non-overlapping matches that start and end on word boundaries, with a case policy. It holds the
+  whole automaton in memory (about 100 MB per 100,000 entities of 2 aliases): data_prep links through
+  the shared index of data_prep/kg_index.py, which finds the same mentions and is tested against this.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,12 +38,14 @@ def _nt_term(term: str) -> str:
     return term
 
 
-def read_triples(path: str | Path) -> list[Triple]:
+def iter_triples(path: str | Path) -> Iterator[tuple[str, str, str]]:
+    """(head, relation, tail) of every triple of a KG file, in file order, read in one pass. A bad line
+    raises DataError with file:line; a file of no triples too."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such knowledge-graph file; check --kg")
     name = path.name.lower()
-    triples = []
+    n = 0
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
             for lineno, line in enumerate(f, 1):
@@ -53,11 +58,11 @@ def read_triples(path: str | Path) -> list[Triple]:
                         raise DataError(
                             f"{where}: not an N-Triples statement (<h> <r> <t> .); fix or remove the line"
                         )
-                    triples.append(Triple(*(_nt_term(t) for t in m.groups())))
+                    h, r, t = (_nt_term(x) for x in m.groups())
                 elif name.endswith((".jsonl", ".json")):
                     try:
                         rec = json.loads(line)
-                        triples.append(Triple(str(rec["head"]), str(rec["relation"]), str(rec["tail"])))
+                        h, r, t = str(rec["head"]), str(rec["relation"]), str(rec["tail"])
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise DataError(
                             f"{where}: expected a JSON object with head, relation, tail ({e})"
@@ -69,14 +74,20 @@ def read_triples(path: str | Path) -> list[Triple]:
                             f"{where}: expected 3 tab-separated columns head, relation, tail; "
                             f"found {len(cols)}"
                         )
-                    triples.append(Triple(*(c.strip() for c in cols)))
+                    h, r, t = (c.strip() for c in cols)
+                n += 1
+                yield h, r, t
         except UnicodeDecodeError as e:
             raise DataError(
                 f"{path}: invalid UTF-8 ({e.reason} at byte {e.start}); re-encode as UTF-8"
             ) from e
-    if not triples:
+    if not n:
         raise DataError(f"{path}: no triples; is this the right file?")
-    return triples
+
+
+def read_triples(path: str | Path) -> list[Triple]:
+    """Every triple of a KG file as a list (small KGs; data_prep itself reads through kg_index)."""
+    return [Triple(*t) for t in iter_triples(path)]
 
 
 def read_aliases(path: str | Path | None, entities: set[str]) -> dict[str, list[str]]:
@@ -120,6 +131,16 @@ def check_aliases(
     return kept, missing
 
 
+def fold_case(text: str) -> str:
+    """What case-insensitive matching compares, of a text and of an alias alike: lower case, character
+    for character (the few characters whose lower case is two characters, such as "İ", stay as they
+    are, so offsets in the text stay aligned)."""
+    low = text.lower()
+    if len(low) == len(text):
+        return low
+    return "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+
+
 class Mention(NamedTuple):
     start: int
     end: int
@@ -139,7 +160,7 @@ class Linker:
         owners: dict[str, str] = {}
         for entity in sorted(aliases):
             for alias in aliases[entity]:
-                key = alias.lower() if case == "ignore" else alias
+                key = fold_case(alias) if case == "ignore" else alias
                 owners.setdefault(key, entity)  # an alias shared by several entities goes to the first id
         for key, entity in owners.items():
             self.automaton.add_word(key, (len(key), entity))
@@ -153,11 +174,7 @@ class Linker:
     def find(self, text: str) -> list[Mention]:
         if self.empty:
             return []
-        hay = text
-        if self.case == "ignore":
-            hay = text.lower()
-            if len(hay) != len(text):  # a few characters lower-case to two; keep offsets aligned
-                hay = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+        hay = fold_case(text) if self.case == "ignore" else text
         candidates = []
         for end_idx, (length, entity) in self.automaton.iter(hay):
             start, end = end_idx - length + 1, end_idx + 1

@@ -27,7 +27,7 @@ from data_prep.readers import DataError
 from sparsexpert.data.format import FORMAT_PREFIX, MANIFEST
 
 _OURS = re.compile(
-    r"manifest\.json|stats\.json|entities\.tsv|relations\.tsv|triples\.tsv|tokenizer\.model|tokenizer"
+    r"manifest\.json|stats\.json|entities\.tsv|relations\.tsv|triples\.tsv|kg_triples\.npy|tokenizer\.model|tokenizer"
     r"|(train|valid)_(\d{5}\.bin|spans\.npy|triples\.npy)|\.verified\.json(\.\w+\.tmp)?"
 )
 """Every name data_prep (and PackedDataset's verification cache) writes into a dataset folder."""

@@ -1,8 +1,8 @@
 """Corpus (+ knowledge graph) to packed, knowledge-joined token shards.
 
 Stages: ingest (read, NFC-normalize, drop empty and exact-duplicate documents, each rejection
-counted by reason) -> tokenizer (train SentencePiece, or load one) -> link (Aho-Corasick over the
-KG aliases; MediaWiki links take precedence) -> extract (distant supervision: a KG triple is
+counted by reason) -> tokenizer (train SentencePiece, or load one) -> link (the KG index's alias
+matcher, data_prep/kg_index.py; MediaWiki links take precedence) -> extract (distant supervision: a KG triple is
 attached to a sentence that mentions both its head and its tail) -> join (token ids, mention
 spans in token positions, attached triple ids) -> pack (rows of seq_len tokens, documents
 separated by EOS; a span crossing a row boundary is clipped to its first row and counted) ->
@@ -41,7 +41,9 @@ import numpy as np
 
 from data_prep import output
 from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_pickles
+from data_prep.dedup import SeenDigests
 from data_prep.join import init_worker, process_chunk
+from data_prep.kg_index import KGIndex, PairIndex, index_dir, load_or_build
 from data_prep.pack import EOS_ID, Packer, pack, sha256_file
 from data_prep.readers import INVALID_REASONS, DataError, RawDoc, expand_corpus, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
@@ -238,7 +240,7 @@ def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[R
     """Stage ingest: records the readers pass on are counted in counts["in"]; rejections by reason
     (readers count what they filter or skip, ingest counts empty and duplicate documents). A
     document over max_doc_chars comes out as its pieces (counts["split"], counts["pieces"])."""
-    seen: set[bytes] = set()
+    seen = SeenDigests()
     for path in expand_corpus(cfg.corpus):
         for raw in read_corpus(path, cfg.text_field, rejected, cfg.on_error):
             counts["in"] += 1
@@ -246,11 +248,9 @@ def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[R
             if not text.strip():
                 rejected["empty"] += 1
                 continue
-            key = hashlib.sha1(text.encode()).digest()
-            if key in seen:
+            if not seen.add(text):
                 rejected["duplicate"] += 1
                 continue
-            seen.add(key)
             pieces = split_document(RawDoc(text, raw.source, raw.links), cfg.max_doc_chars)
             if len(pieces) > 1:
                 counts["split"] += 1
@@ -314,35 +314,35 @@ def train_tokenizer(docs: Iterator[str], out_file: Path, cfg: PrepConfig) -> Pat
 
 @dataclass
 class Knowledge:
-    """The KG side of a run, shared by every stage."""
+    """The KG side of a run, shared by every stage: the memory-mapped index (data_prep/kg_index.py)."""
 
-    triples: list  # sorted distinct Triples; a triple's index is its position
-    aliases: dict[str, list[str]] | None
-    relations: list[str]
-    missing_alias: int
-    pair_index: dict[tuple[str, str], list[int]]
+    index: KGIndex | None = None
+
+    @property
+    def n_triples(self) -> int:
+        return len(self.index.triples) if self.index else 0
+
+    @property
+    def relations(self) -> list[str]:
+        return self.index.relations if self.index else []
+
+    @property
+    def missing_alias(self) -> int:
+        return self.index.meta["kg_triples_without_alias"] if self.index else 0
 
 
-def load_inputs(cfg: PrepConfig) -> Knowledge:
-    """Check every input file and read the KG (the --dry_run stops after this)."""
-    from data_prep.kg import check_aliases, read_aliases, read_triples
-
+def load_inputs(cfg: PrepConfig, log=print) -> Knowledge:
+    """Check every input file and open the KG index, built once beside the output (<output>.kgindex)
+    and reused while the KG, the aliases, case and on_error stay the same (--dry_run stops after this)."""
     cfg.validate()
     expand_corpus(cfg.corpus)  # every input exists; no folder holds files of other types
-    triples, aliases, missing = [], None, 0
-    if cfg.kg:
-        triples = read_triples(cfg.kg)
-        aliases = read_aliases(cfg.aliases, {t.head for t in triples} | {t.tail for t in triples})
-        triples, missing = check_aliases(triples, aliases, Path(cfg.kg), cfg.on_error)
     if cfg.extractor:  # fail here, not inside a pool initializer
         from data_prep.extractors import load_extractor
 
         load_extractor(cfg.extractor, cfg.extractor_args)
-    triple_list = sorted(set(triples), key=lambda t: (t.head, t.relation, t.tail))
-    pair_index: dict[tuple[str, str], list[int]] = {}
-    for i, t in enumerate(triple_list):
-        pair_index.setdefault((t.head, t.tail), []).append(i)
-    return Knowledge(triple_list, aliases, sorted({t.relation for t in triple_list}), missing, pair_index)
+    if not cfg.kg:
+        return Knowledge()
+    return Knowledge(load_or_build(index_dir(cfg.output), cfg.kg, cfg.aliases, cfg.case, cfg.on_error, log))
 
 
 # Fields that do not change the output: they may differ between the machines or runs sharing a parts folder.
@@ -414,11 +414,12 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
     <output>/extracted_kg.tsv (head, relation, tail, times found, source kg|extracted)."""
     from data_prep.extractors import load_extractor
     from data_prep.join import distant_supervision, find_mentions
-    from data_prep.kg import Linker
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    linker = Linker(know.aliases, cfg.case) if know.aliases else None
+    index = know.index
+    linker = index.matcher() if index else None
+    pairs: PairIndex | dict = PairIndex(index) if index else {}
     extractor = load_extractor(cfg.extractor, cfg.extractor_args) if cfg.extractor and extract else None
     found: Counter[Triple] = Counter()
     mentions = 0
@@ -429,9 +430,7 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
             ms, extracted = find_mentions(doc, linker, extractor)
             mentions += len(ms)
             if f is None:  # extract: no mentions file
-                found.update(
-                    know.triples[t] for _, _, t in distant_supervision(doc.text, ms, know.pair_index)
-                )
+                found.update(index.triple(t) for _, _, t in distant_supervision(doc.text, ms, pairs) if index)
                 found.update(t for _, _, t in extracted)
             else:
                 f.write(
@@ -445,11 +444,11 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
     progress.close()
     report: dict[str, Any] = {"documents": progress.done, "mentions": mentions}
     if extract:
-        kg = set(know.triples)
         rows = sorted(found.items(), key=lambda kv: (-kv[1], kv[0].head, kv[0].relation, kv[0].tail))
         (out / "extracted_kg.tsv").write_text(
             "".join(
-                f"{t.head}\t{t.relation}\t{t.tail}\t{n}\t{'kg' if t in kg else 'extracted'}\n"
+                f"{t.head}\t{t.relation}\t{t.tail}\t{n}\t"
+                f"{'kg' if index and index.triple_index(t) >= 0 else 'extracted'}\n"
                 for t, n in rows
             ),
             encoding="utf-8",
@@ -566,7 +565,7 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     total: list[int] = [0]
     order: list[int] = []
     extractor = (cfg.extractor, cfg.extractor_args) if cfg.extractor else None
-    init = (str(model), know.aliases, cfg.case, know.pair_index, extractor)
+    init = (str(model), str(know.index.folder) if know.index else None, extractor)
     pool = mp.get_context("spawn").Pool(cfg.workers, init_worker, init) if cfg.workers > 1 else None
     if pool is None:
         init_worker(*init)
@@ -597,8 +596,11 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
 class Packed:
     """What the pack stage counted, for the manifest and stats."""
 
-    entity_index: dict[str, int]
-    triples: list  # the KG's triples, then the extractor's new ones
+    n_kg_entities: int  # the KG's entities come first in the dataset's entity vocabulary, by name
+    extra_entities: dict[
+        str, int
+    ]  # then those first met in the text (wiki links, alias-only), in input order
+    new_triples: list  # the extractor's triples the KG lacks, indexed after the KG's
     triple_hits: Counter  # triple index -> times attached
     splits: dict
     records: int
@@ -608,6 +610,7 @@ class Packed:
     attached_by_extractor: int = 0
     documents_split: int = 0  # documents longer than max_doc_chars, cut into pieces
     pieces: int = 0  # the pieces they were cut into
+    kg_rank: np.ndarray | None = None  # KG index entity id -> dataset entity index (for its KG entities)
 
 
 def _inputs(cfg: PrepConfig) -> list[str]:
@@ -678,32 +681,47 @@ def _pack(
     tok = load_tokenizer(work / src.name)
     vocab = tok.vocab_size
     dtype = token_dtype(vocab)
-    # Vocabularies: KG entities sorted; entities first met in wiki links appended in input order.
-    entity_index = {
-        e: i for i, e in enumerate(sorted({t.head for t in know.triples} | {t.tail for t in know.triples}))
-    }
+    # Vocabularies: KG entities sorted; entities first met in the text appended in input order.
+    index = know.index
+    in_kg = np.asarray(index.in_kg) if index else np.zeros(0, bool)
+    kg_rank = np.cumsum(in_kg) - 1
+    n_kg = int(in_kg.sum())
     packers = {s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in SPLITS}
-    res = Packed(entity_index, list(know.triples), Counter(), {}, 0, Counter())
+    res = Packed(n_kg, {}, [], Counter(), {}, 0, Counter())
     counts: Counter[str] = Counter()
     progress = Progress("data_prep pack", len(chunk_files), "chunks")
+
+    def entity(name: str) -> int:
+        i = index.entity_id(name) if index else -1
+        if i >= 0 and in_kg[i]:
+            return int(kg_rank[i])
+        return res.extra_entities.setdefault(name, n_kg + len(res.extra_entities))
+
     # Triple vocabulary: the KG's sorted triples, then extracted ones the KG lacks, in input order.
-    triple_index = {t: i for i, t in enumerate(know.triples)}
-    triples = res.triples
+    n_kg_triples = know.n_triples
+    new_index: dict[Triple, int] = {}
+
+    def triple(t: Triple) -> int:
+        i = index.triple_index(t) if index else -1
+        if i < 0:
+            if t not in new_index:
+                new_index[t] = n_kg_triples + len(res.new_triples)
+                res.new_triples.append(t)
+            i = new_index[t]
+        return i
+
     for path in chunk_files:
         payload = read_chunk(path)
         res.records += payload["records"]
         res.rejected.update(payload["rejected"])
         for r in payload["docs"]:
             split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
-            spans = [(ts, te, entity_index.setdefault(ent, len(entity_index))) for ts, te, ent in r["spans"]]
+            spans = [(ts, te, entity(ent)) for ts, te, ent in r["spans"]]
             row_triples = []
             for ts, te, t in r["triples"]:
                 if not isinstance(t, int):
                     res.attached_by_extractor += 1
-                    if t not in triple_index:
-                        triple_index[t] = len(triples)
-                        triples.append(t)
-                    t = triple_index[t]
+                    t = triple(t)
                 row_triples.append((ts, te, t))
             packers[split].add(r["ids"], spans, row_triples, eos=r["last"])
             counts[split] += r["last"]  # a document, once its last piece is in
@@ -714,6 +732,11 @@ def _pack(
         progress.update()
     progress.close()
     check_rejected(cfg, res.records, res.rejected)
+    for (
+        t
+    ) in res.new_triples:  # every entity of a triple has an index (a mention cut to no token has none yet)
+        entity(t.head), entity(t.tail)
+    res.kg_rank = kg_rank
     res.splits = splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
     res.written = counts["train"] + counts["valid"]
     if not splits["train"]["shards"]:
@@ -723,37 +746,77 @@ def _pack(
     return _write_metadata(work, cfg, know, tok, dtype, res), res
 
 
-def _surface(entity: str, aliases: dict[str, list[str]]) -> str:
-    """The name entities.tsv gives an entity: its first alias, else its id with underscores as spaces."""
-    forms = aliases.get(entity)
-    return forms[0] if forms else entity.replace("_", " ")
+def _write_kg_triples(path: Path, index: KGIndex | None, res: Packed, relations: list[str]) -> None:
+    """kg_triples.npy: (head, relation, tail) dataset indices of every triple index, a block at a time."""
+    n_kg = len(index.triples) if index else 0
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n_kg + len(res.new_triples), 3))
+    if index and res.kg_rank is not None:
+        block = 1 << 20
+        for b in range(0, n_kg, block):
+            rows = np.asarray(index.triples[b : b + block])
+            out[b : b + len(rows), 0] = res.kg_rank[rows[:, 0]]
+            out[b : b + len(rows), 1] = rows[:, 1]  # the KG's relations come first in relations.tsv, sorted
+            out[b : b + len(rows), 2] = res.kg_rank[rows[:, 2]]
+    rel = {r: i for i, r in enumerate(relations)}
+
+    def entity(name: str) -> int:
+        i = index.entity_id(name) if index else -1
+        if i >= 0 and index is not None and index.in_kg[i] and res.kg_rank is not None:
+            return int(res.kg_rank[i])
+        return res.extra_entities[name]  # _pack gave every entity of a new triple an index
+
+    for k, t in enumerate(res.new_triples, n_kg):
+        out[k] = (entity(t.head), rel[t.relation], entity(t.tail))
+    out.flush()
+    del out
 
 
 def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np.dtype, res: Packed) -> dict:
-    entity_index, triples, triple_hits, splits = res.entity_index, res.triples, res.triple_hits, res.splits
+    triple_hits, splits = res.triple_hits, res.splits
     written, rejected, mentions = res.written, res.rejected, res.mentions
-    names = [""] * len(entity_index)
-    for e, i in entity_index.items():
-        names[i] = e
-    aliases = know.aliases or {}
-    (work / "entities.tsv").write_text(
-        "".join(f"{i}\t{e}\t{_surface(e, aliases)}\n" for i, e in enumerate(names)), encoding="utf-8"
-    )
-    relations = list(dict.fromkeys([*know.relations, *(t.relation for t in triples[len(know.triples) :])]))
+    index = know.index
+
+    def surface(name: str) -> str:
+        """entities.tsv's name of an entity: its first alias, else its id with underscores as spaces."""
+        i = index.entity_id(name) if index else -1
+        return (index.surfaces[i] if i >= 0 and index else "") or name.replace("_", " ")
+
+    with open(work / "entities.tsv", "wb") as f:
+        if index:
+            index.write_entities(f)
+        f.write("".join(f"{k}\t{name}\t{surface(name)}\n" for name, k in res.extra_entities.items()).encode())
+    relations = list(dict.fromkeys([*know.relations, *(t.relation for t in res.new_triples)]))
     (work / "relations.tsv").write_text(
         "".join(f"{i}\t{r}\n" for i, r in enumerate(relations)), encoding="utf-8"
     )
-    n_kg = len(know.triples)
-    (work / "triples.tsv").write_text(
-        "".join(
-            f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\t{'kg' if i < n_kg else 'extracted'}\n"
-            for i, t in enumerate(triples)
-        ),
-        encoding="utf-8",
-    )
+    n_kg = know.n_triples
+    with open(work / "triples.tsv", "wb") as f:
+        if index:
+            hits = np.zeros(n_kg, dtype=np.int64)
+            kg_hits = [(i, n) for i, n in triple_hits.items() if i < n_kg]
+            if kg_hits:
+                at, n = np.array(kg_hits, dtype=np.int64).T
+                hits[at] = n
+            index.write_triples(f, hits)
+        f.write(
+            "".join(
+                f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\textracted\n"
+                for i, t in enumerate(res.new_triples, n_kg)
+            ).encode()
+        )
+
+    _write_kg_triples(work / "kg_triples.npy", index, res, relations)
+
+    def relation_of(i: int) -> str:
+        return (
+            index.relations[int(index.triples[i, 1])]
+            if i < n_kg and index
+            else res.new_triples[i - n_kg].relation
+        )
+
     per_relation: Counter[str] = Counter()
     for i, n in triple_hits.items():
-        per_relation[triples[i].relation] += n
+        per_relation[relation_of(i)] += n
     tokens = sum(s["tokens"] for s in splits.values())
     rows = sum(s["rows"] for s in splits.values())
     stats = {
@@ -796,13 +859,13 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "spans": sum(s["spans"] for s in splits.values()),
         "spans_clipped": sum(s.get("spans_clipped", 0) for s in splits.values()),
         "spans_dropped_tail": sum(s.get("spans_dropped_tail", 0) for s in splits.values()),
-        "entities": len(entity_index),
+        "entities": res.n_kg_entities + len(res.extra_entities),
         "relations": len(relations),
-        "kg_triples": len(know.triples),
+        "kg_triples": n_kg,
         "kg_triples_without_alias": know.missing_alias,
         "triples_attached": sum(triple_hits.values()),
         "triples_attached_by_extractor": res.attached_by_extractor,
-        "triples_new_from_extractor": len(triples) - n_kg,
+        "triples_new_from_extractor": len(res.new_triples),
         "distinct_triples_attached": len(triple_hits),
         "triples_per_relation": dict(sorted(per_relation.items())),
         "splits": splits,
@@ -819,10 +882,11 @@ def prepare(cfg: PrepConfig, log=print, dry_run: bool = False) -> dict:
     """Every stage: inputs, tokenizer, join (link, extract, join), pack. Resumes finished work found
     in <output>.parts; with --num_shards > 1 it stops after this machine's share of the join
     (run `merge` once all shards are done). Returns the manifest ({} when not packing)."""
-    know = load_inputs(cfg)
-    check_output(cfg)
+    cfg.validate()
+    check_output(cfg)  # before anything is written beside the output (the KG index)
+    know = load_inputs(cfg, log)
     if dry_run:
-        log(f"data_prep: inputs are valid ({len(cfg.corpus)} corpus files, {len(know.triples)} triples)")
+        log(f"data_prep: inputs are valid ({len(cfg.corpus)} corpus files, {know.n_triples} triples)")
         return {}
     if cfg.num_shards > 1 and not cfg.tokenizer and find_tokenizer(parts_dir(cfg)) is None:
         raise DataError(

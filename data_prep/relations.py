@@ -33,6 +33,7 @@ import random
 import uuid
 import zlib
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def _atomic_write(path: Path, data: str) -> None:
 
 
 def sentence_pairs(
-    mentions: list[tuple[int, int, str]], entities: set[str], counts: Counter
+    mentions: list[tuple[int, int, str]], entities: Container[str], counts: Counter
 ) -> list[tuple[tuple[int, int, str], tuple[int, int, str]]]:
     """Ordered pairs (e1 mention, e2 mention) of a sentence: the first mention of each KG entity
     (spans relative to the sentence, sorted), two different entities, spans not overlapping."""
@@ -130,15 +131,15 @@ def sentence_pairs(
 
 def prepare_relations(rc: RelationsConfig, log=print) -> dict:
     """Build the dataset into rc.output; returns the stats (also written to stats.json)."""
-    from data_prep.kg import Linker
+    from data_prep.kg_index import KGEntities, PairIndex
 
     rc.validate()
     cfg = rc.prep_config()
-    know = load_inputs(
-        cfg
-    )  # checks the corpus paths, reads the KG and the aliases (DataError names the file)
-    entities = {t.head for t in know.triples} | {t.tail for t in know.triples}
-    linker = Linker(know.aliases, rc.case) if know.aliases else None
+    know = load_inputs(cfg, log)  # checks the corpus paths, opens the KG index (DataError names the file)
+    index = know.index
+    assert index is not None  # rc.validate() requires a KG
+    entities, pair_index = KGEntities(index), PairIndex(index)
+    linker = index.matcher()
     counts: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     positives_per_relation: Counter[str] = Counter()
@@ -168,11 +169,11 @@ def prepare_relations(rc: RelationsConfig, log=print) -> dict:
             k = len(sentences)
             sentences.append(doc.text[s:e])
             for a, b in pairs:
-                found = know.pair_index.get((a[2], b[2]))
+                found = pair_index.get((a[2], b[2]))
                 if found:
                     if len(found) > 1:
                         counts["multi_relation_pairs"] += 1
-                    label = know.triples[found[0]].relation
+                    label = index.triple(found[0]).relation
                     positives_per_relation[label] += 1
                 else:
                     label = NO_RELATION

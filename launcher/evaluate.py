@@ -51,12 +51,27 @@ def main(argv: list[str] | None = None) -> None:
         "--link_known", nargs="*", default=[], help="other true triples, filtered from rankings"
     )
     parser.add_argument("--max_triples", type=int, default=0, help="test triples to rank; 0 = all")
+    parser.add_argument(
+        "--max_candidates",
+        type=int,
+        default=0,
+        help="link prediction on a large KG: rank each answer among at most this many entities seen with the "
+        "query's relation (filtered, sampled with seed 0; the random baseline over the same sets); 0 = all entities",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args = parser.parse_args(argv)
 
     from sparsexpert.evaluate import evaluate
 
-    evaluate(args.run, args.probe_world, args.link_test, args.link_known, args.max_facts, args.max_triples)
+    evaluate(
+        args.run,
+        args.probe_world,
+        args.link_test,
+        args.link_known,
+        args.max_facts,
+        args.max_triples,
+        args.max_candidates,
+    )
 
 
 if __name__ == "__main__":

@@ -362,19 +362,66 @@ def filtered_targets(
     """For each (h, r, t): the position of the answer (t, or h when ranking heads) in `ents`, and
     the positions of the other entities that also make a known true triple (filtered from the ranking)."""
     pos = {e: i for i, e in enumerate(ents)}
+    answers = _answers(known, tails)
     truth, exclude = [], []
     for h, r, t in queries:
         answer = t if tails else h
-        others = [pos[c] for c in ents if c != answer and ((h, r, c) if tails else (c, r, t)) in known]
+        others = sorted(
+            pos[c] for c in answers.get((h, r) if tails else (r, t), ()) if c != answer and c in pos
+        )
         truth.append(pos[answer])
         exclude.append(np.asarray(others, dtype=np.int64))
     return truth, exclude
 
 
+def _answers(known: set[tuple[str, str, str]], tails: bool) -> dict[tuple[str, str], set[str]]:
+    """(h, r) -> every known tail (tails) or (r, t) -> every known head: the filter, built once."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for h, r, t in known:
+        out.setdefault((h, r) if tails else (r, t), set()).add(t if tails else h)
+    return out
+
+
+def candidate_sets(
+    queries: list[tuple[str, str, str]],
+    known: set[tuple[str, str, str]],
+    tails: bool,
+    max_candidates: int,
+    seed: int = 0,
+) -> list[list[str]]:
+    """Each query's candidates, the answer first: the relation-constrained protocol for KGs too large to
+    rank every entity against every query. The candidates of (h, r, ?) are the entities that are the tail of
+    some known triple of relation r (heads of r, ranking heads), less the other known answers (filtered);
+    where more than max_candidates - 1 remain, that many are drawn uniformly without replacement (seeded
+    by seed, direction and query). The random baseline is then computed over the same sets."""
+    pool: dict[str, list[str]] = {}
+    for h, r, t in known:
+        pool.setdefault(r, []).append(t if tails else h)
+    ordered = {r: sorted(set(v)) for r, v in pool.items()}
+    answers = _answers(known, tails)
+    out = []
+    for q, (h, r, t) in enumerate(queries):
+        answer = t if tails else h
+        taken = answers.get((h, r) if tails else (r, t), set())
+        others = [c for c in ordered.get(r, []) if c != answer and c not in taken]
+        if max_candidates and len(others) > max_candidates - 1:
+            rng = np.random.default_rng([seed, int(tails), q])
+            pick = np.sort(rng.choice(len(others), max_candidates - 1, replace=False))
+            others = [others[i] for i in pick]
+        out.append([answer, *others])
+    return out
+
+
 def link_prediction(
-    pt, scorer: Scorer, test_path: str | Path, known_paths: list[str | Path], max_triples: int = 0
+    pt,
+    scorer: Scorer,
+    test_path: str | Path,
+    known_paths: list[str | Path],
+    max_triples: int = 0,
+    max_candidates: int = 0,
 ) -> dict[str, Any]:
-    """Filtered head and tail ranking of the test triples among the KG's entities."""
+    """Filtered head and tail ranking of the test triples: among all the KG's entities (max_candidates 0),
+    or among at most max_candidates relation-constrained ones (see candidate_sets)."""
     from data_prep.tokenizer import CachedEncoder, load_tokenizer
 
     test = _read_facts(Path(test_path))
@@ -388,34 +435,55 @@ def link_prediction(
     usable = [f for f in test if f[0] in e_index and f[2] in e_index and f[1] in r_index]
     skipped = len(test) - len(usable)
     usable = _sample(usable, max_triples, 0)
-    surface = {e: kg.surfaces[e_index[e]] if e in e_index else e.replace("_", " ") for e in ents}
     enc = CachedEncoder(load_tokenizer(pt.tokenizer_file))
     fusion = pt.cfg.model.knowledge.fusion
     out: dict[str, Any] = {
         "test_triples": len(test),
         "skipped_not_in_vocabulary": skipped,
         "entities": len(ents),
+        "candidates": "all entities, filtered"
+        if not max_candidates
+        else f"relation-constrained, filtered, at most {max_candidates} (sampled, seed 0)",
     }
+
+    def surface(e: str) -> str:
+        return kg.surfaces[e_index[e]] if e in e_index else e.replace("_", " ")
 
     ranks: dict[str, list[float]] = {"text": [], "embeddings": []}
     left: list[int] = []  # candidates left after filtering, per query
+    shared = None if max_candidates else np.array([e_index.get(c, -1) for c in ents])  # table rows of `ents`
     for tails in (True, False):
-        truth, exclude = filtered_targets(usable, known, ents, tails)
-        left += [len(ents) - len(e) for e in exclude]
+        if max_candidates:
+            cands = candidate_sets(usable, known, tails, max_candidates)
+            truth = [0] * len(usable)
+            exclude = [np.zeros(0, np.int64)] * len(usable)
+        else:
+            truth, exclude = filtered_targets(usable, known, ents, tails)
+            cands = [ents] * len(usable)
+        left += [len(c) - len(e) for c, e in zip(cands, exclude)]
         seqs = []
-        for h, r, t in usable:
+        for (h, r, t), cs in zip(usable, cands):
             rel = enc(r.replace("_", " "))
-            for c in ents:
+            for c in cs:
                 head, tail = (h, c) if tails else (c, t)
-                seqs.append(np.concatenate([enc(surface[head]), rel, enc(surface[tail] + ".")]))
-        if usable:
-            text = scorer.logprobs(seqs, [1] * len(seqs)).reshape(len(usable), len(ents))
-            ranks["text"] += _rank_all(text, truth, exclude)
-            if fusion:
-                emb = _embedding_scores(
-                    pt, usable, e_index, r_index, [e_index.get(c, -1) for c in ents], tails
+                seqs.append(np.concatenate([enc(surface(head)), rel, enc(surface(tail) + ".")]))
+        if not usable:
+            continue
+        text = scorer.logprobs(seqs, [1] * len(seqs))
+        bounds = np.cumsum([0, *map(len, cands)])
+        ranks["text"] += [
+            rank_of(text[bounds[q] : bounds[q + 1]], truth[q], exclude[q]) for q in range(len(usable))
+        ]
+        if fusion:
+            for lo in range(0, len(usable), 64):  # a block of queries against the whole table at a time
+                block = list(range(lo, min(lo + 64, len(usable))))
+                full = _embedding_scores(
+                    pt, [usable[q] for q in block], e_index, r_index, list(range(kg.n_entities)), tails
                 )
-                ranks["embeddings"] += _rank_all(emb, truth, exclude)
+                for k, q in enumerate(block):
+                    idx = shared if shared is not None else np.array([e_index.get(c, -1) for c in cands[q]])
+                    emb = np.where(idx >= 0, full[k, np.maximum(idx, 0)], -np.inf)
+                    ranks["embeddings"].append(rank_of(emb, truth[q], exclude[q]))
     out["text"] = ranking_metrics(ranks["text"])
     out["random"] = random_baseline(left)
     if fusion:
@@ -430,17 +498,20 @@ def evaluate(
     link_known: list[str | Path] | None = None,
     max_facts: int = 60,
     max_triples: int = 0,
+    max_candidates: int = 0,
 ) -> dict[str, Any]:
     """Every evaluation that applies; rank 0 writes <run_dir>/eval.json and, where the run writes
     TensorBoard, its figures there as `eval/...` scalars at the checkpoint's step. Collective: call on
     every rank."""
     pt = open_checkpoint(run_dir)
     with pt.h.watch("evaluation"):
-        return _evaluate(pt, run_dir, probe_world, link_test, link_known, max_facts, max_triples)
+        return _evaluate(
+            pt, run_dir, probe_world, link_test, link_known, max_facts, max_triples, max_candidates
+        )
 
 
 def _evaluate(
-    pt: Opened, run_dir, probe_world, link_test, link_known, max_facts, max_triples
+    pt: Opened, run_dir, probe_world, link_test, link_known, max_facts, max_triples, max_candidates=0
 ) -> dict[str, Any]:
     log = pt.h.log
     res: dict[str, Any] = {
@@ -460,7 +531,9 @@ def _evaluate(
     if probe_world and pt.cfg.model.causal:
         res["knowledge_probe"] = knowledge_probe(pt, scorer, probe_world, max_facts)
     if link_test and pt.cfg.model.causal:
-        res["link_prediction"] = link_prediction(pt, scorer, link_test, link_known or [], max_triples)
+        res["link_prediction"] = link_prediction(
+            pt, scorer, link_test, link_known or [], max_triples, max_candidates
+        )
     if pt.h.rank == 0:
         (Path(run_dir) / "eval.json").write_text(json.dumps(res, indent=2))
         t = pt.cfg.train

@@ -209,3 +209,20 @@ def test_vectorized_gather_matches_on_the_example_world(example_data):
     idx = BatchPlan(len(ds), micro=64, grad_accum=1, dp=1, rank=0, seed=4).rows(3, 0)
     idx = np.concatenate([idx, idx[:5], [len(ds) - 1, 0]])
     assert torch.equal(torch.from_numpy(ds.rows(idx)), former.gather(ds, idx))
+
+
+def test_duplicate_filter_decides_as_a_set_in_at_most_32_bytes_a_document():
+    """The ingest stage's filter against a Python set of the texts: the same first-seen decisions over
+    texts with many repeats, through several growths of its table, at most 16 bytes a document."""
+    import random
+
+    from data_prep.dedup import SeenDigests
+
+    rng = random.Random(0)
+    texts = [f"document {rng.randrange(60_000)}" for _ in range(100_000)]
+    seen, ref = SeenDigests(capacity=16), set()
+    for t in texts:
+        new = t not in ref
+        ref.add(t)
+        assert seen.add(t) == new
+    assert seen.n == len(ref) and 16 * len(ref) <= seen.nbytes <= 32 * len(ref)  # a quarter to half full

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -435,6 +436,79 @@ def test_scale_out_then_merge_equals_one_machine(tmp_path):
     assert merged == one
     assert _dataset_digest(tmp_path / "many") == _dataset_digest(tmp_path / "one")
     assert not (tmp_path / "many.parts").exists()
+
+
+FAKE_SBATCH = r"""#!/bin/bash
+# Runs the job at once (its dependencies are done: jobs run in submission order), an array's tasks one
+# after the other with Slurm's array variables; records each submission's options; prints a job id.
+opts=()
+while [[ $1 == --* ]]; do opts+=("$1"); shift; done
+echo "${opts[*]} $(basename "$1") $2" >> "$LOG"
+array="" cpus=1
+for o in "${opts[@]}"; do
+    case "$o" in --array=*) array="${o#--array=}" ;; --cpus-per-task=*) cpus="${o#--cpus-per-task=}" ;; esac
+done
+n=$(($(wc -l < "$LOG")))
+if [[ -n "$array" ]]; then
+    last="${array#0-}"
+    for i in $(seq 0 "$last"); do
+        SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_TASK_COUNT=$((last + 1)) SLURM_CPUS_PER_TASK=$cpus bash "$@" \
+            > "$OUT/job$n.$i.out" 2>&1 || exit 1
+    done
+else
+    SLURM_CPUS_PER_TASK=$cpus bash "$@" > "$OUT/job$n.out" 2>&1 || exit 1
+fi
+echo "$((1000 + n))"
+"""
+
+
+def test_slurm_template_joins_in_an_array_and_merges_what_one_machine_writes(tmp_path):
+    """launcher/slurm/data_prep.sh submits the tokenizer, a join array of K tasks after it, and the merge
+    after every task (afterok); run as a fake sbatch runs them, the dataset equals one machine's."""
+    from data_prep.example_world import WorldSpec, write_world
+
+    world = write_world(tmp_path / "raw", WorldSpec(documents=300))
+    args = [*_world_args(world), "--vocab_size", "300", "--seq_len", "64", "--chunk_docs", "40"]
+    assert _run_cli("run", *args, "--output", str(tmp_path / "one")).returncode == 0
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sbatch").write_text(FAKE_SBATCH)
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "LOG": str(tmp_path / "sbatch.log"),
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "JOIN_CPUS": "2",
+        "SBATCH_ARGS": "--partition=cpu --time=01:00:00",
+    }
+    script = str(REPO / "launcher" / "slurm" / "data_prep.sh")
+    res = subprocess.run(
+        ["bash", script, "3", *args, "--output", str(tmp_path / "many")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr + "".join(p.read_text() for p in tmp_path.glob("job*.out"))
+    assert "tokenizer job 1001, join array job 1002 (3 tasks), merge job 1003" in res.stdout
+    log = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert log[0].startswith(
+        "--parsable --partition=cpu --time=01:00:00 --cpus-per-task=2 data_prep.sbatch tokenizer"
+    )
+    assert "--dependency=afterok:1001 --kill-on-invalid-dep=yes --array=0-2" in log[1] and "join" in log[1]
+    assert "--dependency=afterok:1002 --kill-on-invalid-dep=yes" in log[2] and log[2].endswith(
+        "data_prep.sbatch merge"
+    )
+    assert "join task 1 of 3, 2 workers" in (tmp_path / "job2.1.out").read_text()
+    assert _dataset_digest(tmp_path / "many") == _dataset_digest(tmp_path / "one")
+    # the template refuses what it cannot run, naming the fix
+    res = subprocess.run(["bash", script, "x"], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "SHARDS must be a positive number" in res.stderr
+    sbatch = str(REPO / "launcher" / "slurm" / "data_prep.sbatch")
+    res = subprocess.run(["bash", sbatch, "join", *args], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "join runs as an array job" in res.stderr
 
 
 def test_interrupted_run_resumes_without_redoing_or_losing_documents(tmp_path, shared_data):

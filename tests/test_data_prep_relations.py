@@ -196,12 +196,14 @@ def test_bad_inputs_name_the_file(small, tmp_path, capsys):
                 kg=str(small["kg"]),
                 aliases=str(small["aliases"]),
                 case="exact",
-                output="y",
+                output=str(tmp_path / "y"),
             )
         )
     with pytest.raises(DataError, match="negative_ratio=-1"):
         prepare_relations(
-            RelationsConfig(corpus=[str(lower)], kg=str(small["kg"]), output="y", negative_ratio=-1)
+            RelationsConfig(
+                corpus=[str(lower)], kg=str(small["kg"]), output=str(tmp_path / "y"), negative_ratio=-1
+            )
         )
     assert not (tmp_path / "x").exists()
 
@@ -223,8 +225,12 @@ def test_news_with_nations(shared_data, tmp_path):
     proc = _run_cli(*inputs, "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((out / "stats.json").read_text())
-    assert proc.stdout.startswith("data_prep relations: documents 293,")
-    assert f"positives {stats['positives']} over" in proc.stdout and proc.stdout.count("\n") == 1
+    index_line, line = proc.stdout.splitlines()
+    assert index_line.startswith("data_prep kg index: 14 entities, 55 relations, 1,592 triples")
+    assert (
+        line.startswith("data_prep relations: documents 293,")
+        and f"positives {stats['positives']} over" in line
+    )
 
     triples = read_triples(kg_path)
     relations = defaultdict(set)

@@ -405,3 +405,31 @@ def test_vectorized_fusion_batch_matches_the_reference(example_data, tmp_path):
         _assert_same_fusion(small, rk, np.array([3, 1, 0, 2, 1]), 16, cfg, seed)
         empty = _assert_same_fusion(small, rk, np.array([1, 4]), 16, cfg, seed)
         assert empty.num_mentions == 0 and (empty.entity_ids == -1).all()
+
+
+def test_entity_table_memory_per_rank_by_hand():
+    """The run header's memory of the knowledge tables on one rank: parameters, gradients and Adam's
+    states, each divided over the data-parallel ranks from the ZeRO stage that partitions it."""
+    from sparsexpert.train.trainer import table_bytes_per_rank
+
+    n = 1_000_000
+    assert table_bytes_per_rank(n, 0, "fp32", 4) == n * (4 + 4 + 8)
+    assert table_bytes_per_rank(n, 2, "fp32", 2) == n * 4 + n * 4 // 2 + n * 8 // 2
+    assert table_bytes_per_rank(n, 1, "bf16", 4) == n * 2 + n * 2 + n * 12 // 4
+    assert table_bytes_per_rank(n, 3, "fp16", 8) == (n * 2 + n * 2 + n * 12) // 8
+
+
+def test_relation_constrained_candidates_by_hand():
+    """Link prediction on a large KG ranks the answer among the entities seen with the query's relation,
+    the other true answers filtered out, at most max_candidates of them (sampled, seeded)."""
+    from sparsexpert.evaluate import candidate_sets
+
+    known = {("a", "r", "b"), ("a", "r", "c"), ("d", "r", "e"), ("x", "s", "y"), ("c", "r", "d")}
+    got = candidate_sets([("a", "r", "b")], known, tails=True, max_candidates=0)
+    assert got == [["b", "d", "e"]]  # tails of r: b, c, d, e; c is another answer of (a, r, ?)
+    got = candidate_sets([("d", "r", "e")], known, tails=False, max_candidates=0)
+    assert got == [["d", "a", "c"]]  # heads of r: a, c, d; no other head of (?, r, e)
+    many = {("h", "r", f"t{i:03d}") for i in range(200)} | {("q", "r", "answer")}
+    one = candidate_sets([("q", "r", "answer")], many, tails=True, max_candidates=10)
+    assert one[0][0] == "answer" and len(one[0]) == 10 and len(set(one[0])) == 10
+    assert one == candidate_sets([("q", "r", "answer")], many, tails=True, max_candidates=10)  # seeded

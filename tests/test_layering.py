@@ -116,3 +116,14 @@ def test_the_checks_find_what_they_look_for():
     assert cycles({"a": {"b"}, "b": set()}) == []
     assert unit_of("sparsexpert.model.moe") == "model" and unit_of("deepspeed.comm") == "deepspeed"
     assert unit_of("torch.nn") is None
+
+
+def test_data_prep_does_not_import_torch():
+    """data_prep's processes (the main one and every worker) start without torch: a second of start-up
+    and ~150 MB each, for a library they do not use."""
+    import subprocess
+    import sys
+
+    code = "import sys, data_prep.__main__, data_prep.join, data_prep.kg_index; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"

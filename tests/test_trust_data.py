@@ -82,7 +82,7 @@ def test_output_that_is_not_ours_is_refused_and_inputs_are_never_deleted(tmp_pat
     # data_prep did not write is not.
     assert _cli("run", *inputs, *SMALL, "--output", str(other), "--seq_len", "48").returncode == 0
     assert PackedDataset(other, "train").seq_len == 48
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other", "other.kgindex"]  # the KG's index
     (other / "notes.txt").write_text("mine now")
     proc = _cli("run", *inputs, *SMALL, "--output", str(other))
     assert proc.returncode == 2 and "holds files data_prep did not write (notes.txt)" in proc.stderr
@@ -327,6 +327,7 @@ def test_full_disk_is_reported_and_the_partial_work_removed(tmp_path):
     assert f"{small / 'data'}: No space left on device (ENOSPC) writing {small}/.data." in read("merge.out")
     assert " free there; the dataset needs about " in read("merge.out")
     assert "the dataset needs about" in read("merge.out") and "Traceback" not in read("merge.out")
-    assert read("merge.ls").split() == ["ballast", "data.parts"]  # no work folder, no half dataset
+    # no work folder, no half dataset; the KG index (complete) stays for the next run
+    assert read("merge.ls").split() == ["ballast", "data.kgindex", "data.parts"]
     assert read("again.rc").strip() == "0", read("again.out")
-    assert read("again.ls").split() == ["data"]
+    assert read("again.ls").split() == ["data", "data.kgindex"]

@@ -14,6 +14,10 @@ A dataset folder holds:
                                  attached or not: index, head, relation, tail, times attached (may be
                                  0), source (kg|extracted): the pretraining triple objective and
                                  K-BERT-style injection use the whole KG, not only attached triples
+    kg_triples.npy               int64 [triples, 3]: head, relation, tail (entity and relation indices) of
+                                 every triple index of triples.tsv, for readers that must not parse a
+                                 KG of millions of lines (absent in datasets written before it; readers
+                                 then parse triples.tsv)
     stats.json                   the stats stage's figures
     manifest.json                written last: format, config, inputs and hashes, counts, the tokenizer,
                                  seq_len and dtype, per split its shards with their sha256

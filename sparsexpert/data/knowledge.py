@@ -12,7 +12,7 @@ per-row code as the reference the output must equal, draw for draw).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -55,37 +55,89 @@ def _in_intervals(lo: np.ndarray, length: np.ndarray) -> np.ndarray:
     return offset.view(unsigned) < length.astype(unsigned)[..., None]
 
 
-@dataclass
 class DatasetKG:
-    """The KG data_prep wrote beside the shards: entity and relation vocabularies, every triple."""
+    """The KG data_prep wrote beside the shards: entity and relation vocabularies, every triple.
 
-    entities: list[str]
-    """Entity id of each entity index."""
-    surfaces: list[str]
-    """Surface name of each entity (its first alias)."""
-    relations: list[str]
-    triples: np.ndarray
-    """[num triple indices, 3] (head, relation, tail) entity/relation indices; -1 rows: index unused."""
+    The triples come memory-mapped from kg_triples.npy (every rank reads the same pages; a KG of
+    millions of triples is never Python objects), or, in a dataset written before that file existed,
+    parsed from triples.tsv. The entity names and surfaces (entities.tsv) are read on first use: the
+    fusion objectives need only their number."""
+
+    def __init__(
+        self,
+        entities: list[str] | None,
+        surfaces: list[str] | None,
+        relations: list[str],
+        triples: np.ndarray,
+        data_dir: str | Path | None = None,
+        n_entities: int | None = None,
+    ):
+        """entities and surfaces given, or None: read from data_dir/entities.tsv on first use."""
+        self._entities, self._surfaces = entities, surfaces
+        self.relations = relations
+        self.triples = triples
+        """[num triple indices, 3] (head, relation, tail) entity/relation indices; -1 rows: index unused."""
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.n_entities = len(entities) if entities is not None else int(n_entities or 0)
 
     @classmethod
     def load(cls, data_dir: str | Path) -> DatasetKG:
         d = Path(data_dir)
-        ent_rows = _read_tsv(d / "entities.tsv", 2)
-        entities = [r[1] for r in ent_rows]
-        surfaces = [r[2] if len(r) > 2 else r[1].replace("_", " ") for r in ent_rows]
+        ent_file = d / "entities.tsv"
         relations = [r[1] for r in _read_tsv(d / "relations.tsv", 2)]
+        if (d / "kg_triples.npy").is_file() and ent_file.is_file():
+            with open(ent_file, "rb") as f:
+                n_entities = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
+            triples = np.load(d / "kg_triples.npy", mmap_mode="r", allow_pickle=False)
+            return cls(None, None, relations, triples, d, n_entities)
+        rows = _read_tsv(ent_file, 2)
+        entities = [r[1] for r in rows]
+        surfaces = [r[2] if len(r) > 2 else r[1].replace("_", " ") for r in rows]
         e_index = {e: i for i, e in enumerate(entities)}
         r_index = {r: i for i, r in enumerate(relations)}
-        rows = _read_tsv(d / "triples.tsv", 4)
-        table = np.full((max((int(r[0]) for r in rows), default=-1) + 1, 3), -1, dtype=np.int64)
-        for r in rows:
+        trows = _read_tsv(d / "triples.tsv", 4)
+        table = np.full((max((int(r[0]) for r in trows), default=-1) + 1, 3), -1, dtype=np.int64)
+        for r in trows:
             table[int(r[0])] = (e_index[r[1]], r_index[r[2]], e_index[r[3]])
-        return cls(entities, surfaces, relations, table)
+        return cls(entities, surfaces, relations, table, d)
+
+    def _read_entities(self) -> None:
+        assert self.data_dir is not None
+        rows = _read_tsv(self.data_dir / "entities.tsv", 2)
+        self._entities = [r[1] for r in rows]
+        self._surfaces = [r[2] if len(r) > 2 else r[1].replace("_", " ") for r in rows]
 
     @property
+    def entities(self) -> list[str]:
+        """Entity id of each entity index."""
+        if self._entities is None:
+            self._read_entities()
+        assert self._entities is not None
+        return self._entities
+
+    @property
+    def surfaces(self) -> list[str]:
+        """Surface name of each entity (its first alias)."""
+        if self._surfaces is None:
+            self._read_entities()
+        assert self._surfaces is not None
+        return self._surfaces
+
+    @functools.cached_property
     def known(self) -> np.ndarray:
-        """[n, 3] the triples that exist."""
-        return self.triples[self.triples[:, 0] >= 0]
+        """[n, 3] the triples that exist (computed once: a copy per micro-batch would cost the whole KG)."""
+        valid = np.asarray(self.triples[:, 0]) >= 0
+        return self.triples if valid.all() else np.asarray(self.triples)[valid]
+
+    @functools.cached_property
+    def by_head(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(heads, start, order): the distinct head entities, ascending; the triples headed by heads[k]
+        are order[start[k] : start[k + 1]], in increasing triple index."""
+        head = np.asarray(self.triples[:, 0])
+        valid = np.flatnonzero(head >= 0)
+        order = valid[np.argsort(head[valid], kind="stable")]
+        heads, start = np.unique(head[order], return_index=True)
+        return heads, np.append(start, len(order)), order
 
 
 class RowKnowledge:
@@ -132,7 +184,7 @@ def fusion_batch(
     cfg: KnowledgeConfig,
     rng: np.random.Generator,
 ) -> KnowledgeBatch:
-    n_ent = len(kg.entities)
+    n_ent = kg.n_entities
     B, S = len(rows), seq_len
     mentions, owner_M = rk.batch_mentions(rows)
     start_M, end_M, truth_M = mentions.T
@@ -200,11 +252,7 @@ class Injector:
 
     def __init__(self, kg: DatasetKG, tokenizer, cfg: KnowledgeConfig):
         self.kg, self.tok, self.cfg = kg, tokenizer, cfg
-        heads: dict[int, list[int]] = {}
-        for i in np.flatnonzero(kg.triples[:, 0] >= 0):
-            heads.setdefault(int(kg.triples[i, 0]), []).append(int(i))
-        self.by_head = {h: np.asarray(v) for h, v in heads.items()}  # entity -> the triples it heads
-        self._heads = np.array(sorted(self.by_head), dtype=np.int64)
+        self._heads, self._start, self._order = kg.by_head  # entity -> the triples it heads, as arrays
         self._branch_ids: dict[int, np.ndarray] = {}
 
     def verbalize(self, triple: int) -> str:
@@ -224,10 +272,14 @@ class Injector:
         if per:
             # One rng.random() per mention, in order, and a rng.choice right after each that gets an
             # injection: the draws interleave, so this loop stays.
-            heads = np.isin(entity_M, self._heads).tolist()
-            for m, ent in enumerate(entity_M.tolist()):
+            if len(self._heads):
+                k_M = np.minimum(np.searchsorted(self._heads, entity_M), len(self._heads) - 1)
+                heads = (self._heads[k_M] == entity_M).tolist()
+            else:
+                k_M, heads = np.zeros(len(entity_M), np.int64), [False] * len(entity_M)
+            for m, k in enumerate(k_M.tolist()):
                 if rng.random() < self.cfg.inject_prob and heads[m]:
-                    cand = self.by_head[ent]
+                    cand = self._order[self._start[k] : self._start[k + 1]]
                     mention.append(m)
                     chosen.append(rng.choice(cand, min(per, len(cand)), replace=False))
         mention_J = np.repeat(np.asarray(mention, dtype=np.int64), [len(c) for c in chosen])

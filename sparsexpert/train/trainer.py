@@ -189,6 +189,19 @@ def make_loader(
     )
 
 
+def table_bytes_per_rank(n_params: int, zero_stage: int, precision: str, dp: int) -> int:
+    """Memory one rank holds for n_params trained with Adam: the parameters (in the training precision),
+    their gradients, and the optimizer's states (an fp32 master copy under mixed precision, and Adam's
+    two moments), each divided over the dp ranks where the ZeRO stage partitions it (states from stage
+    1, gradients from 2, parameters at 3)."""
+    half = precision in ("bf16", "fp16")
+    param_b, grad_b, state_b = (2, 2, 12) if half else (4, 4, 8)
+    share = lambda partitioned: n_params / dp if partitioned else n_params  # noqa: E731
+    return int(
+        share(zero_stage >= 3) * param_b + share(zero_stage >= 2) * grad_b + share(zero_stage >= 1) * state_b
+    )
+
+
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "config.json", "eval.json")
 """What a pretraining run writes into its output folder (besides the built-in example's data/)."""
 
@@ -341,10 +354,13 @@ class Pretrainer:
         self.h.log(self.monitor.describe())
         k = self.cfg.model.knowledge
         if k.mode == "fusion":
+            per_rank = table_bytes_per_rank(p["knowledge"], zero, precision, t.dp)
             self.h.log(
-                f"knowledge: fusion at layer {k.fusion_layer}, {k.num_entities} entities x {k.num_relations} "
-                f"relations x {k.entity_dim} dims ({p['knowledge'] / 1e6:.3f}M parameters); entity loss x "
-                f"{k.entity_loss_coef}, TransE x {k.triple_loss_coef} on {k.triple_source} triples"
+                f"knowledge: fusion at layer {k.fusion_layer}, {k.num_entities:,} entities x {k.num_relations} "
+                f"relations x {k.entity_dim} dims ({p['knowledge'] / 1e6:.3f}M parameters, "
+                f"{per_rank / 2**30:.2f} GiB a rank with their gradients and Adam states under ZeRO-{zero} "
+                f"over {t.dp} data-parallel ranks); entity loss x {k.entity_loss_coef}, "
+                f"{k.triple_score} x {k.triple_loss_coef} on {k.triple_source} triples"
             )
         elif k.mode == "inject":
             self.h.log(

@@ -1,0 +1,253 @@
+"""The compact KG index (data_prep/kg_index.py) against the in-memory reference it replaces: the
+pyahocorasick Linker for alias matching, and the KG as Python objects (read_triples, check_aliases, a
+sorted set, a dict of pairs) for the triples and the pair lookup."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from data_prep.example_world import write_world
+from data_prep.kg import Linker, Triple, check_aliases, read_aliases, read_triples
+from data_prep.kg_index import KGIndex, PairIndex, build, load_or_build
+from data_prep.readers import DataError
+
+
+def _reference(kg, aliases, case, on_error="fail"):
+    triples = read_triples(kg)
+    al = read_aliases(aliases, {t.head for t in triples} | {t.tail for t in triples})
+    kept, missing = check_aliases(triples, al, kg, on_error)
+    ordered = sorted(set(kept), key=lambda t: (t.head, t.relation, t.tail))
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for i, t in enumerate(ordered):
+        pairs.setdefault((t.head, t.tail), []).append(i)
+    return ordered, al, missing, pairs
+
+
+def _open(tmp_path, kg, aliases, case, on_error="fail", name: str = "") -> KGIndex:
+    folder = tmp_path / f"index-{case}-{on_error}{name}"
+    folder.mkdir(parents=True)
+    meta = build(folder, str(kg), str(aliases) if aliases else None, case, on_error)
+    (folder / "meta.json").write_text(__import__("json").dumps(meta))
+    return KGIndex.open(folder)
+
+
+def _tricky_kg(tmp_path):
+    """Aliases that test the matcher's rules: one alias a prefix of another (longest wins), one alias
+    shared by two entities (the smaller name owns it), overlapping matches, case, characters whose
+    lower case is longer, punctuation inside aliases, an alias-only entity, a triple with no alias."""
+    kg = tmp_path / "kg.tsv"
+    kg.write_text(
+        "New_York\tin\tUSA\nNew_York_City\tin\tUSA\nzeta\tnear\talpha\nalpha\tnear\tzeta\n"
+        "İzmir\tin\tTürkiye\nStraße\tin\tDeutschland\nAT&T\tbased_in\tUSA\nNoAlias\tin\tUSA\n"
+        "New_York\tin\tUSA\n"
+    )
+    al = tmp_path / "aliases.tsv"
+    al.write_text(
+        "New_York\tNew York\nNew_York_City\tNew York City\nUSA\tUSA\nUSA\tUnited States\n"
+        "zeta\tTwin\nalpha\tTwin\nalpha\tAlpha\nİzmir\tİzmir\nTürkiye\tTürkiye\n"
+        "Straße\tStraße\nDeutschland\tDeutschland\nAT&T\tAT&T\nOnlyAlias\tLone Star\n"
+    )
+    return kg, al
+
+
+TEXTS = [
+    "New York City is in the USA; New York is too. NEW YORK CITY, new york city.",
+    "Twin and Alpha: twin towers, Twins, AlphaTwin, Twin.",
+    "İzmir lies in Türkiye. İZMİR, izmir. Straße in Deutschland, STRASSE, straße.",
+    "AT&T and AT&Ts, xAT&T, (AT&T), Lone Star, Lone Stars, United States of America.",
+    "",
+    "New York City City, New York New York City",
+]
+
+
+def _random_texts(aliases: list[str], n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    fill = ["the", "of", ",", ".", "x", "City", "and", "-", "New", "York", "ß", "İ", "AT", "&", "T"]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 30)):
+            w = rng.choice(aliases) if rng.random() < 0.4 else rng.choice(fill)
+            w = w.upper() if rng.random() < 0.1 else w.lower() if rng.random() < 0.1 else w
+            parts.append(w)
+        out.append(rng.choice([" ", "", "  "]).join(parts) if rng.random() < 0.2 else " ".join(parts))
+    return out
+
+
+@pytest.mark.parametrize("case", ["exact", "ignore"])
+def test_alias_matching_equals_aho_corasick(tmp_path, case):
+    kg, al = _tricky_kg(tmp_path)
+    _, aliases, _, _ = _reference(kg, al, case, "skip")
+    index = _open(tmp_path, kg, al, case, "skip")
+    ref, ours = Linker(aliases, case), index.matcher()
+    surfaces = [a for forms in aliases.values() for a in forms]
+    texts = TEXTS + _random_texts(surfaces, 400, seed=1)
+    found = 0
+    for text in texts:
+        want = ref.find(text)
+        assert ours.find(text) == want, text
+        found += len(want)
+    assert found > 500
+    assert ours.find_many(texts) == [ref.find(t) for t in texts]  # one pass over the texts joined
+
+    world = write_world(tmp_path / "world")
+    _, aliases, _, _ = _reference(world["kg"], world["aliases"], case)
+    index = _open(tmp_path / "world", world["kg"], world["aliases"], case)
+    ref, ours = Linker(aliases, case), index.matcher()
+    docs = world["corpus"].read_text().splitlines()
+    assert sum(len(ref.find(d)) for d in docs) > 5000
+    for doc in docs:
+        assert ours.find(doc) == ref.find(doc)
+    assert ours.find_many(docs) == [ref.find(d) for d in docs]
+
+
+def test_triples_and_pairs_equal_the_python_objects(tmp_path):
+    kg, al = _tricky_kg(tmp_path)
+    with pytest.raises(DataError, match=r"kg.tsv: triple 8 \(NoAlias, in, USA\) names entity 'NoAlias'"):
+        _open(tmp_path, kg, al, "exact", "fail")
+    ordered, aliases, missing, pairs = _reference(kg, al, "exact", "skip")
+    index = _open(tmp_path, kg, al, "exact", "skip")
+    assert index.meta["kg_triples_without_alias"] == missing == 1
+    assert [index.triple(i) for i in range(len(index.triples))] == ordered
+    assert all(index.triple_index(t) == i for i, t in enumerate(ordered))
+    assert index.triple_index(Triple("USA", "in", "New_York")) == -1
+    assert index.triple_index(Triple("New_York", "nowhere", "USA")) == -1
+    pair = PairIndex(index)
+    names = sorted({t.head for t in ordered} | {t.tail for t in ordered} | {"OnlyAlias", "nobody"})
+    for a in names:
+        for b in names:
+            assert pair.get((a, b), ()) == pairs.get((a, b), ())
+    # every entity with an alias or in a triple, sorted; in_kg marks those of a (kept or not) triple
+    assert index.names.to_list() == sorted(set(aliases) | {"NoAlias"})
+    kg_names = [n for k, n, _ in index.kg_entities()]  # the entities of the triples kept
+    assert kg_names == sorted({x for t in ordered for x in (t.head, t.tail)})
+    assert dict((n, s) for _, n, s in index.kg_entities())["USA"] == "USA"
+    assert index.relations == ["based_in", "in", "near"]
+
+    world = write_world(tmp_path / "world")
+    ordered, aliases, missing, pairs = _reference(world["kg"], world["aliases"], "exact")
+    index = _open(tmp_path / "world", world["kg"], world["aliases"], "exact")
+    assert [index.triple(i) for i in range(len(index.triples))] == ordered
+    pair = PairIndex(index)
+    for (a, b), want in pairs.items():
+        assert pair.get((a, b)) == want
+
+
+def test_index_is_built_once_and_rebuilt_when_an_input_changes(tmp_path):
+    kg, al = _tricky_kg(tmp_path)
+    said: list[str] = []
+    folder = tmp_path / "out.kgindex"
+    first = load_or_build(folder, str(kg), str(al), "exact", "skip", log=said.append)
+    again = load_or_build(folder, str(kg), str(al), "exact", "skip", log=said.append)
+    assert "built into" in said[0] and "reused from" in said[1], said
+    assert np.array_equal(first.triples, again.triples)
+    kg.write_text(kg.read_text() + "USA\tnear\tDeutschland\n")
+    grown = load_or_build(folder, str(kg), str(al), "exact", "skip", log=said.append)
+    assert "built into" in said[2] and len(grown.triples) == len(first.triples) + 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no leftovers
+    want = np.array(grown.triples)
+    with open(folder / "triples.npy", "r+b") as f:  # a damaged file: found by its checksum, built again
+        f.seek(-1, 2)
+        f.write(b"\x7f")
+    again = load_or_build(folder, str(kg), str(al), "exact", "skip", log=said.append)
+    assert "triples.npy does not match its checksum" in said[3] and "built into" in said[4]
+    assert np.array_equal(again.triples, want)
+    foreign = tmp_path / "mine.kgindex"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a KG index data_prep wrote"):
+        load_or_build(foreign, str(kg), str(al), "exact", "skip")
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_every_kg_layout_gives_the_same_index(tmp_path):
+    """pyarrow reads a clean TSV; comments, padded values, CRLF, N-Triples and JSONL go through the
+    line-by-line reader: the same index either way, and a bad line is named by file and line."""
+    kg, al = _tricky_kg(tmp_path)
+    want = _open(tmp_path, kg, al, "exact", "skip")
+    rows = [line.split("\t") for line in kg.read_text().splitlines()]
+    variants = {
+        "commented.tsv": "# a comment\n" + kg.read_text(),
+        "padded.tsv": "".join(f" {h}\t{r} \t{t}\n" for h, r, t in rows),
+        "crlf.tsv": kg.read_text().replace("\n", "\r\n"),
+        "kg.jsonl": "".join(
+            __import__("json").dumps({"head": h, "relation": r, "tail": t}) + "\n" for h, r, t in rows
+        ),
+        "kg.nt": "".join(f"<{h}> <{r}> <{t}> .\n" for h, r, t in rows),
+    }
+    padded_aliases = tmp_path / "padded_aliases.tsv"
+    padded_aliases.write_text(
+        "".join(f"{e}\t {form} \n" for e, form in (line.split("\t") for line in al.read_text().splitlines()))
+    )
+    for name, text in variants.items():
+        path = tmp_path / name
+        path.write_text(text, newline="")
+        for aliases in (al, padded_aliases):
+            got = _open(tmp_path, path, aliases, "exact", "skip", name=f"-{name}-{aliases.stem}")
+            assert np.array_equal(got.triples, want.triples), name
+            assert got.names.to_list() == want.names.to_list() and got.relations == want.relations
+            assert got.surfaces.to_list() == want.surfaces.to_list()
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tr\tb\nc\td\n")
+    with pytest.raises(DataError, match=r"bad.tsv:2: expected 3 tab-separated columns"):
+        _open(tmp_path, bad, None, "exact")
+    bad.write_text("a\tr\tb\nc\t \td\n")
+    with pytest.raises(DataError, match=r"bad.tsv:2: expected 3 tab-separated columns"):
+        _open(tmp_path, bad, None, "exact", name="-empty-value")
+
+
+def test_dataset_vocabularies_are_the_kg_as_python_objects_give_them(tmp_path):
+    """entities.tsv and triples.tsv, written from the index by pyarrow, hold what the in-memory KG gives:
+    the KG's entities sorted with their first alias, then the entities met only in text; every distinct
+    KG triple sorted, then the extractor's."""
+    from data_prep.pipeline import PrepConfig, prepare
+
+    world = write_world(tmp_path / "world")
+    extra = tmp_path / "aliases.tsv"  # an entity the KG does not have, found in the text by its alias
+    extra.write_text(world["aliases"].read_text() + "Z_only\tKalo\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(world["corpus"].read_text() + "Kalo met Kalo.\n" * 3)
+    out = tmp_path / "data"
+    cfg = PrepConfig(
+        corpus=[str(corpus)],
+        output=str(out),
+        kg=str(world["kg"]),
+        aliases=str(extra),
+        case="exact",
+        vocab_size=512,
+        seq_len=64,
+    )
+    said: list[str] = []
+    manifest = prepare(cfg, log=said.append)
+    ordered, aliases, _, _ = _reference(world["kg"], extra, "exact")
+    kg_entities = sorted({x for t in ordered for x in (t.head, t.tail)})
+    rows = [line.split("\t") for line in (out / "entities.tsv").read_text().splitlines()]
+    assert [r[1] for r in rows] == [*kg_entities, "Z_only"]
+    assert [r[2] for r in rows] == [aliases[e][0] for e in kg_entities] + ["Kalo"]
+    assert [r[0] for r in rows] == [str(i) for i in range(len(rows))]
+    rows = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
+    assert [Triple(*r[1:4]) for r in rows] == ordered and {r[5] for r in rows} == {"kg"}
+    assert sum(int(r[4]) for r in rows) == manifest["triples_attached"] > 0
+    assert manifest["entities"] == len(kg_entities) + 1
+    # a second run reuses the index
+    prepare(cfg, log=said.append)
+    index_lines = [s for s in said if s.startswith("data_prep kg index")]
+    assert len(index_lines) == 2 and " built into " in index_lines[0] and " reused from " in index_lines[1]
+
+    # training reads the triples memory-mapped from kg_triples.npy: what parsing triples.tsv gives
+    import shutil
+
+    from sparsexpert.data.knowledge import DatasetKG
+
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "kg_triples.npy").unlink()  # a dataset written before the file existed
+    new_kg, old_kg = DatasetKG.load(out), DatasetKG.load(old)
+    assert isinstance(new_kg.triples, np.memmap) and np.array_equal(new_kg.triples, old_kg.triples)
+    assert (
+        new_kg.n_entities == old_kg.n_entities == len(old_kg.entities) and new_kg.entities == old_kg.entities
+    )
+    assert new_kg.surfaces == old_kg.surfaces and new_kg.relations == old_kg.relations
