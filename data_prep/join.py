@@ -8,6 +8,7 @@ extractor's triples, each with the token span of its evidence.
 
 from __future__ import annotations
 
+import bisect
 import re
 import zlib
 
@@ -83,18 +84,22 @@ def distant_supervision(text: str, mentions: list[tuple[int, int, str]], pairs) 
     if not pairs or len({m[2] for m in mentions}) < 2:
         return []
     sents = _sentences(text)
-    s_start = np.array([a for a, _ in sents], dtype=np.int64)
-    s_end = np.array([b for _, b in sents], dtype=np.int64)
+    s_start = [a for a, _ in sents]
     by_sentence: dict[int, set[str]] = {}
     for start, end, entity in mentions:
-        k = int(np.searchsorted(s_start, start, side="right")) - 1
-        if end <= s_end[k]:  # a mention across a sentence end belongs to none
+        k = bisect.bisect_right(s_start, start) - 1
+        if end <= sents[k][1]:  # a mention across a sentence end belongs to none
             by_sentence.setdefault(k, set()).add(entity)
-    out: list[tuple[int, int, int]] = []
-    for k, ents in sorted(by_sentence.items()):
-        found = {t for a in ents for b in ents if a != b for t in pairs.get((a, b), ())}
-        out.extend((int(s_start[k]), int(s_end[k]), t) for t in sorted(found))
-    return out
+    asked = [(k, a, b) for k, ents in sorted(by_sentence.items()) for a in ents for b in ents if a != b]
+    if hasattr(pairs, "get_many"):  # the KG index: every pair of the document in one lookup
+        answers = pairs.get_many([(a, b) for _, a, b in asked])
+    else:
+        answers = [pairs.get((a, b), ()) for _, a, b in asked]
+    found: dict[int, set[int]] = {}
+    for (k, _, _), triples in zip(asked, answers):
+        if len(triples):
+            found.setdefault(k, set()).update(triples)
+    return [(sents[k][0], sents[k][1], t) for k in sorted(found) for t in sorted(found[k])]
 
 
 def _batches(docs: list[RawDoc], max_chars: int = 1 << 22) -> list[list[RawDoc]]:
@@ -117,7 +122,7 @@ def process_chunk(docs: list[RawDoc]) -> list[dict]:
     out: list[dict] = []
     for batch in _batches(docs):
         texts = [d.text for d in batch]
-        linked = _link_many(linker, texts)
+        linked = link_many(linker, texts)
         out.extend(
             _join(doc, text, ids, tok, linker, pairs, extractor, found)
             for doc, text, ids, found in zip(batch, texts, tok.encode(texts), linked)
@@ -125,7 +130,7 @@ def process_chunk(docs: list[RawDoc]) -> list[dict]:
     return out
 
 
-def _link_many(linker, texts: list[str], per_pass: int = 1 << 20) -> list:
+def link_many(linker, texts: list[str], per_pass: int = 1 << 20) -> list:
     """The linker's matches of each text, a pass over about per_pass characters at a time."""
     if linker is None or not hasattr(linker, "find_many"):
         return [None] * len(texts)
@@ -156,10 +161,11 @@ def _join(doc: RawDoc, text: str, ids: np.ndarray, tok, linker, pairs, extractor
                 np.searchsorted(begin, m[:, 1], side="left"),
             )
             spans = [(int(a), int(b), x[2]) for a, b, x in zip(t_start, t_end, mentions) if b > a]
-        for cs, ce, t in evidence:
-            ts = int(np.searchsorted(end, cs, side="right"))
-            te = int(np.searchsorted(begin, ce, side="left"))
-            attached.append((ts, max(te, ts + 1), t))
+        if evidence:
+            ev = np.array([(cs, ce) for cs, ce, _ in evidence], dtype=np.int64)
+            ts_all = np.searchsorted(end, ev[:, 0], side="right").tolist()
+            te_all = np.searchsorted(begin, ev[:, 1], side="left").tolist()
+            attached = [(ts, max(te, ts + 1), x[2]) for ts, te, x in zip(ts_all, te_all, evidence)]
     return {
         "ids": ids,
         "spans": spans,

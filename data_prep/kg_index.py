@@ -16,7 +16,8 @@ those the alias file names, so integer order is name order):
     triples.npy                       int64 [n, 3] head, relation, tail ids: the distinct triples whose
                                       entities have an alias, sorted by (head, relation, tail) name
     pair_key.npy, pair_triple.npy     head * n_entities + tail for each triple, sorted; the triple of each
-    alias_*.npy, alias.utf8           the alias matcher's keys (see AliasMatcher)
+    alias_*.npy, alias.utf8           the alias matcher's keys (see AliasMatcher); alias_starts.npy the
+                                      buckets of their first three characters, where a match can start
     meta.json                         format, the inputs' hash, counts, each file's size and xxh3-128 (checked
                                       when the index is reused; a damaged one is built again); written last
 
@@ -114,7 +115,7 @@ class StringTable:
         # plain ndarray views of the mapped files: numpy.memmap's indexing costs a microsecond a call
         mapped = np.memmap(data, dtype=np.uint8, mode="r") if data.stat().st_size else np.zeros(0, np.uint8)
         self.blob = np.asarray(mapped)
-        self.off = np.asarray(np.load(folder / f"{name}_off.npy", mmap_mode="r"))
+        self.off = _mapped(folder / f"{name}_off.npy")
 
     @staticmethod
     def write(folder: Path, name: str, strings) -> None:
@@ -166,13 +167,15 @@ class AliasMatcher:
 
     def __init__(self, folder: Path, case: str, names: StringTable, ids: dict[str, int] | None = None):
         self.case, self.names = case, names
-        self.ids = (
-            ids if ids is not None else {}
-        )  # name -> id of the entities found (KGIndex.entity_id's cache)
+        # name -> id of the entities found (shared with KGIndex.entity_id's cache), and id -> name
+        self.ids = ids if ids is not None else {}
+        self._names: dict[int, str] = {}
         self.lengths = np.load(folder / "alias_lengths.npy")  # distinct key lengths, ascending
+        # where a key can start: a bucket of its first one, two or three characters (see _write_aliases)
+        self.starts = _mapped(folder / "alias_starts.npy")
         self.bounds = np.load(folder / "alias_bounds.npy")  # keys of lengths[k]: [bounds[k], bounds[k + 1])
-        self.hash = np.asarray(np.load(folder / "alias_hash.npy", mmap_mode="r"))  # sorted within each length
-        self.entity = np.asarray(np.load(folder / "alias_entity.npy", mmap_mode="r"))
+        self.hash = _mapped(folder / "alias_hash.npy")  # sorted within each length
+        self.entity = _mapped(folder / "alias_entity.npy")
         self.keys = StringTable(folder, "alias")
 
     def find_ids(self, text: str) -> list[tuple[int, int, int]]:
@@ -192,6 +195,17 @@ class AliasMatcher:
         g, p = _prefix(cp if hay is text else _code_points(hay))
         boundary = word_boundaries(text, cp)
         starts = np.flatnonzero(boundary[:n])
+        # keep the starts whose first one, two or three characters begin some key
+        hay_cp = cp if hay is text else _code_points(hay)
+        padded = np.append(hay_cp, np.zeros(2, np.uint32)).astype(np.uint64)
+        c0, c1, c2 = padded[starts], padded[starts + 1], padded[starts + 2]
+        zero = np.zeros_like(c0)
+        table, nb = self.starts, len(self.starts)
+        can = table[_bucket(c0, zero, zero, np.uint64(1) + zero, nb)]
+        two, three = starts + 1 < n, starts + 2 < n
+        can[two] |= table[_bucket(c0[two], c1[two], zero[two], np.uint64(2) + zero[two], nb)]
+        can[three] |= table[_bucket(c0[three], c1[three], c2[three], np.uint64(3) + zero[three], nb)]
+        starts = starts[can]
         found: list[tuple[int, int, int]] = []
         for length, lo, hi in zip(self.lengths.tolist(), self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
             s = starts[: np.searchsorted(starts, n - length, side="right")]
@@ -224,20 +238,30 @@ class AliasMatcher:
     def find_many(self, texts: list[str]) -> list[list[Mention]]:
         """find of each text, in one pass (find_ids_many)."""
         out = []
+        names = self._names
         for found in self.find_ids_many(texts):
             mentions = []
             for s, e, i in found:
-                name = self.names[i]
-                self.ids[name] = i  # so the pair lookup that follows needs no search by name
+                name = names.get(i)
+                if name is None:
+                    name = names[i] = self.names[i]
+                    self.ids[name] = i  # so the pair lookup that follows needs no search by name
                 mentions.append(Mention(s, e, name))
             out.append(mentions)
-        if len(self.ids) > 1 << 18:
+        if len(names) > 1 << 18:  # bounded: the entities met most recently
+            names.clear()
             self.ids.clear()
         return out
 
     def find(self, text: str) -> list[Mention]:
         """As kg.Linker.find: mentions with the entity's name."""
         return self.find_many([text])[0]
+
+
+def _mapped(path: Path) -> np.ndarray:
+    """A .npy file memory-mapped read-only, as a plain ndarray view (numpy.memmap's indexing and
+    searchsorted cost microseconds a call)."""
+    return np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
 
 
 @dataclass(eq=False)
@@ -265,11 +289,11 @@ class KGIndex:
             meta,
             StringTable(folder, "entities"),
             StringTable(folder, "surfaces"),
-            np.load(folder / "in_kg.npy", mmap_mode="r"),
+            _mapped(folder / "in_kg.npy"),
             (folder / "relations.txt").read_text(encoding="utf-8").split("\n")[: meta["relations"]],
-            np.load(folder / "triples.npy", mmap_mode="r"),
-            np.load(folder / "pair_key.npy", mmap_mode="r"),
-            np.load(folder / "pair_triple.npy", mmap_mode="r"),
+            _mapped(folder / "triples.npy"),
+            _mapped(folder / "pair_key.npy"),
+            _mapped(folder / "pair_triple.npy"),
         )
 
     @property
@@ -390,6 +414,22 @@ class PairIndex:
 
     def __bool__(self) -> bool:
         return len(self.index.triples) > 0
+
+    def get_many(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
+        """get of each pair, in one binary search over the pair keys for all of them."""
+        if not pairs:
+            return []
+        index = self.index
+        ids = np.array([(index.entity_id(a), index.entity_id(b)) for a, b in pairs], dtype=np.int64)
+        key = ids[:, 0] * index.n_entities + ids[:, 1]
+        lo = np.searchsorted(index.pair_key, key, side="left")
+        hi = np.searchsorted(index.pair_key, key, side="right")
+        hi[(ids < 0).any(axis=1)] = lo[(ids < 0).any(axis=1)]  # a name the KG does not have: no triple
+        found = np.flatnonzero(hi > lo).tolist()
+        out: list[list[int]] = [[] for _ in pairs]
+        for q in found:
+            out[q] = index.pair_triple[lo[q] : hi[q]].tolist()
+        return out
 
     def get(self, pair: tuple[str, str], default=()) -> list[int] | tuple:
         a, b = self.index.entity_id(pair[0]), self.index.entity_id(pair[1])
@@ -653,7 +693,7 @@ def _distinct_rows(
 
 
 def _write_aliases(
-    folder: Path, alias_text: list[str], owner: np.ndarray, case: str, block: int = 1 << 20
+    folder: Path, alias_text: list[str], owner: np.ndarray, case: str, block: int = 1 << 16
 ) -> int:
     """The matcher's keys: each distinct alias key once, owned by the entity of the smallest name that
     has it (as kg.Linker), sorted by (length, hash)."""
@@ -686,5 +726,26 @@ def _write_aliases(
     np.save(folder / "alias_bounds.npy", np.append(first, len(order)).astype(np.int64))
     np.save(folder / "alias_hash.npy", hashes[order])
     np.save(folder / "alias_entity.npy", owner[order])
-    StringTable.write(folder, "alias", [keys[i] for i in order.tolist()])
+    kept = [keys[i] for i in order.tolist()]
+    StringTable.write(folder, "alias", kept)
+    # the buckets of the keys' first (up to) three characters: about 8 buckets a key, 4 KiB to 16 MiB
+    buckets = 1 << min(max(int(8 * len(kept)).bit_length(), 12), 24)
+    starts = np.zeros(buckets, dtype=bool)
+    for b in range(0, len(kept), block):
+        part = kept[b : b + block]
+        cp = _code_points("".join(k[:3] for k in part))
+        n = np.fromiter((min(len(k), 3) for k in part), dtype=np.int64, count=len(part))
+        at = np.cumsum(n) - n
+        padded = np.append(cp, np.zeros(3, np.uint32)).astype(np.uint64)
+        c = [np.where(n > i, padded[at + np.minimum(i, n - 1)], 0) for i in range(3)]
+        starts[_bucket(c[0], c[1], c[2], n.astype(np.uint64), buckets)] = True
+    np.save(folder / "alias_starts.npy", starts)
     return int(len(order))
+
+
+def _bucket(c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, n: np.ndarray, buckets: int) -> np.ndarray:
+    """A bucket (of a power of two) of up to three code points and their count: the matcher's filter of
+    where a key can start."""
+    with np.errstate(over="ignore"):
+        h = ((c0 * np.uint64(0x9E3779B1) + c1) * np.uint64(0x85EBCA77) + c2) * np.uint64(0xC2B2AE3D) + n
+        return ((h ^ (h >> np.uint64(29))) & np.uint64(buckets - 1)).astype(np.int64)
