@@ -90,15 +90,12 @@ def read_triples(path: str | Path) -> list[Triple]:
     return [Triple(*t) for t in iter_triples(path)]
 
 
-def read_aliases(path: str | Path | None, entities: set[str]) -> dict[str, list[str]]:
-    """entity id -> surface forms. Without a file, each entity's name (underscores as spaces) is its alias.
-    An alias file line for an entity the KG does not have is an error naming the line."""
-    if path is None:
-        return {e: [e.replace("_", " ")] for e in sorted(entities)}
+def iter_aliases(path: str | Path) -> Iterator[tuple[str, str]]:
+    """(entity id, surface form) of every line of an alias file, in file order; a bad line raises
+    DataError with file:line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such alias file; check --aliases")
-    aliases: dict[str, list[str]] = defaultdict(list)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -108,7 +105,18 @@ def read_aliases(path: str | Path | None, entities: set[str]) -> dict[str, list[
                 raise DataError(
                     f"{path}:{lineno}: expected entity_id<TAB>surface form; found {len(cols)} columns"
                 )
-            aliases[cols[0]].append(cols[1].strip())
+            yield cols[0], cols[1].strip()
+
+
+def read_aliases(path: str | Path | None, entities: set[str]) -> dict[str, list[str]]:
+    """entity id -> surface forms. Without a file, each entity's name (underscores as spaces) is its alias.
+    An entity the KG does not have keeps its aliases: its mentions are linked, and the dataset lists it
+    after the KG's entities."""
+    if path is None:
+        return {e: [e.replace("_", " ")] for e in sorted(entities)}
+    aliases: dict[str, list[str]] = defaultdict(list)
+    for entity, form in iter_aliases(path):
+        aliases[entity].append(form)
     return dict(aliases)
 
 

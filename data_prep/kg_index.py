@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.kg import Mention, Triple, fold_case, iter_triples
+from data_prep.kg import Mention, Triple, fold_case, iter_aliases, iter_triples
 from data_prep.readers import DataError
 
 INDEX_FORMAT = "sparsexpert-kgindex/1"
@@ -592,17 +592,9 @@ def _alias_columns(aliases: str):
     if cols is not None and not _strip_needed(cols[1]):
         return [pa.array(c.combine_chunks(), pa.large_string()) for c in cols]
     owners, forms = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) != 2 or not cols[1].strip():
-                raise DataError(
-                    f"{path}:{lineno}: expected entity_id<TAB>surface form; found {len(cols)} columns"
-                )
-            owners.append(cols[0])
-            forms.append(cols[1].strip())
+    for entity, form in iter_aliases(path):  # names the file and line of a bad one
+        owners.append(entity)
+        forms.append(form)
     return [pa.array(owners, pa.large_string()), pa.array(forms, pa.large_string())]
 
 
