@@ -12,7 +12,7 @@ those the alias file names, so integer order is name order):
     entities.utf8 / entities_off.npy  the entity names, sorted (UTF-8 bytes, byte offsets: see StringTable)
     surfaces.utf8 / surfaces_off.npy  each entity's first alias in the alias file ("" if none)
     in_kg.npy                         bool: the entity is the head or tail of a KG triple kept
-    relations.txt                     the relation names, sorted
+    relations.txt                     the relation names of the triples kept, sorted
     triples.npy                       int64 [n, 3] head, relation, tail ids: the distinct triples whose
                                       entities have an alias, sorted by (head, relation, tail) name
     pair_key.npy, pair_triple.npy     head * n_entities + tail for each triple, sorted; the triple of each
@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.kg import Mention, Triple, fold_case, iter_aliases, iter_triples
+from data_prep.output import fsync_dir
 from data_prep.readers import DataError
 
 INDEX_FORMAT = "sparsexpert-kgindex/1"
@@ -321,11 +323,9 @@ class KGIndex:
         h, tail = self.entity_id(t.head), self.entity_id(t.tail)
         if h < 0 or tail < 0 or t.relation not in self._relation_ids:
             return -1
-        want = np.array([h, self._relation_ids[t.relation], tail], dtype=np.int64)
-        lo = int(np.searchsorted(self.triples[:, 0], h, side="left"))
-        hi = int(np.searchsorted(self.triples[:, 0], h, side="right"))
-        for k in range(lo, hi):
-            if (self.triples[k] == want).all():
+        r = self._relation_ids[t.relation]
+        for k in self.pair_triples(h, tail).tolist():  # the few triples from h to tail
+            if self.triples[k, 1] == r:
                 return k
         return -1
 
@@ -461,11 +461,14 @@ def load_or_build(folder: Path, kg: str, aliases: str | None, case: str, on_erro
     t0 = time.time()
     key = input_key(kg, aliases, case, on_error)
     meta_file = folder / META
+    meta = {}
     if meta_file.is_file():
         try:
             meta = json.loads(meta_file.read_text())
         except (OSError, ValueError):
             meta = {}
+    ours = isinstance(meta, dict) and str(meta.get("format", "")).startswith("sparsexpert-kgindex/")
+    if ours:
         if meta.get("key") == key and meta.get("format") == INDEX_FORMAT:
             damaged = _damaged(folder, meta)
             if not damaged:
@@ -477,8 +480,8 @@ def load_or_build(folder: Path, kg: str, aliases: str | None, case: str, on_erro
             )
     elif folder.exists():
         raise DataError(
-            f"{folder}: exists but is not a KG index data_prep wrote (no {META}); move it away, data_prep "
-            "keeps the KG index of --output there"
+            f"{folder}: exists but is not a KG index data_prep wrote (no readable {META} of ours); move it "
+            "away, data_prep keeps the KG index of --output there"
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -492,10 +495,11 @@ def load_or_build(folder: Path, kg: str, aliases: str | None, case: str, on_erro
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         tmp.rename(work / META)
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():  # ours (it has meta.json): of other inputs
+        old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+        if folder.exists():  # ours (its meta.json says so): of other inputs, or damaged
             folder.rename(old)
         work.rename(folder)
+        fsync_dir(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if work.exists():
@@ -638,7 +642,10 @@ def build(folder: Path, kg: str, aliases: str | None, case: str, on_error: str) 
             f"{kg}: triple {i + 1} ({name(h[i])}, {relations[int(r[i])].as_py()}, {name(t[i])}) names "
             f"entity {who!r} with no alias; add it to the alias file or pass --on_error skip"
         )
-    triples = _distinct_rows(h[ok], r[ok], t[ok], n_entities, len(relations))
+    # the relations of the triples kept (one only in triples without aliases is in no output)
+    used = np.unique(r[ok])
+    relations = relations.take(pa.array(used))
+    triples = _distinct_rows(h[ok], np.searchsorted(used, r[ok]), t[ok], n_entities, len(relations))
     del h, r, t, ok
     in_kg = np.zeros(n_entities, dtype=bool)  # of the triples kept
     in_kg[triples[:, 0]] = in_kg[triples[:, 2]] = True

@@ -596,10 +596,10 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
 class Packed:
     """What the pack stage counted, for the manifest and stats."""
 
-    n_kg_entities: int  # the KG's entities come first in the dataset's entity vocabulary, by name
-    extra_entities: dict[
-        str, int
-    ]  # then those first met in the text (wiki links, alias-only), in input order
+    # The dataset's entity vocabulary: the KG's entities first, by name; then those first met in the
+    # text (wiki links, entities with aliases but no triple), in input order.
+    n_kg_entities: int
+    extra_entities: dict[str, int]
     new_triples: list  # the extractor's triples the KG lacks, indexed after the KG's
     triple_hits: Counter  # triple index -> times attached
     splits: dict
@@ -732,9 +732,8 @@ def _pack(
         progress.update()
     progress.close()
     check_rejected(cfg, res.records, res.rejected)
-    for (
-        t
-    ) in res.new_triples:  # every entity of a triple has an index (a mention cut to no token has none yet)
+    # every entity of an extracted triple gets an index (one whose mention was cut to no token has none yet)
+    for t in res.new_triples:
         entity(t.head), entity(t.tail)
     res.kg_rank = kg_rank
     res.splits = splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}

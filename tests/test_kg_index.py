@@ -37,12 +37,13 @@ def _open(tmp_path, kg, aliases, case, on_error="fail", name: str = "") -> KGInd
 def _tricky_kg(tmp_path):
     """Aliases that test the matcher's rules: one alias a prefix of another (longest wins), one alias
     shared by two entities (the smaller name owns it), overlapping matches, case, characters whose
-    lower case is longer, punctuation inside aliases, an alias-only entity, a triple with no alias."""
+    lower case is longer, punctuation inside aliases, an alias-only entity, triples with no alias (one of
+    them the only triple of its relation)."""
     kg = tmp_path / "kg.tsv"
     kg.write_text(
         "New_York\tin\tUSA\nNew_York_City\tin\tUSA\nzeta\tnear\talpha\nalpha\tnear\tzeta\n"
         "İzmir\tin\tTürkiye\nStraße\tin\tDeutschland\nAT&T\tbased_in\tUSA\nNoAlias\tin\tUSA\n"
-        "New_York\tin\tUSA\n"
+        "New_York\tin\tUSA\nNoAlias\tonly_here\tUSA\n"
     )
     al = tmp_path / "aliases.tsv"
     al.write_text(
@@ -110,7 +111,7 @@ def test_triples_and_pairs_equal_the_python_objects(tmp_path):
         _open(tmp_path, kg, al, "exact", "fail")
     ordered, aliases, missing, pairs = _reference(kg, al, "exact", "skip")
     index = _open(tmp_path, kg, al, "exact", "skip")
-    assert index.meta["kg_triples_without_alias"] == missing == 1
+    assert index.meta["kg_triples_without_alias"] == missing == 2
     assert [index.triple(i) for i in range(len(index.triples))] == ordered
     assert all(index.triple_index(t) == i for i, t in enumerate(ordered))
     assert index.triple_index(Triple("USA", "in", "New_York")) == -1
@@ -125,7 +126,7 @@ def test_triples_and_pairs_equal_the_python_objects(tmp_path):
     kg_names = [n for k, n, _ in index.kg_entities()]  # the entities of the triples kept
     assert kg_names == sorted({x for t in ordered for x in (t.head, t.tail)})
     assert dict((n, s) for _, n, s in index.kg_entities())["USA"] == "USA"
-    assert index.relations == ["based_in", "in", "near"]
+    assert index.relations == ["based_in", "in", "near"]  # not only_here: its one triple has no alias
 
     world = write_world(tmp_path / "world")
     ordered, aliases, missing, pairs = _reference(world["kg"], world["aliases"], "exact")
@@ -158,6 +159,9 @@ def test_index_is_built_once_and_rebuilt_when_an_input_changes(tmp_path):
     foreign = tmp_path / "mine.kgindex"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a KG index data_prep wrote"):
+        load_or_build(foreign, str(kg), str(al), "exact", "skip")
+    (foreign / "meta.json").write_text('{"format": "someone-else/1"}')  # a meta.json, but not ours
     with pytest.raises(DataError, match="not a KG index data_prep wrote"):
         load_or_build(foreign, str(kg), str(al), "exact", "skip")
     assert (foreign / "notes.txt").read_text() == "mine"
