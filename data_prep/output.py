@@ -109,6 +109,25 @@ def fsync_tree(root: Path) -> None:
         _fsync(dirpath)
 
 
+_CHUNK = 8 << 20
+
+
+def file_digest(path: Path, sync: bool = False) -> str:
+    """The xxh3-128 checksum of a file (hex). sync: fsync it first (its data reaches the disk). Here, not
+    in sparsexpert.weights.checkpoint (which uses it), so that data_prep need not import torch."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        if sync:
+            os.fsync(f.fileno())
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
 def write_durable(path: Path, data: bytes | memoryview) -> None:
     with open(path, "wb") as f:
         f.write(data)

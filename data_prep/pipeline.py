@@ -611,6 +611,7 @@ class Packed:
     documents_split: int = 0  # documents longer than max_doc_chars, cut into pieces
     pieces: int = 0  # the pieces they were cut into
     kg_rank: np.ndarray | None = None  # KG index entity id -> dataset entity index (for its KG entities)
+    new_triple_entities: list = field(default_factory=list)  # (head, tail) dataset indices of new_triples
 
 
 def _inputs(cfg: PrepConfig) -> list[str]:
@@ -732,9 +733,9 @@ def _pack(
         progress.update()
     progress.close()
     check_rejected(cfg, res.records, res.rejected)
-    # every entity of an extracted triple gets an index (one whose mention was cut to no token has none yet)
-    for t in res.new_triples:
-        entity(t.head), entity(t.tail)
+    # the entities of the extracted triples, for kg_triples.npy (one whose mention was cut to no token
+    # has no index yet: it gets one here)
+    res.new_triple_entities = [(entity(t.head), entity(t.tail)) for t in res.new_triples]
     res.kg_rank = kg_rank
     res.splits = splits = {s: {"documents": counts[s], **p.finish()} for s, p in packers.items()}
     res.written = counts["train"] + counts["valid"]
@@ -757,15 +758,8 @@ def _write_kg_triples(path: Path, index: KGIndex | None, res: Packed, relations:
             out[b : b + len(rows), 1] = rows[:, 1]  # the KG's relations come first in relations.tsv, sorted
             out[b : b + len(rows), 2] = res.kg_rank[rows[:, 2]]
     rel = {r: i for i, r in enumerate(relations)}
-
-    def entity(name: str) -> int:
-        i = index.entity_id(name) if index else -1
-        if i >= 0 and index is not None and index.in_kg[i] and res.kg_rank is not None:
-            return int(res.kg_rank[i])
-        return res.extra_entities[name]  # _pack gave every entity of a new triple an index
-
-    for k, t in enumerate(res.new_triples, n_kg):
-        out[k] = (entity(t.head), rel[t.relation], entity(t.tail))
+    for k, (t, (head, tail)) in enumerate(zip(res.new_triples, res.new_triple_entities), n_kg):
+        out[k] = (head, rel[t.relation], tail)
     out.flush()
     del out
 

@@ -55,6 +55,12 @@ def _in_intervals(lo: np.ndarray, length: np.ndarray) -> np.ndarray:
     return offset.view(unsigned) < length.astype(unsigned)[..., None]
 
 
+def _entity_columns(path: Path) -> tuple[list[str], list[str]]:
+    """entities.tsv's entity ids and surface names (a row without one: the id, underscores as spaces)."""
+    rows = _read_tsv(path, 2)
+    return [r[1] for r in rows], [r[2] if len(r) > 2 else r[1].replace("_", " ") for r in rows]
+
+
 class DatasetKG:
     """The KG data_prep wrote beside the shards: entity and relation vocabularies, every triple.
 
@@ -90,9 +96,7 @@ class DatasetKG:
                 n_entities = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
             triples = np.load(d / "kg_triples.npy", mmap_mode="r", allow_pickle=False)
             return cls(None, None, relations, triples, d, n_entities)
-        rows = _read_tsv(ent_file, 2)
-        entities = [r[1] for r in rows]
-        surfaces = [r[2] if len(r) > 2 else r[1].replace("_", " ") for r in rows]
+        entities, surfaces = _entity_columns(ent_file)
         e_index = {e: i for i, e in enumerate(entities)}
         r_index = {r: i for i, r in enumerate(relations)}
         trows = _read_tsv(d / "triples.tsv", 4)
@@ -103,9 +107,7 @@ class DatasetKG:
 
     def _read_entities(self) -> None:
         assert self.data_dir is not None
-        rows = _read_tsv(self.data_dir / "entities.tsv", 2)
-        self._entities = [r[1] for r in rows]
-        self._surfaces = [r[2] if len(r) > 2 else r[1].replace("_", " ") for r in rows]
+        self._entities, self._surfaces = _entity_columns(self.data_dir / "entities.tsv")
 
     @property
     def entities(self) -> list[str]:

@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
+from data_prep.output import file_digest
 from sparsexpert.distributed import comm
 
 COMPLETE = "COMPLETE.json"
@@ -112,22 +112,6 @@ def _atomic_write(path: Path, text: str) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-
-
-_CHUNK = 8 << 20
-
-
-def file_digest(path: Path, sync: bool = False) -> str:
-    """The xxh3-128 checksum of a file (hex). sync: fsync it first (its data reaches the disk)."""
-    digest = xxhash.xxh3_128()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        if sync:
-            os.fsync(f.fileno())
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _files_of(folder: Path, exclude: tuple[str, ...]) -> list[str]:
