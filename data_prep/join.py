@@ -33,6 +33,7 @@ def init_worker(
     index = KGIndex.open(kg_index) if kg_index else None
     _WORKER.update(
         tok=load_tokenizer(tokenizer),
+        index=index,
         linker=index.matcher() if index else None,
         pairs=PairIndex(index) if index else {},
         extractor=load_extractor(*extractor) if extractor else None,
@@ -117,16 +118,20 @@ def _batches(docs: list[RawDoc], max_chars: int = 1 << 22) -> list[list[RawDoc]]
 
 
 def process_chunk(docs: list[RawDoc]) -> list[dict]:
-    """Stage join for a chunk: token ids, mention token spans, attached triples with token spans."""
+    """Stage join for a chunk: token ids, mention token spans, attached triples with token spans, and
+    the KG index id of each span's entity (-1: not in the index), so that the pack stage, in one
+    process, need not search the names."""
     tok, linker, pairs, extractor = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"], _WORKER["extractor"]
+    index = _WORKER.get("index")
     out: list[dict] = []
     for batch in _batches(docs):
         texts = [d.text for d in batch]
         linked = link_many(linker, texts)
-        out.extend(
-            _join(doc, text, ids, tok, linker, pairs, extractor, found)
-            for doc, text, ids, found in zip(batch, texts, tok.encode(texts), linked)
-        )
+        for doc, text, ids, found in zip(batch, texts, tok.encode(texts), linked):
+            joined = _join(doc, text, ids, tok, linker, pairs, extractor, found)
+            # the matcher's finds are in entity_id's cache already: a search only for other names
+            joined["entity_ids"] = [index.entity_id(name) if index else -1 for _, _, name in joined["spans"]]
+            out.append(joined)
     return out
 
 

@@ -33,7 +33,8 @@ def pack(token_lists: list[list[int]], seq_len: int, dtype: np.dtype) -> tuple[n
     packer = Packer(None, "x", seq_len, dtype, 1 << 30)
     for ids in token_lists:
         packer.add(np.asarray(ids, dtype=np.int64), [], [])
-    return np.concatenate(packer.rows) if packer.rows else np.zeros((0, seq_len), dtype), len(packer.buf)
+    rows = np.concatenate(packer.rows) if packer.rows else np.zeros((0, seq_len), dtype)
+    return rows, len(packer.buf)
 
 
 class Packer:
@@ -54,11 +55,14 @@ class Packer:
         self.out, self.split, self.L, self.dtype = out, split, seq_len, dtype
         self.rows_per_shard, self.eos_id = rows_per_shard, eos_id
         self.buf = np.zeros(0, dtype=np.int64)
-        self.rows: list[np.ndarray] = []  # pending rows of the open shard
+        self.rows: list[np.ndarray] = []  # blocks of rows of the open shard
+        self.open_rows = 0  # rows in those blocks
         self.n_rows = 0
         self.shards: list[dict] = []
         self.counts: Counter[str] = Counter()
-        self.pending_triples: dict[int, set[int]] = {}  # row -> triples, for rows a later document may reach
+        self.pending = np.zeros(
+            (0, 2), np.int64
+        )  # (row, triple) pairs, sorted, of rows a later document may reach
         self.n_triples = 0
         self.rows_with_entity = 0
         self._last_entity_row = -1
@@ -66,42 +70,76 @@ class Packer:
         self._triples_file = open(out / f".{split}_triples.tmp", "wb") if out is not None else None
 
     def add(self, ids: np.ndarray, spans: list, triples: list, eos: bool = True) -> None:
-        """Append a document (eos=False: a piece of one, which the next piece continues)."""
-        base = self.n_rows * self.L + len(self.buf)  # global position of this document's first token
+        """Append a document (eos=False: a piece of one, which the next piece continues). spans:
+        (first token, end token, entity); triples: (first token, end token, triple)."""
+        self.add_docs(
+            np.asarray(ids, dtype=np.int64),
+            np.array([len(ids)]),
+            np.array([eos]),
+            np.array([(0, *x) for x in spans], dtype=np.int64).reshape(-1, 4),
+            np.array([(0, *x) for x in triples], dtype=np.int64).reshape(-1, 4),
+        )
+
+    def add_docs(
+        self, ids: np.ndarray, lengths: np.ndarray, eos: np.ndarray, spans: np.ndarray, triples: np.ndarray
+    ) -> None:
+        """Append documents in order, at once: ids [tokens] their token ids concatenated, lengths
+        [docs], eos [docs] (False: a piece the next continues), spans and triples [n, 4] (document,
+        first token, end token, entity or triple) sorted by document, spans by first token too."""
         L = self.L
-        self._flush_triples(before_row=base // L)  # no later document reaches rows before this one
-        self.buf = np.concatenate([self.buf, ids, [self.eos_id] if eos else []])
-        rows = []
-        for ts, te, ent in spans:
-            s, e = base + ts, base + te
+        eos = eos.astype(np.int64)
+        sizes = lengths + eos  # each document's tokens in the stream
+        base = self.n_rows * L + len(self.buf)  # global position of the first document's first token
+        starts = base + np.cumsum(sizes) - sizes  # of each document
+        # the stream: each document's ids, then its EOS
+        stream = np.full(int(sizes.sum()), self.eos_id, dtype=np.int64)
+        stream[np.arange(len(ids)) + np.repeat(starts - base - (np.cumsum(lengths) - lengths), lengths)] = ids
+        if len(spans):
+            s = starts[spans[:, 0]] + spans[:, 1]
+            e = starts[spans[:, 0]] + spans[:, 2]
             row = s // L
-            if (e - 1) // L != row:
-                e = (row + 1) * L
-                self.counts["spans_clipped"] += 1
-            rows.append((row, s - row * L, e - row * L, ent))
-        if rows and self._spans_file is not None:
-            self._spans_file.write(np.asarray(rows, dtype=np.int64).tobytes())
-            for row, *_ in rows:  # rows arrive in order: count each row with an entity once
-                if row > self._last_entity_row:
-                    self.rows_with_entity += 1
-                    self._last_entity_row = row
-        for ts, te, t in triples:
-            for row in range((base + ts) // L, (base + max(te, ts + 1) - 1) // L + 1):
-                self.pending_triples.setdefault(row, set()).add(t)
-        while len(self.buf) >= L:
-            self.rows.append(self.buf[:L].astype(self.dtype)[None])
-            self.buf = self.buf[L:]
-            self.n_rows += 1
-            if len(self.rows) == self.rows_per_shard:
+            cross = (e - 1) // L != row
+            if cross.any():
+                e = np.where(cross, (row + 1) * L, e)
+                self.counts["spans_clipped"] += int(cross.sum())
+            if self._spans_file is not None:
+                self._spans_file.write(np.stack([row, s - row * L, e - row * L, spans[:, 3]], 1).tobytes())
+                new_rows = np.unique(row)  # rows arrive in order: count each row with an entity once
+                self.rows_with_entity += int((new_rows > self._last_entity_row).sum())
+                self._last_entity_row = max(self._last_entity_row, int(new_rows[-1]))
+        if len(triples):
+            s = starts[triples[:, 0]] + triples[:, 1]
+            first, last = (
+                s // L,
+                (starts[triples[:, 0]] + np.maximum(triples[:, 2], triples[:, 1] + 1) - 1) // L,
+            )
+            n = last - first + 1  # rows each triple's evidence touches
+            rows = np.repeat(first, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            pairs = np.stack([rows, np.repeat(triples[:, 3], n)], 1)
+            self.pending = np.unique(np.concatenate([self.pending, pairs]), axis=0)
+        # no later document reaches rows before the row the next one starts in
+        self._flush_triples(before_row=(starts[-1] + sizes[-1]) // L if len(sizes) else base // L)
+        self.buf = np.concatenate([self.buf, stream])
+        full = len(self.buf) // L
+        block, self.buf = self.buf[: full * L].reshape(full, L).astype(self.dtype), self.buf[full * L :]
+        i = 0
+        while i < full:
+            take = min(full - i, self.rows_per_shard - self.open_rows)
+            self.rows.append(block[i : i + take])
+            self.open_rows += take
+            self.n_rows += take
+            i += take
+            if self.open_rows == self.rows_per_shard:
                 self._flush()
 
     def _flush_triples(self, before_row: int) -> None:
-        done = sorted(r for r in self.pending_triples if r < before_row)
-        if not done or self._triples_file is None:
+        """Write the (row, triple) pairs of rows before before_row: sorted, each once."""
+        k = int(np.searchsorted(self.pending[:, 0], before_row, side="left"))
+        if not k or self._triples_file is None:
             return
-        pairs = [(r, t) for r in done for t in sorted(self.pending_triples.pop(r))]
-        self._triples_file.write(np.asarray(pairs, dtype=np.int64).tobytes())
-        self.n_triples += len(pairs)
+        self._triples_file.write(np.ascontiguousarray(self.pending[:k]).tobytes())
+        self.n_triples += k
+        self.pending = self.pending[k:]
 
     def _flush(self) -> None:
         if not self.rows or self.out is None:
@@ -113,8 +151,8 @@ class Packer:
             f.flush()
             os.fsync(f.fileno())
         sha = hashlib.sha256(data).hexdigest()
-        self.shards.append({"file": name, "num_sequences": len(self.rows), "sha256": sha})
-        self.rows = []
+        self.shards.append({"file": name, "num_sequences": self.open_rows, "sha256": sha})
+        self.rows, self.open_rows = [], 0
 
     def _finish_array(self, out: Path, kind: str, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Move the spilled entries of `kind` that fall in complete rows to out/{split}_{kind}.npy, in

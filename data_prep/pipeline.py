@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data_prep import output
-from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_pickles
+from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_old_chunks
 from data_prep.dedup import SeenDigests
 from data_prep.join import init_worker, process_chunk
 from data_prep.kg_index import KGIndex, PairIndex, index_dir, load_or_build
@@ -117,6 +117,10 @@ class PrepConfig:
     1 M characters (~250 k tokens) is far beyond any row length and any real article, and keeps each
     text SentencePiece and the join see small: whole, a 50 MB line is silently dropped by SentencePiece
     (over 16 MB) and costs 2.3 GB of memory in the join. At most 4 M (SentencePiece's 16 MB limit)."""
+    dedup_mb: int = 256
+    """Memory of the exact-duplicate filter (8-byte keys, 16 to 32 bytes a document): past it, the keys
+    go to sorted run files in a temporary folder beside --output, deleted when ingest ends (8 bytes a
+    document on disk). 256 MiB keeps 8 to 16 million documents in memory (data_prep/dedup.py)."""
     max_rejected_fraction: float = 0.1
     """With on_error="skip": the run fails when more than this share of the records read is invalid
     (bad UTF-8, malformed JSON, no text field), naming the counts by reason. Empty, duplicate and
@@ -147,6 +151,7 @@ class PrepConfig:
             "chunk_docs": 1,
             "rows_per_shard": 1,
             "num_shards": 1,
+            "dedup_mb": 1,
         }
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -240,7 +245,12 @@ def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[R
     """Stage ingest: records the readers pass on are counted in counts["in"]; rejections by reason
     (readers count what they filter or skip, ingest counts empty and duplicate documents). A
     document over max_doc_chars comes out as its pieces (counts["split"], counts["pieces"])."""
-    seen = SeenDigests()
+    parent = Path(cfg.output).resolve().parent
+    with SeenDigests(cfg.dedup_mb << 20, spill_dir=parent if parent.is_dir() else None) as seen:
+        yield from _ingest(cfg, seen, counts, rejected)
+
+
+def _ingest(cfg: PrepConfig, seen: SeenDigests, counts: Counter, rejected: Counter) -> Iterator[RawDoc]:
     for path in expand_corpus(cfg.corpus):
         for raw in read_corpus(path, cfg.text_field, rejected, cfg.on_error):
             counts["in"] += 1
@@ -346,7 +356,7 @@ def load_inputs(cfg: PrepConfig, log=print) -> Knowledge:
 
 
 # Fields that do not change the output: they may differ between the machines or runs sharing a parts folder.
-_RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output", "keep_parts", "overwrite")
+_RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output", "keep_parts", "overwrite", "dedup_mb")
 # Fields only the pack stage reads: joined chunks can be packed again with other values.
 _PACK_FIELDS = ("seq_len", "rows_per_shard", "valid_fraction", "max_rejected_fraction")
 
@@ -371,7 +381,7 @@ def _open_parts(cfg: PrepConfig) -> Path:
             "its parts folder when done; move that out, or choose another --output"
         )
     (parts / "chunks").mkdir(parents=True, exist_ok=True)
-    refuse_pickles(parts / "chunks")
+    refuse_old_chunks(parts / "chunks")
     fingerprint = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY_FIELDS + _PACK_FIELDS}
     started = find_tokenizer(parts) is not None or any((parts / "chunks").iterdir())
     if fp_file.is_file() and started:
@@ -543,7 +553,7 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     model = find_tokenizer(parts)
     if model is None:
         raise DataError(
-            f"{model}: no tokenizer yet; run `python -m data_prep tokenizer` with the same config first"
+            f"{parts}: no tokenizer yet; run `python -m data_prep tokenizer` with the same config first"
         )
     chunk_dir = parts / "chunks"
     todo_meta: dict[int, tuple[int, Counter]] = {}
@@ -712,24 +722,37 @@ def _pack(
         return i
 
     for path in chunk_files:
-        payload = read_chunk(path)
-        res.records += payload["records"]
-        res.rejected.update(payload["rejected"])
-        for r in payload["docs"]:
-            split = "valid" if r["valid_key"] % 10_000 < cfg.valid_fraction * 10_000 else "train"
-            spans = [(ts, te, entity(ent)) for ts, te, ent in r["spans"]]
-            row_triples = []
-            for ts, te, t in r["triples"]:
-                if not isinstance(t, int):
-                    res.attached_by_extractor += 1
-                    t = triple(t)
-                row_triples.append((ts, te, t))
-            packers[split].add(r["ids"], spans, row_triples, eos=r["last"])
-            counts[split] += r["last"]  # a document, once its last piece is in
-            res.documents_split += r["part"] == 0 and not r["last"]
-            res.pieces += r["part"] > 0 or not r["last"]
-            res.mentions += r["n_mentions"]
-            res.triple_hits.update(t for _, _, t in row_triples)
+        chunk = read_chunk(path)
+        res.records += chunk.records
+        res.rejected.update(chunk.rejected)
+        # the chunk's entities and new triples to dataset ids, in order of first mention (as the input
+        # order gives the entities met in the text and the extracted triples their ids)
+        eid = chunk.entity_ids
+        known = (eid >= 0) & (in_kg[np.maximum(eid, 0)] if len(in_kg) else False)
+        ents = np.where(known, kg_rank[np.maximum(eid, 0)] if len(kg_rank) else -1, -1)
+        for k in np.flatnonzero(~known).tolist():
+            ents[k] = entity(chunk.entities[k])
+        news = np.array([triple(t) for t in chunk.new_triples], dtype=np.int64)
+        spans, triples = chunk.spans.copy(), chunk.triples.copy()
+        spans[:, 3] = ents[spans[:, 3]]
+        extracted = triples[:, 3] < 0
+        res.attached_by_extractor += int(extracted.sum())
+        triples[extracted, 3] = news[-1 - triples[extracted, 3]]
+        res.triple_hits.update(triples[:, 3].tolist())
+        lengths, n_mentions, key, part, last = chunk.doc_info.T
+        valid = key % 10_000 < cfg.valid_fraction * 10_000
+        for split, mine in (("train", ~valid), ("valid", valid)):
+            if not mine.any():
+                continue
+            renumber = np.cumsum(mine) - 1  # this split's documents, 0.. in input order
+            s_mine, t_mine = spans[mine[spans[:, 0]]], triples[mine[triples[:, 0]]]
+            s_mine[:, 0], t_mine[:, 0] = renumber[s_mine[:, 0]], renumber[t_mine[:, 0]]
+            ids = chunk.ids[np.repeat(mine, lengths)].astype(np.int64)
+            packers[split].add_docs(ids, lengths[mine], last[mine].astype(bool), s_mine, t_mine)
+            counts[split] += int(last[mine].sum())  # a document, once its last piece is in
+        res.documents_split += int(((part == 0) & (last == 0)).sum())
+        res.pieces += int(((part > 0) | (last == 0)).sum())
+        res.mentions += int(n_mentions.sum())
         progress.update()
     progress.close()
     check_rejected(cfg, res.records, res.rejected)

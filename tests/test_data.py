@@ -3,6 +3,7 @@
 import hashlib
 import json
 from collections import Counter
+from pathlib import Path
 
 import former_data_path as former
 import numpy as np
@@ -213,16 +214,48 @@ def test_vectorized_gather_matches_on_the_example_world(example_data):
 
 def test_duplicate_filter_decides_as_a_set_in_at_most_32_bytes_a_document():
     """The ingest stage's filter against a Python set of the texts: the same first-seen decisions over
-    texts with many repeats, through several growths of its table, at most 16 bytes a document."""
+    texts with many repeats, through several growths of its table, 16 to 32 bytes a document."""
     import random
 
     from data_prep.dedup import SeenDigests
 
     rng = random.Random(0)
     texts = [f"document {rng.randrange(60_000)}" for _ in range(100_000)]
-    seen, ref = SeenDigests(capacity=16), set()
+    seen, ref = SeenDigests(), set()
     for t in texts:
         new = t not in ref
         ref.add(t)
         assert seen.add(t) == new
-    assert seen.n == len(ref) and 16 * len(ref) <= seen.nbytes <= 32 * len(ref)  # a quarter to half full
+    assert not seen.runs and seen.n == len(ref)
+    assert 16 * len(ref) <= seen.nbytes <= 32 * len(ref)  # a quarter to half full
+
+
+def test_duplicate_filter_memory_is_bounded_and_spills_exactly_to_disk(tmp_path):
+    """With a 64 KiB budget, 60,000 distinct texts (16 x what fits) spill to sorted runs on disk,
+    merged as a binary counter merges: decisions still equal a Python set's, the table never
+    outgrows the budget, the runs hold each key once, sorted, and close() deletes them."""
+    import random
+
+    from data_prep.dedup import SeenDigests
+
+    rng = random.Random(1)
+    texts = [f"doc {rng.randrange(60_000)}" for _ in range(150_000)]
+    ref: set[str] = set()
+    most_runs = 0
+    with SeenDigests(memory_bytes=64 << 10, spill_dir=tmp_path, block=1000) as seen:
+        for t in texts:
+            new = t not in ref
+            ref.add(t)
+            assert seen.add(t) == new
+            assert seen.nbytes <= 64 << 10
+            most_runs = max(most_runs, len(seen.runs))
+        assert len(seen) == len(ref) and seen.spilled > 0
+        keys = np.concatenate([np.asarray(r) for r in seen.runs] + [seen.table[seen.table != 0]])
+        assert len(np.unique(keys)) == len(keys) == len(ref)
+        assert all(np.all(np.asarray(r)[1:] > np.asarray(r)[:-1]) for r in seen.runs)
+        # runs of 4,096 keys: at most log2(60,000 / 4,096) + 2 of them at any time
+        assert 2 <= most_runs <= 6, most_runs
+        folder = seen._folder
+        assert folder is not None and folder.parent == tmp_path
+        assert sorted(p.name for p in folder.iterdir()) == sorted(Path(r.filename).name for r in seen.runs)
+    assert not folder.exists() and list(tmp_path.iterdir()) == []

@@ -182,6 +182,52 @@ def test_span_crossing_a_row_boundary_is_clipped_and_counted(tmp_path):
     assert out["tokens_dropped_tail"] == 3 and EOS_ID == 2
 
 
+def test_packing_documents_at_once_equals_one_at_a_time(tmp_path):
+    """The pack stage hands a chunk's documents to the packer at once (add_docs): the shards, spans,
+    row triples and counts equal those of adding the documents one by one, over pieces without EOS,
+    spans crossing rows, evidence over several rows, repeated triples and shard boundaries."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(60):
+        n = int(rng.integers(1, 40))
+        starts = np.sort(rng.integers(0, n, int(rng.integers(0, 5))))
+        spans = [(int(a), int(min(n, a + rng.integers(1, 6))), int(rng.integers(0, 9))) for a in starts]
+        triples = []
+        for _ in range(int(rng.integers(0, 4))):
+            a = int(rng.integers(0, n))
+            triples.append((a, int(min(n, a + rng.integers(0, 30))), int(rng.integers(0, 5))))
+        docs.append((rng.integers(3, 500, n), spans, sorted(triples), bool(rng.random() > 0.2)))
+    outs = {}
+    for how in ("one", "many"):
+        out = tmp_path / how
+        out.mkdir()
+        p = Packer(out, "train", seq_len=8, dtype=np.dtype(np.uint16), rows_per_shard=7)
+        if how == "one":
+            for ids, spans, triples, eos in docs:
+                p.add(ids, spans, triples, eos=eos)
+        else:
+            cuts = [0, 1, 2, 10, 11, 30, 60]
+            for a, b in zip(cuts, cuts[1:]):
+                group = docs[a:b]
+                spans, triples = (
+                    np.array([(d, *x) for d, doc in enumerate(group) for x in doc[k]], np.int64).reshape(
+                        -1, 4
+                    )
+                    for k in (1, 2)
+                )
+                p.add_docs(
+                    np.concatenate([g[0] for g in group]).astype(np.int64),
+                    np.array([len(g[0]) for g in group]),
+                    np.array([g[3] for g in group]),
+                    spans,
+                    triples,
+                )
+        outs[how] = (p.finish(), {f.name: f.read_bytes() for f in sorted(out.iterdir())})
+    assert outs["one"] == outs["many"]
+    summary, files = outs["one"]
+    assert summary["spans_clipped"] > 0 and len(summary["shards"]) > 3 and summary["row_triples"] > 20
+
+
 def test_news_with_nations_distant_supervision(shared_data, tmp_path):
     out = tmp_path / "news"
     proc = _run_cli(

@@ -95,7 +95,8 @@ def test_parts_folder_holds_no_pickle(tmp_path):
     chunks = sorted((tmp_path / "data.parts" / "chunks").iterdir())
     assert [p.suffix for p in chunks] == [".npz"] * 3
     with np.load(chunks[0], allow_pickle=False) as z:  # plain arrays: loads without pickle
-        assert sorted(z.files) == ["doc_info", "ids", "meta", "spans", "triples"]
+        assert sorted(z.files) == ["doc_info", "entity_ids", "ids", "meta", "spans", "triples"]
+        arrays = {k: z[k] for k in z.files}
     marker = tmp_path / "code_ran"
     evil = b"cposix\nmkdir\n(" + f"V{marker}\n".encode() + b"tR."  # pickle for os.mkdir(marker)
     (tmp_path / "data.parts" / "chunks" / "chunk_0000000.pkl").write_bytes(evil)
@@ -103,6 +104,16 @@ def test_parts_folder_holds_no_pickle(tmp_path):
     assert proc.returncode == 2 and not marker.exists()
     assert "old pickle format (chunk_0000000.pkl" in proc.stderr
     assert f"delete the folder {tmp_path / 'data.parts'}" in proc.stderr
+    # a chunk of an older format (no entity ids) is refused before the join would skip it as done
+    (tmp_path / "data.parts" / "chunks" / "chunk_0000000.pkl").unlink()
+    meta = json.loads(arrays["meta"].tobytes())
+    arrays["meta"] = np.frombuffer(json.dumps({**meta, "format": "sparsexpert-chunk/1"}).encode(), np.uint8)
+    del arrays["entity_ids"]
+    np.savez(chunks[0], **arrays)
+    proc = _cli("join", *inputs, *SMALL, "--output", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert "chunk format 'sparsexpert-chunk/1', expected sparsexpert-chunk/2" in proc.stderr
+    assert f"delete the parts folder {tmp_path / 'data.parts'}" in proc.stderr
 
 
 def _copy(example_data: Path, tmp_path: Path) -> tuple[Path, dict]:
