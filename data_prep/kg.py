@@ -62,10 +62,16 @@ def iter_triples(path: str | Path) -> Iterator[tuple[str, str, str]]:
                 elif name.endswith((".jsonl", ".json")):
                     try:
                         rec = json.loads(line)
+                        if isinstance(rec, dict) and "triples" in rec:  # linked text (REBEL, T-REx)
+                            for h, r, t in _linked_triples(rec):
+                                n += 1
+                                yield h, r, t
+                            continue
                         h, r, t = str(rec["head"]), str(rec["relation"]), str(rec["tail"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                         raise DataError(
-                            f"{where}: expected a JSON object with head, relation, tail ({e})"
+                            f"{where}: expected a JSON object with head, relation, tail, or a linked-text "
+                            f"record with triples [{{subject, predicate, object}}] ({type(e).__name__}: {e})"
                         ) from e
                 else:
                     cols = line.rstrip("\n").split("\t")
@@ -85,6 +91,58 @@ def iter_triples(path: str | Path) -> Iterator[tuple[str, str, str]]:
         raise DataError(f"{path}: no triples; is this the right file?")
 
 
+def _uri(term: dict) -> str | None:
+    """A linked-text term's entity id; None for an unlinked one (no uri, or the string "None")."""
+    uri = term.get("uri")
+    return None if uri in (None, "", "None") else str(uri)
+
+
+def _linked_triples(rec: dict) -> Iterator[tuple[str, str, str]]:
+    """A linked-text record's triples (REBEL / T-REx layout): subject and object by their uri (a
+    Wikidata Q-id, or a literal's value), the relation by the predicate's surface form ("country",
+    "date of birth"), or its uri where it has none. A triple with an unlinked end (no uri) is no KG
+    fact and is left out."""
+    for tr in rec["triples"]:
+        h, t = _uri(tr["subject"]), _uri(tr["object"])
+        rel = tr["predicate"].get("surfaceform") or tr["predicate"]["uri"]
+        if h is not None and t is not None:
+            yield h, str(rel), t
+
+
+def _linked_aliases(rec: dict) -> Iterator[tuple[str, str]]:
+    """(entity id, surface form) of a linked-text record's entities and triple ends."""
+    terms = [
+        *rec.get("entities", []),
+        *(tr[k] for tr in rec.get("triples", []) for k in ("subject", "object")),
+    ]
+    for term in terms:
+        uri, form = _uri(term), (term.get("surfaceform") or "").strip()
+        if uri is not None and form and "\t" not in form and "\n" not in form:
+            yield uri, form
+
+
+def is_linked_text(path: str | Path | None) -> bool:
+    """Whether a .jsonl/.json file holds linked text (REBEL / T-REx layout: text, entities, triples),
+    which is corpus, KG and aliases at once. Reads the first record only."""
+    if path is None or not str(path).lower().endswith((".jsonl", ".json")) or not Path(path).is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(rec, dict) and isinstance(rec.get("triples"), list) and "text" in rec
+    return False
+
+
+def default_aliases(kg: str | None, aliases: str | None) -> str | None:
+    """The alias file a run uses: the one given; else a linked-text KG file itself (its entities'
+    surface forms); else None (entity names, underscores as spaces)."""
+    return aliases if aliases is not None or not is_linked_text(kg) else kg
+
+
 def read_triples(path: str | Path) -> list[Triple]:
     """Every triple of a KG file as a list (small KGs; data_prep itself reads through kg_index)."""
     return [Triple(*t) for t in iter_triples(path)]
@@ -96,9 +154,18 @@ def iter_aliases(path: str | Path) -> Iterator[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such alias file; check --aliases")
+    linked = is_linked_text(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            if linked:
+                try:
+                    yield from _linked_aliases(json.loads(line))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise DataError(
+                        f"{path}:{lineno}: not a linked-text record ({type(e).__name__}: {e})"
+                    ) from e
                 continue
             cols = line.rstrip("\n").split("\t")
             if len(cols) != 2 or not cols[1].strip():

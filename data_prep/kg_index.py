@@ -595,7 +595,9 @@ def _alias_columns(aliases: str):
     path = Path(aliases)
     if not path.is_file():
         raise DataError(f"{path}: no such alias file; check --aliases")
-    cols = _read_columns(path, ["entity", "alias"])
+    cols = (
+        None if path.name.lower().endswith((".jsonl", ".json")) else _read_columns(path, ["entity", "alias"])
+    )
     if cols is not None and not _strip_needed(cols[1]):
         return [pa.array(c.combine_chunks(), pa.large_string()) for c in cols]
     owners, forms = [], []

@@ -43,9 +43,10 @@ from data_prep import output
 from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_old_chunks
 from data_prep.dedup import SeenDigests
 from data_prep.join import init_worker, process_chunk
+from data_prep.kg import default_aliases
 from data_prep.kg_index import KGIndex, PairIndex, index_dir, load_or_build
 from data_prep.pack import EOS_ID, Packer, pack, sha256_file
-from data_prep.readers import INVALID_REASONS, DataError, RawDoc, expand_corpus, read_corpus
+from data_prep.readers import INVALID_REASONS, LINK_NOTES, DataError, RawDoc, expand_corpus, read_corpus
 from data_prep.tokenizer import copy_tokenizer, find_tokenizer, load_tokenizer
 from data_prep.wikitext import WikiLink
 from sparsexpert.data.format import FORMAT, MANIFEST, SPLITS, token_dtype
@@ -74,7 +75,8 @@ class PrepConfig:
     kg: str | None = None
     """Knowledge-graph triples (.tsv, .nt, .jsonl). None: no linking beyond wiki links, no triples."""
     aliases: str | None = None
-    """entity_id<TAB>surface form file. None: entity names (underscores as spaces) are the aliases."""
+    """entity_id<TAB>surface form file (or a linked-text .jsonl: its entities' surface forms). None: a
+    linked-text --kg gives its own; any other KG's entity names (underscores as spaces) are the aliases."""
     tokenizer: str | None = None
     """An existing tokenizer instead of training one: a SentencePiece .model or a Hugging Face folder."""
     vocab_size: int = 1024
@@ -136,6 +138,7 @@ class PrepConfig:
             raise DataError("no corpus: pass --corpus FILE...")
         if not self.output:
             raise DataError("no output folder: pass --output DIR")
+        self.aliases = default_aliases(self.kg, self.aliases)  # a linked-text KG brings its surface forms
         choices = {
             "on_error": ("fail", "skip"),
             "case": ("ignore", "exact"),
@@ -185,7 +188,14 @@ INGEST_REASONS = ("empty", "duplicate")
 
 def documents_in(counts: Counter, rejected: Counter) -> int:
     """Records read: those the readers passed on, plus those they filtered or skipped (by reason)."""
-    return counts["in"] + sum(n for reason, n in rejected.items() if reason not in INGEST_REASONS)
+    skipped = INGEST_REASONS + LINK_NOTES
+    return counts["in"] + sum(n for reason, n in rejected.items() if reason not in skipped)
+
+
+def split_notes(rejected: Counter) -> tuple[dict[str, int], dict[str, int]]:
+    """The readers' counter as (documents rejected by reason, gold-link notes: readers.LINK_NOTES)."""
+    docs = {k: n for k, n in rejected.items() if k not in LINK_NOTES}
+    return docs, {k: n for k, n in rejected.items() if k in LINK_NOTES}
 
 
 def check_rejected(cfg: PrepConfig, records: int, rejected: Counter) -> None:
@@ -408,9 +418,10 @@ def stage_ingest(cfg: PrepConfig, log=print) -> dict:
     report: dict[str, Any] = {
         "documents_in": documents_in(counts, rejected),
         "documents_written": progress.done,
-        "documents_rejected": dict(rejected),
+        "documents_rejected": split_notes(rejected)[0],
         "documents_split": counts["split"],
         "characters": chars,
+        **({"gold_links": split_notes(rejected)[1]} if split_notes(rejected)[1] else {}),
     }
     log(f"data_prep ingest: {report}")
     check_rejected(cfg, report["documents_in"], rejected)
@@ -673,7 +684,7 @@ def stage_pack(cfg: PrepConfig, know: Knowledge, log=print) -> dict:
     split = f", {res.documents_split} split into {res.pieces} pieces" if res.documents_split else ""
     log(
         f"data_prep: {manifest['documents_in']} documents in, {res.written} written{split}, rejected "
-        f"{dict(res.rejected)}; {manifest['tokens']} tokens, {res.mentions} mentions, "
+        f"{manifest['documents_rejected']}; {manifest['tokens']} tokens, {res.mentions} mentions, "
         f"{manifest['triples_attached']} triples attached -> {out_dir} ({time.time() - t0:.1f}s packing)"
     )
     return manifest
@@ -789,7 +800,8 @@ def _write_kg_triples(path: Path, index: KGIndex | None, res: Packed, relations:
 
 def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np.dtype, res: Packed) -> dict:
     triple_hits, splits = res.triple_hits, res.splits
-    written, rejected, mentions = res.written, res.rejected, res.mentions
+    written, mentions = res.written, res.mentions
+    rejected, gold_links = split_notes(res.rejected)
     index = know.index
 
     def surface(name: str) -> str:
@@ -843,7 +855,7 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "share_of_rows_with_entity": sum(s["rows_with_entity"] for s in splits.values()) / max(rows, 1),
         "triples_per_row": sum(s["row_triples"] for s in splits.values()) / max(rows, 1),
         "top_relations": per_relation.most_common(10),
-        "documents_rejected": dict(rejected),
+        "documents_rejected": rejected,
     }
     (work / "stats.json").write_text(json.dumps(stats, indent=2))
     inputs = [*cfg.corpus, *(x for x in (cfg.kg, cfg.aliases) if x)]
@@ -866,7 +878,8 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "dtype": dtype.name,
         "documents_in": res.records,
         "documents_written": written,
-        "documents_rejected": dict(rejected),
+        "documents_rejected": rejected,
+        **({"gold_links": gold_links} if gold_links else {}),
         "documents_split": res.documents_split,
         "document_pieces": res.pieces,
         "tokens": tokens,

@@ -16,6 +16,7 @@ import bz2
 import gzip
 import io
 import json
+import re
 import unicodedata
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -32,6 +33,10 @@ class DataError(ValueError):
 
 
 INVALID_REASONS = ("invalid_utf8", "malformed_json", "missing_text_field")
+LINK_NOTES = ("links_realigned", "links_unaligned", "links_unlinked", "links_overlapping")
+"""Counted in the readers' `rejected` counter but about gold entity links, not documents (linked-text
+JSONL): a link whose offsets did not hold its surface form and was moved to the nearest occurrence of
+it; one whose surface form the text does not hold (left out); one without an entity id (left out); one overlapping an earlier one (left out)."""
 """Rejections of records that are broken (skipped with on_error="skip"), as opposed to records
 filtered by design (empty, duplicate, redirect, not_an_article): `max_rejected_fraction` bounds these."""
 
@@ -169,7 +174,11 @@ def _lines(f: IO[bytes], path: Path) -> Iterator[tuple[int, bytes]]:
         ) from e
 
 
-def read_jsonl(path: Path, text_field: str, rejected: Counter | None) -> Iterator[RawDoc]:
+def read_jsonl(
+    path: Path, text_field: str, rejected: Counter | None, notes: Counter | None = None
+) -> Iterator[RawDoc]:
+    """Records of a JSONL file: the text field; a linked-text record's entities become its links
+    (counted in notes by LINK_NOTES)."""
     for doc in read_text(path, rejected):
         if not doc.text.strip():
             yield doc  # counted as empty by ingest
@@ -193,7 +202,67 @@ def read_jsonl(path: Path, text_field: str, rejected: Counter | None) -> Iterato
                 "to the field holding the text, or pass --on_error skip",
             )
             continue
-        yield RawDoc(text, doc.source)
+        entities = record.get("entities")
+        if isinstance(entities, list) and entities:
+            links = _gold_links(entities, text, doc.source, rejected, notes)
+            if links is None:
+                continue
+            yield RawDoc(text, doc.source, links)
+        else:
+            yield RawDoc(text, doc.source)
+
+
+def _gold_links(
+    entities: list, text: str, where: str, rejected: Counter | None, notes_out: Counter | None
+) -> list[WikiLink] | None:
+    """A linked-text record's entity mentions (REBEL / T-REx: {uri, boundaries: [start, end],
+    surfaceform}) as links. Offsets that do not hold the surface form are tried as UTF-8 byte offsets,
+    then the surface form's occurrence nearest them is taken (links_realigned); a surface form the text
+    does not hold, or a mention without an entity id, is left out and counted (LINK_NOTES). Overlapping
+    mentions keep the first (links_overlapping). None: a malformed record (reported as malformed_json)."""
+    notes: Counter = Counter()
+    links: list[WikiLink] = []
+    encoded: bytes | None = None
+    for e in entities:
+        if not isinstance(e, dict) or not isinstance(e.get("boundaries"), list) or len(e["boundaries"]) != 2:
+            _bad(
+                rejected,
+                "malformed_json",
+                f"{where}: an entity is not {{uri, boundaries: [start, end], surfaceform}}",
+            )
+            return None
+        uri, form, (start, end) = e.get("uri"), e.get("surfaceform"), e["boundaries"]
+        if not isinstance(start, int) or not isinstance(end, int):
+            _bad(rejected, "malformed_json", f"{where}: entity boundaries {e['boundaries']} are not integers")
+            return None
+        if uri in (None, "", "None"):
+            notes["links_unlinked"] += 1
+            continue
+        if not isinstance(form, str) or not form:
+            form = text[start:end] if 0 <= start < end <= len(text) else ""
+        if text[start:end] != form:
+            encoded = text.encode() if encoded is None else encoded
+            if encoded[start:end] == form.encode():  # UTF-8 byte offsets
+                start = len(encoded[:start].decode(errors="ignore"))
+            else:
+                found = [m.start() for m in re.finditer(re.escape(form), text)] if form else []
+                if not found:
+                    notes["links_unaligned"] += 1
+                    continue
+                start = min(found, key=lambda i: (abs(i - start), i))
+            end = start + len(form)
+            notes["links_realigned"] += 1
+        links.append(WikiLink(start, end, str(uri)))
+    links.sort(key=lambda link: (link.start, -link.end))
+    kept: list[WikiLink] = []
+    for link in links:
+        if not kept or link.start >= kept[-1].end:
+            kept.append(link)
+        else:
+            notes["links_overlapping"] += 1
+    if notes_out is not None:
+        notes_out.update(notes)
+    return kept
 
 
 def read_parquet(path: Path, text_field: str, rejected: Counter | None) -> Iterator[RawDoc]:
@@ -281,7 +350,7 @@ def read_corpus(path: Path, text_field: str, rejected: Counter, on_error: str) -
     if fmt == "mediawiki":
         yield from read_mediawiki(path, rejected)
     elif fmt == "jsonl":
-        yield from read_jsonl(path, text_field, errors)
+        yield from read_jsonl(path, text_field, errors, notes=rejected)
     elif fmt == "parquet":
         yield from read_parquet(path, text_field, errors)
     else:

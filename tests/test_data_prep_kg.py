@@ -670,3 +670,67 @@ def test_example_configs_run(tmp_path, shared_data):
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "nn" / "manifest.json").read_text())
     assert m["config"]["kg"].endswith("nations/train.tsv") and m["triples_attached"] > 300
+
+
+def test_linked_text_is_corpus_kg_aliases_and_gold_links_in_one_input(shared_data, tmp_path):
+    """The REBEL sample (Wikipedia abstracts, Wikidata links, aligned triples) given as --corpus and --kg:
+    every gold link becomes a mention of its Q-id at its surface form, offsets that miss it realigned and
+    counted; the KG is the records' triples with both ends linked; the aliases are their surface forms.
+    Checked against an independent reading of the file."""
+    rebel = shared_data / "rebel" / "rebel_sample.jsonl"
+    records = [json.loads(line) for line in rebel.read_text().splitlines()]
+    notes: Counter = Counter()
+    docs = list(read_corpus(rebel, "text", notes, "fail"))
+    assert len(docs) == len(records) == 800
+    linked = exact = 0
+    for doc, rec in zip(docs, records):
+        assert doc.text == rec["text"]
+        for link in doc.links:
+            forms = {e["surfaceform"] for e in rec["entities"] if e["uri"] == link.target}
+            assert doc.text[link.start : link.end] in forms
+        starts = [link.start for link in doc.links]
+        assert starts == sorted(starts) and all(a.end <= b.start for a, b in zip(doc.links, doc.links[1:]))
+        for e in rec["entities"]:
+            if e.get("uri") not in (None, "", "None"):
+                linked += 1
+                exact += rec["text"][slice(*e["boundaries"])] == e["surfaceform"]
+    kept = sum(len(d.links) for d in docs)
+    assert notes["links_unlinked"] == sum(len(r["entities"]) for r in records) - linked
+    assert kept + notes["links_overlapping"] + notes["links_unaligned"] == linked
+    assert (
+        notes["links_realigned"] == linked - exact - notes["links_unaligned"] > 1000
+    )  # REBEL's offsets drift
+
+    out = tmp_path / "rebel"
+    proc = _run_cli(
+        "run", "--corpus", str(rebel), "--kg", str(rebel), "--output", str(out), "--vocab_size", "2000"
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert (
+        m["config"]["aliases"] == str(rebel)
+        and m["documents_written"] == 800
+        and m["documents_rejected"] == {}
+    )
+    assert m["gold_links"] == {k: n for k, n in notes.items() if n}
+    facts = {
+        (t["subject"]["uri"], t["predicate"]["surfaceform"], t["object"]["uri"])
+        for r in records
+        for t in r["triples"]
+        if t["subject"].get("uri") not in (None, "", "None")
+        and t["object"].get("uri") not in (None, "", "None")
+    }
+    rows = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
+    assert {tuple(r[1:4]) for r in rows if r[5] == "kg"} == facts and len(facts) > 2000
+    names = {
+        line.split("\t")[1]: line.split("\t")[2] for line in (out / "entities.tsv").read_text().splitlines()
+    }
+    assert names["Q7835172"] == "Transportation Journal"
+    assert m["mentions"] >= kept and m["triples_attached"] > 1500
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"text": "A b.", "entities": [{"uri": "Q1", "boundaries": "x"}], "triples": []}) + "\n"
+    )
+    proc = _run_cli("run", "--corpus", str(bad), "--output", str(tmp_path / "x"))
+    assert proc.returncode == 2 and f"{bad}:1: an entity is not" in proc.stderr
