@@ -9,8 +9,11 @@
     python -m data_prep relations --corpus news.txt --kg kg.tsv --aliases aliases.tsv --output data/rel
         [--case exact|ignore] [--valid_fraction 0.2] [--negative_ratio 1.0] [--seed 0]
         [--max_sentence_chars 400]   # relation classification by distant supervision (data_prep/relations.py)
+    python -m data_prep bootstrap --corpus news.txt --kg kg.tsv --aliases aliases.tsv --init runs/pretrain \
+        --output runs/bootstrap [--threshold 0.7] [--finetune_steps 400] [--extract_corpus other.txt]
+        # relations, a fine-tuned relation extractor, shards with KG and extracted triples (data_prep/bootstrap.py)
 
-Options are the fields of PrepConfig (RelationsConfig for `relations`), in the language of every
+Options are the fields of PrepConfig (RelationsConfig for `relations`, BootstrapConfig for `bootstrap`), in the language of every
 sparsexpert entry point: `--seq_len=512` or `--seq_len 512` (`--seq-len` works too), a list field
 takes several values (`--corpus a.txt b.xml`), a bool field alone is true (`--keep_parts`); `--help`
 after a command lists every field with its type, default and meaning; `--print_config` prints the
@@ -46,6 +49,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from data_prep.bootstrap import BootstrapConfig, bootstrap
 from data_prep.pipeline import (
     DataError,
     PrepConfig,
@@ -130,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     stats = sub.add_parser("stats", help="print the stats of a prepared dataset")
     stats.add_argument("dataset")
     _sub(sub, "relations", "relation-classification examples by distant supervision", RelationsConfig)
+    _sub(
+        sub,
+        "bootstrap",
+        "relations, a fine-tuned relation extractor, shards with the KG and extracted triples",
+        BootstrapConfig,
+    )
     args, rest = parser.parse_known_args(argv)
 
     try:
@@ -141,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if rest and args.command == "stats":
             raise DataError(f"stats takes a dataset folder only, not {' '.join(rest)}")
-        cfg = _config(args, rest, RelationsConfig if args.command == "relations" else PrepConfig)
+        kind = {"relations": RelationsConfig, "bootstrap": BootstrapConfig}.get(args.command, PrepConfig)
+        cfg = _config(args, rest, kind)
         if args.print_config:
             cli.print_config(asdict(cfg))
             return 0
         if args.command == "relations":
             prepare_relations(cfg)
+            return 0
+        if args.command == "bootstrap":
+            bootstrap(cfg)
             return 0
         if args.command == "example":
             manifest = prepare_example(cfg.output, cfg)

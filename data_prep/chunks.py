@@ -9,7 +9,9 @@ machines holds data only, never code (a pickle runs code when loaded):
     entity_ids   int64 [len(meta.entities)]: each entity's id in the KG index, -1 where it has none
     triples      int64 [n, 4]: document, first token, end token, triple: >= 0 a KG triple index,
                  < 0 -(k + 1) for meta.new_triples[k] (an extractor's triple, indexed at pack time)
-    meta         uint8, UTF-8 JSON: format, records read, rejections by reason, entities, new_triples
+    meta         uint8, UTF-8 JSON: format, records read, rejections by reason, entities, new_triples,
+                 new_triple_scores (each new triple's highest confidence in the chunk, null where the
+                 extractor gives none)
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def encode_chunk(docs: list[dict], records: int, rejected: Counter) -> bytes:
     new_triples: dict[Triple, int] = {}
     spans: list[tuple[int, int, int, int]] = []
     triples: list[tuple[int, int, int, int]] = []
+    scores: dict[Triple, float] = {}
     for d, r in enumerate(docs):
+        for t, p in r.get("scores", {}).items():
+            scores[t] = max(scores.get(t, 0.0), p)
         for (ts, te, ent), eid in zip(r["spans"], r["entity_ids"]):
             k = entities.setdefault(ent, len(entities))
             if k == len(entity_ids):
@@ -75,6 +80,7 @@ def encode_chunk(docs: list[dict], records: int, rejected: Counter) -> bytes:
         "rejected": dict(rejected),
         "entities": list(entities),
         "new_triples": [[t.head, t.relation, t.tail] for t in new_triples],
+        **({"new_triple_scores": [scores.get(t) for t in new_triples]} if scores else {}),
     }
     buf = io.BytesIO()
     np.savez(
@@ -100,6 +106,7 @@ class Chunk:
     entity_ids: np.ndarray  # [len(entities)]
     triples: np.ndarray  # [n, 4] document, first token, end token, triple (< 0: -(k + 1) for new_triples[k])
     new_triples: list[Triple]
+    new_triple_scores: list[float | None]
     records: int
     rejected: dict
 
@@ -126,6 +133,7 @@ def read_chunk(path: Path) -> Chunk:
         **arrays,
         entities=meta["entities"],
         new_triples=[Triple(*t) for t in meta["new_triples"]],
+        new_triple_scores=meta.get("new_triple_scores", [None] * len(meta["new_triples"])),
         records=meta["records"],
         rejected=meta["rejected"],
     )

@@ -28,6 +28,8 @@ class Extraction:
     """New entity mentions (character spans of the text)."""
     triples: list[tuple[int, int, Triple]] = field(default_factory=list)
     """(start, end, triple): a triple and the character span of its evidence."""
+    scores: list[float] = field(default_factory=list)
+    """Each triple's confidence in [0, 1], where the extractor gives one (else empty)."""
 
 
 class Extractor(Protocol):

@@ -54,7 +54,7 @@ def find_mentions(
 ) -> tuple[list[tuple[int, int, str]], list]:
     """Stage link: the document's mentions as sorted character spans (start, end, entity) - wiki
     links first, alias matches where no link is, then an extractor's where neither is - and the
-    extractor's triples as (start, end, Triple). linked: the linker's matches, if already found (a
+    extractor's triples as (start, end, Triple), or (start, end, Triple, score) where it gives scores. linked: the linker's matches, if already found (a
     batch of documents is matched in one pass)."""
     mentions = [(link.start, link.end, link.target) for link in doc.links]
     if linker is None and extractor is None:
@@ -75,6 +75,8 @@ def find_mentions(
         found = extractor.extract(doc.text, [Mention(*m) for m in mentions])
         mentions = sorted(mentions + [tuple(m) for m in found.mentions if not taken[m.start : m.end].any()])
         extracted = found.triples
+        if found.scores:  # the extractor's confidence of each triple: kept with its evidence
+            extracted = [(s, e, t, p) for (s, e, t), p in zip(found.triples, found.scores)]
     return mentions, extracted
 
 
@@ -154,7 +156,11 @@ def _join(doc: RawDoc, text: str, ids: np.ndarray, tok, linker, pairs, extractor
     mentions, extracted = find_mentions(doc, linker, extractor, linked)
     # (char start, char end, triple): KG triples by index, an extractor's as Triple (the main
     # process gives new ones an index)
-    evidence = distant_supervision(text, mentions, pairs) + extracted
+    scores: dict = {}
+    for x in extracted:
+        if len(x) == 4:
+            scores[x[2]] = max(scores.get(x[2], 0.0), x[3])
+    evidence = distant_supervision(text, mentions, pairs) + [x[:3] for x in extracted]
     spans, attached = [], []
     if mentions or evidence:
         begin, end = tok.char_bounds(text, ids)
@@ -176,6 +182,7 @@ def _join(doc: RawDoc, text: str, ids: np.ndarray, tok, linker, pairs, extractor
         "spans": spans,
         "triples": attached,
         "n_mentions": len(mentions),
+        "scores": scores,  # extracted triple -> its highest confidence in the document
         "valid_key": doc.key if doc.key is not None else zlib.crc32(doc.text.encode()),
         "part": doc.part,
         "last": doc.last,

@@ -452,7 +452,7 @@ def stage_link_extract(cfg: PrepConfig, know: Knowledge, extract: bool, log=prin
             mentions += len(ms)
             if f is None:  # extract: no mentions file
                 found.update(index.triple(t) for _, _, t in distant_supervision(doc.text, ms, pairs) if index)
-                found.update(t for _, _, t in extracted)
+                found.update(x[2] for x in extracted)
             else:
                 f.write(
                     json.dumps(
@@ -633,6 +633,19 @@ class Packed:
     pieces: int = 0  # the pieces they were cut into
     kg_rank: np.ndarray | None = None  # KG index entity id -> dataset entity index (for its KG entities)
     new_triple_entities: list = field(default_factory=list)  # (head, tail) dataset indices of new_triples
+    new_triple_scores: dict = field(
+        default_factory=dict
+    )  # new triple index -> the extractor's highest confidence
+
+
+def _extractor_name(cfg: PrepConfig) -> str:
+    """What triples.tsv names as the model of a scored extracted triple: the extractor's run folder
+    (its `run` argument) where it has one, else the extractor (module:Class)."""
+    if cfg.extractor_args:
+        run = json.loads(Path(cfg.extractor_args).read_text()).get("run")
+        if run:
+            return str(run)
+    return str(cfg.extractor)
 
 
 def _inputs(cfg: PrepConfig) -> list[str]:
@@ -744,6 +757,9 @@ def _pack(
         for k in np.flatnonzero(~known).tolist():
             ents[k] = entity(chunk.entities[k])
         news = np.array([triple(t) for t in chunk.new_triples], dtype=np.int64)
+        for i, p in zip(news.tolist(), chunk.new_triple_scores):
+            if p is not None and i >= n_kg_triples:
+                res.new_triple_scores[i] = max(p, res.new_triple_scores.get(i, 0.0))
         spans, triples = chunk.spans.copy(), chunk.triples.copy()
         spans[:, 3] = ents[spans[:, 3]]
         extracted = triples[:, 3] < 0
@@ -826,9 +842,11 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
                 at, n = np.array(kg_hits, dtype=np.int64).T
                 hits[at] = n
             index.write_triples(f, hits)
+        model = _extractor_name(cfg)
+        scored = {i: f"\t{p:.4f}\t{model}" for i, p in res.new_triple_scores.items()}
         f.write(
             "".join(
-                f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\textracted\n"
+                f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\textracted{scored.get(i, '')}\n"
                 for i, t in enumerate(res.new_triples, n_kg)
             ).encode()
         )

@@ -1,0 +1,133 @@
+"""A fine-tuned run for inference, outside DeepSpeed: its best checkpoint's weights in a `TaskModel` on one
+device, fed batches of examples encoded exactly as fine-tuning encoded them (data_prep's model
+extractor uses it; `launcher/finetune.py` trains what it loads).
+
+    model = FinetunedModel.load("runs/relation")            # the run folder (its best/), or a tag
+    probs = model.relation_probs([RelationExample(text, (0, 5), (12, 20), "no_relation")])
+
+Examples are sorted by length and cut into batches of `batch_size`, so a batch pads little; the
+answers come back in the order given. On CUDA the model runs there (fp32; `dtype` to change it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.tokenizer import text_start_id
+from sparsexpert.finetune import data as fdata
+from sparsexpert.finetune.config import TaskConfig
+from sparsexpert.finetune.model import TaskModel, TaskSpec
+from sparsexpert.finetune.readers import RelationExample
+from sparsexpert.harness import load_state
+from sparsexpert.weights import checkpoint, deepspeed_formats
+from sparsexpert.weights.export import model_config_of
+
+
+@dataclass
+class FinetunedModel:
+    model: TaskModel
+    tasks: list[TaskSpec]
+    negative: dict[str, str]
+    """task name -> its negative label (relation tasks)."""
+    tok: Any
+    bos: int
+    pad_id: int
+    max_len: int
+    device: torch.device
+    source: Path
+    """The checkpoint tag read."""
+
+    @classmethod
+    def load(
+        cls, run: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32
+    ) -> FinetunedModel:
+        """A fine-tuning run folder (its best/ checkpoint, else its latest) or a checkpoint tag; every
+        file checked against COMPLETE.json and read as data (weights_only)."""
+        tag = checkpoint.resolve_tag(run)
+        state, meta = deepspeed_formats.load_weights(tag)
+        if meta.get("kind") != "finetune":
+            raise ValueError(
+                f"{tag}: a {meta.get('kind', 'pretraining')} checkpoint; give a fine-tuning run (with task heads)"
+            )
+        cfg = model_config_of(meta)
+        cfg.moe.ep_size = 1
+        specs = [TaskSpec(**s) for s in meta["tasks"]]
+        model = TaskModel(cfg, specs, meta["run"].get("task_aware_routing", False))
+        load_state(model, state, str(tag))
+        where = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if device == "auto"
+            else device
+        )
+        model = model.to(device=where, dtype=dtype).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        tok = fdata.load_tokenizer_for(tag)
+        negative = {
+            t["name"] or t["kind"]: t.get("negative_label", "no_relation") for t in meta["run"]["tasks"]
+        }
+        max_len = meta["run"].get("max_len") or cfg.max_seq_len
+        pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+        return cls(model, specs, negative, tok, text_start_id(tok), pad, max_len, where, tag)
+
+    def task(self, kind: str, name: str | None = None) -> int:
+        """The index of the task of this kind (and name)."""
+        found = [i for i, t in enumerate(self.tasks) if t.kind == kind and (name is None or t.name == name)]
+        if len(found) != 1:
+            have = ", ".join(f"{t.name} ({t.kind})" for t in self.tasks)
+            raise ValueError(
+                f"{self.source}: {len(found)} {kind} tasks{f' named {name}' if name else ''}; it has {have}"
+            )
+        return found[0]
+
+    @torch.inference_mode()
+    def relation_probs(
+        self, examples: list[RelationExample], task: str | None = None, batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [n, labels], kept [n] bool) of each example: the softmax of the relation head.
+        An example whose entity marker max_len would cut is not scored (kept False, probabilities 0),
+        as fine-tuning drops it."""
+        t = self.task("relation", task)
+        spec = self.tasks[t]
+        neg = self.negative.get(spec.name, "no_relation")
+        probs = np.zeros((len(examples), len(spec.labels)), np.float32)
+        kept = np.zeros(len(examples), bool)
+        if not examples:
+            return probs, kept
+        cfg = TaskConfig(name=spec.name, kind="relation", train="-", negative_label=neg)
+        # one example at a time, so that a dropped one is known (encode skips it)
+        enc = [
+            fdata.encode(
+                cfg,
+                [RelationExample(x.text, x.e1, x.e2, neg)],
+                spec.labels,
+                self.tok,
+                self.bos,
+                self.max_len,
+                "-",
+            )
+            for x in examples
+        ]
+        scored = [i for i, e in enumerate(enc) if e.ids]
+        data = fdata.Encoded(
+            [enc[i].ids[0] for i in scored],
+            [enc[i].labels[0] for i in scored],
+            [enc[i].markers[0] for i in scored],
+        )
+        order = np.argsort([len(x) for x in data.ids], kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = fdata.collate(data, "relation", idx, self.pad_id, self.model.cfg.causal)
+            batch.pop("labels")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            logits = self.model(task=t, **batch).logits.float()
+            probs[np.asarray(scored)[idx]] = torch.softmax(logits, -1).cpu().numpy()
+        kept[scored] = True
+        return probs, kept
