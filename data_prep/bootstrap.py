@@ -10,7 +10,7 @@ resumes from its checkpoints, the last stage from its parts folder, as data_prep
     relations/    `data_prep relations` on the corpus and the seed KG (distant supervision)
     extractor/    `launcher/finetune.py --task relation` from --init on those examples (--finetune_steps)
     dataset/      `data_prep run` on --extract_corpus (default: the corpus) with the seed KG and the
-                  extractor (data_prep/model_extractor.py, --threshold): the shards attach KG triples and
+                  extractor (`--extractor extractor/`: data_prep/model_extractor.py, --threshold): the shards attach KG triples and
                   extracted ones; triples.tsv marks each "kg" or "extracted", an extracted one with the
                   extractor's highest confidence and the extractor run
     bootstrap.json  what each stage gave (written last)
@@ -133,9 +133,7 @@ def bootstrap(cfg: BootstrapConfig, log=print) -> dict:
 
     # 3. extraction and the shards
     args = out / "extractor.json"
-    atomic_write(
-        args, json.dumps({"run": str(ft), "threshold": cfg.threshold, "batch_size": cfg.batch_size}).encode()
-    )
+    atomic_write(args, json.dumps({"threshold": cfg.threshold, "batch_size": cfg.batch_size}).encode())
     pc = PrepConfig(
         corpus=list(cfg.extract_corpus or cfg.corpus),
         output=str(out / "dataset"),
@@ -146,7 +144,7 @@ def bootstrap(cfg: BootstrapConfig, log=print) -> dict:
         vocab_size=cfg.vocab_size,
         seq_len=cfg.seq_len,
         workers=cfg.workers,
-        extractor="data_prep.model_extractor:RelationModelExtractor",
+        extractor=str(ft),  # the fine-tuned run: data_prep/model_extractor.py
         extractor_args=str(args),
     )
     done = out / "dataset" / "manifest.json"

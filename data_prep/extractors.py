@@ -21,6 +21,10 @@ from typing import Protocol
 from data_prep.kg import Mention, Triple
 from data_prep.readers import DataError
 
+EXTRACTED = "extracted:"
+"""Prefix of the ids of new entities a model extractor found (extracted:<TYPE>:<surface>); entities.tsv
+lists them with source "extracted" and the type."""
+
 
 @dataclass
 class Extraction:
@@ -37,17 +41,27 @@ class Extractor(Protocol):
 
 
 def load_extractor(spec: str, args_file: str | None = None) -> Extractor:
-    """`module:Class` (importable), built with the JSON object in args_file as keyword arguments."""
+    """`module:Class` (importable), built with the JSON object in args_file as keyword arguments; or
+    fine-tuning run folders, comma-separated: data_prep/model_extractor.py's ModelExtractor of them."""
+    kwargs = json.loads(Path(args_file).read_text()) if args_file else {}
+    runs = spec.split(",")
+    if all(Path(r).is_dir() for r in runs):
+        from data_prep.model_extractor import ModelExtractor
+
+        try:
+            return ModelExtractor(runs, **kwargs)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise DataError(f"extractor={spec!r}: {e}") from e
     module_name, _, class_name = spec.partition(":")
     if not class_name:
         raise DataError(
-            f"extractor={spec!r}: expected module:Class, e.g. data_prep.extractors:InfixExtractor"
+            f"extractor={spec!r}: expected module:Class (e.g. data_prep.extractors:InfixExtractor) or "
+            "fine-tuning run folders, comma-separated (that exist)"
         )
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:
         raise DataError(f"extractor={spec!r}: cannot import it ({e})") from e
-    kwargs = json.loads(Path(args_file).read_text()) if args_file else {}
     return cls(**kwargs)
 
 

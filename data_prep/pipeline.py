@@ -42,6 +42,7 @@ import numpy as np
 from data_prep import output
 from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_old_chunks
 from data_prep.dedup import SeenDigests
+from data_prep.extractors import EXTRACTED
 from data_prep.join import init_worker, process_chunk
 from data_prep.kg import default_aliases
 from data_prep.kg_index import KGIndex, PairIndex, index_dir, load_or_build
@@ -639,12 +640,12 @@ class Packed:
 
 
 def _extractor_name(cfg: PrepConfig) -> str:
-    """What triples.tsv names as the model of a scored extracted triple: the extractor's run folder
-    (its `run` argument) where it has one, else the extractor (module:Class)."""
+    """What triples.tsv names as the model of a scored extracted triple: the extractor's run folders
+    (--extractor itself, or its `runs` argument) where it has them, else the extractor (module:Class)."""
     if cfg.extractor_args:
-        run = json.loads(Path(cfg.extractor_args).read_text()).get("run")
-        if run:
-            return str(run)
+        runs = json.loads(Path(cfg.extractor_args).read_text()).get("runs")
+        if runs:
+            return runs if isinstance(runs, str) else ",".join(runs)
     return str(cfg.extractor)
 
 
@@ -825,10 +826,18 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         i = index.entity_id(name) if index else -1
         return (index.surfaces[i] if i >= 0 and index else "") or name.replace("_", " ")
 
+    def line(k: int, name: str) -> str:
+        """An entity met in the text; one an NER model found (extracted:<TYPE>:<surface>) with its
+        surface, source "extracted" and type."""
+        if name.startswith(EXTRACTED):
+            type_, _, norm = name[len(EXTRACTED) :].partition(":")
+            return f"{k}\t{name}\t{norm.replace('_', ' ')}\textracted\t{type_}\n"
+        return f"{k}\t{name}\t{surface(name)}\n"
+
     with open(work / "entities.tsv", "wb") as f:
         if index:
             index.write_entities(f)
-        f.write("".join(f"{k}\t{name}\t{surface(name)}\n" for name, k in res.extra_entities.items()).encode())
+        f.write("".join(line(k, name) for name, k in res.extra_entities.items()).encode())
     relations = list(dict.fromkeys([*know.relations, *(t.relation for t in res.new_triples)]))
     (work / "relations.tsv").write_text(
         "".join(f"{i}\t{r}\n" for i, r in enumerate(relations)), encoding="utf-8"

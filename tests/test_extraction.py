@@ -111,8 +111,12 @@ def test_model_extractor_gives_the_same_triples_with_1_and_2_workers_and_after_a
     corpus = tmp / "first600.txt"
     corpus.write_text("".join((boot["raw"] / "corpus.txt").read_text().splitlines(keepends=True)[:600]))
     args = ["run", "--corpus", str(corpus), *boot["inputs"][2:], "--vocab_size", "500", "--chunk_docs", "40"]
-    args += ["--extractor", "data_prep.model_extractor:RelationModelExtractor"]
-    args += ["--extractor_args", str(boot["out"] / "extractor.json")]
+    args += [
+        "--extractor",
+        str(boot["out"] / "extractor"),
+        "--extractor_args",
+        str(boot["out"] / "extractor.json"),
+    ]
     outs = {}
     for workers in ("1", "2"):
         outs[workers] = tmp / f"x{workers}"
@@ -156,3 +160,108 @@ def test_predictions_equal_fine_tunings_own_on_its_dev_set(boot):
     ]
     assert kept.all() and len(ours) == len(theirs) > 100 and ours == theirs
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def _ner_jsonl(raw: Path, docs: list[str], path: Path) -> None:
+    """NER examples from the world's sentences: words as the extractor splits them, tagged B-/I-<type>
+    where an alias names an entity (the type: its id's prefix, person_0001 -> person)."""
+    from data_prep.join import _sentences
+    from data_prep.kg import Linker, read_aliases
+    from data_prep.model_extractor import WORD
+
+    linker = Linker(read_aliases(raw / "aliases.tsv", set()), case="exact")
+    lines = []
+    for doc in docs:
+        for s, e in _sentences(doc):
+            words = [(m.start() + s, m.end() + s) for m in WORD.finditer(doc[s:e])]
+            tags = ["O"] * len(words)
+            for m in linker.find(doc[s:e]):
+                inside = [i for i, (a, b) in enumerate(words) if a < m.end + s and m.start + s < b]
+                for k, i in enumerate(inside):
+                    tags[i] = f"{'I' if k else 'B'}-{m.entity.rsplit('_', 1)[0]}"
+            lines.append(json.dumps({"tokens": [doc[a:b] for a, b in words], "tags": tags}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_ner_finds_entities_no_alias_names_and_they_join_the_triples(boot):
+    """An NER run (fine-tuned on the world's sentences, types from alias matches) with the relation run:
+    with the aliases of 20 people removed, their names become new entities extracted:person:<name>,
+    listed in entities.tsv with source and type, and triples about them are extracted; NER inference
+    equals fine-tuning's own predictions on its dev set."""
+    from sparsexpert.finetune.predict import FinetunedModel
+
+    tmp, raw = boot["tmp"], boot["raw"]
+    docs = (raw / "corpus.txt").read_text().splitlines()
+    _ner_jsonl(raw, docs[600:2000], tmp / "ner_train.jsonl")
+    _ner_jsonl(raw, docs[2000:2300], tmp / "ner_dev.jsonl")
+    ner = tmp / "ner"
+    run = _run(
+        [
+            sys.executable,
+            "launcher/finetune.py",
+            "--ds_config",
+            "ds_configs/moe_z2.json",
+            "--init",
+            str(tmp / "pre"),
+        ]
+        + ["--task", "ner", "--train", str(tmp / "ner_train.jsonl"), "--dev", str(tmp / "ner_dev.jsonl")]
+        + ["--output_dir", str(ner), "--train.max_steps=150", "--train.eval_every=75"]
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    model = FinetunedModel.load(ner, device="cpu")
+    dev = [json.loads(line)["tokens"] for line in (tmp / "ner_dev.jsonl").read_text().splitlines()]
+    theirs = [
+        json.loads(line) for line in (ner / "predictions" / "ner_dev.entities.jsonl").read_text().splitlines()
+    ]
+    assert model.ner_entities(dev) == [t["entities"] for t in theirs]
+
+    # 20 people lose their aliases: only NER can find them in the first 600 documents
+    aliases = [line.split("\t") for line in (raw / "aliases.tsv").read_text().splitlines()]
+    people = sorted({e for e, _ in aliases if e.startswith("person_")})[:20]
+    names = {e: form for e, form in aliases if e in people}
+    fewer = tmp / "fewer_aliases.tsv"
+    fewer.write_text("".join(f"{e}\t{f}\n" for e, f in aliases if e not in people))
+    corpus = tmp / "first600.txt"
+    corpus.write_text("\n".join(docs[:600]) + "\n")
+    out = tmp / "with_ner"
+    cmd = [sys.executable, "-m", "data_prep", "run", "--corpus", str(corpus), "--kg", boot["inputs"][3]]
+    cmd += [
+        "--aliases",
+        str(fewer),
+        "--case",
+        "exact",
+        "--output",
+        str(out),
+        "--vocab_size",
+        "500",
+        "--workers",
+        "2",
+    ]
+    cmd += [
+        "--extractor",
+        f"{ner},{boot['out'] / 'extractor'}",
+        "--extractor_args",
+        str(boot["out"] / "extractor.json"),
+    ]
+    cmd += ["--on_error", "skip"]  # their KG triples name entities without an alias: left out, counted
+    run = _run(cmd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("\t") for line in (out / "entities.tsv").read_text().splitlines()]
+    extracted = {r[1]: r for r in rows if len(r) > 3}
+    assert all(
+        r[3] == "extracted" and r[1] == f"extracted:{r[4]}:{r[2].casefold().replace(' ', '_')}"
+        for r in extracted.values()
+    )
+    mentioned = {e for e in people if names[e] in "\n".join(docs[:600])}
+    found = {e for e in mentioned if f"extracted:person:{names[e].casefold().replace(' ', '_')}" in extracted}
+    assert len(mentioned) >= 10 and len(found) >= 0.8 * len(mentioned), (len(found), len(mentioned))
+    # triples about them: the KG's facts of those people, by their new ids
+    new_id = {e: f"extracted:person:{names[e].casefold().replace(' ', '_')}" for e in found}
+    truth = {(new_id.get(h, h), r, new_id.get(t, t)) for h, r, t in boot["facts"]}
+    triples = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
+    about = {
+        tuple(r[1:4])
+        for r in triples
+        if r[5] == "extracted" and (r[1] in new_id.values() or r[3] in new_id.values())
+    }
+    assert len(about) >= 10 and len(about & truth) >= 0.8 * len(about), (len(about & truth), len(about))

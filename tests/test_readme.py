@@ -54,6 +54,7 @@ TINY: dict[str, list[str]] = {
     ],
     "launcher/compare.py": ["--pretrain_steps=2", "--train.max_steps=2", "--train.eval_every=2"],
     "launcher/generate.py": ["--max_new_tokens=4"],
+    "data_prep bootstrap": ["--finetune_steps=4"],
 }
 """Appended to a command of that script (the last value of an option wins): tiny step counts."""
 
@@ -68,6 +69,8 @@ def _num_gpus(cmd: list[str]) -> int:
 
 
 def _script(cmd: list[str]) -> str | None:
+    if cmd[:4] == ["python", "-m", "data_prep", "bootstrap"]:
+        return "data_prep bootstrap"
     return next((t for t in cmd if t.startswith(("launcher/", "bench/"))), None)
 
 
@@ -337,6 +340,18 @@ def _comparison(ws: Path, output: str) -> None:
         assert json.loads((out / f"finetune_{arm}" / "results.json").read_text())["steps"] == 2
 
 
+def _bootstrapped(ws: Path, output: str) -> None:
+    out = ws / "runs" / "bootstrap"
+    summary = json.loads((out / "bootstrap.json").read_text())
+    assert summary["extractor"]["steps"] == 4 and summary["relations"]["positives"] > 0
+    assert (out / "dataset" / "manifest.json").is_file() and "new triples extracted" in output
+
+
+def _linked_text(ws: Path, output: str) -> None:
+    manifest = json.loads((ws / "data" / "rebel" / "manifest.json").read_text())
+    assert manifest["documents_written"] == 800 and manifest["gold_links"]["links_realigned"] > 1000
+
+
 CHECKS: list[tuple[tuple[str, ...], Callable[[Path, str], None]]] = [
     (("deepspeed", "launcher/pretrain.py", "--ds_config", "ds_configs/moe_z2.json"), _main_pretraining),
     (("launcher/finetune.py", "runs/finetune"), _main_fine_tuning),
@@ -345,6 +360,8 @@ CHECKS: list[tuple[tuple[str, ...], Callable[[Path, str], None]]] = [
     (("launcher/ablate.py", "world"), _ablation_world),
     (("launcher/ablate.py", "news-nations"), _ablation_nations),
     (("launcher/compare.py",), _comparison),
+    (("data_prep", "bootstrap"), _bootstrapped),
+    (("data_prep", "data/rebel"), _linked_text),
 ]
 """Checks beyond the exit status: of the first README command made of exactly these words (the first
 entry) or holding them all."""

@@ -12,7 +12,9 @@ A dataset folder holds:
     relations.tsv                index<TAB>id
     triples.tsv                  the whole triple vocabulary (KG triples, then the extractor's new ones),
                                  attached or not: index, head, relation, tail, times attached (may be
-                                 0), source (kg|extracted): the pretraining triple objective and
+                                 0), source (kg|extracted), and for an extracted triple whose
+                                 extractor scores them its highest confidence and the extractor's
+                                 run: the pretraining triple objective and
                                  K-BERT-style injection use the whole KG, not only attached triples
     kg_triples.npy               int64 [triples, 3]: head, relation, tail (entity and relation indices) of
                                  every triple index of triples.tsv, for readers that must not parse a

@@ -4,6 +4,7 @@ extractor uses it; `launcher/finetune.py` trains what it loads).
 
     model = FinetunedModel.load("runs/relation")            # the run folder (its best/), or a tag
     probs = model.relation_probs([RelationExample(text, (0, 5), (12, 20), "no_relation")])
+    entities = model.ner_entities([["Ada", "Lovelace", "was", "born", "in", "London", "."]])
 
 Examples are sorted by length and cut into batches of `batch_size`, so a batch pads little; the
 answers come back in the order given. On CUDA the model runs there (fp32; `dtype` to change it).
@@ -22,7 +23,7 @@ from data_prep.tokenizer import text_start_id
 from sparsexpert.finetune import data as fdata
 from sparsexpert.finetune.config import TaskConfig
 from sparsexpert.finetune.model import TaskModel, TaskSpec
-from sparsexpert.finetune.readers import RelationExample
+from sparsexpert.finetune.readers import NerExample, RelationExample
 from sparsexpert.harness import load_state
 from sparsexpert.weights import checkpoint, deepspeed_formats
 from sparsexpert.weights.export import model_config_of
@@ -131,3 +132,36 @@ class FinetunedModel:
             probs[np.asarray(scored)[idx]] = torch.softmax(logits, -1).cpu().numpy()
         kept[scored] = True
         return probs, kept
+
+    @torch.inference_mode()
+    def ner_entities(
+        self, sentences: list[list[str]], task: str | None = None, batch_size: int = 64
+    ) -> list[list[dict[str, Any]]]:
+        """Each sentence's (a list of words) entities as fine-tuning predicts them (`ner_decode`):
+        {"type", "start", "end", "text"}, character offsets in the words joined by single spaces. Words
+        past max_len are not tagged (as in fine-tuning's predictions)."""
+        t = self.task("ner", task)
+        spec = self.tasks[t]
+        if not sentences:
+            return []
+        cfg = TaskConfig(name=spec.name, kind="ner", train="-")
+        data = fdata.encode(
+            cfg,
+            [NerExample(list(w), ["O"] * len(w)) for w in sentences],
+            spec.labels,
+            self.tok,
+            self.bos,
+            self.max_len,
+            "-",
+        )
+        out: list[list[dict[str, Any]]] = [[] for _ in sentences]
+        order = np.argsort([len(x) for x in data.ids], kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = fdata.collate(data, "ner", idx, self.pad_id, self.model.cfg.causal)
+            batch.pop("labels")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            pred = self.model(task=t, **batch).logits.argmax(-1).cpu().numpy()
+            for row, i in enumerate(idx.tolist()):
+                out[i] = fdata.ner_decode(data, i, pred[row], spec.labels).entities
+        return out
