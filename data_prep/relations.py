@@ -10,7 +10,9 @@ KG entity in it is taken, and every ordered pair of two different entities whose
 overlap is an example: positive, labelled with the relation of a KG triple (head = e1, tail = e2)
 - the first in the KG's sorted order where the pair has several (counted in
 `multi_relation_pairs`) - or negative, labelled `no_relation`. All positives are kept; of the
-negatives, a seeded random sample of at most `negative_ratio * positives`.
+negatives, a seeded random sample of at most `negative_ratio * positives`. A relation whose examples
+all fall in dev cannot be learned: its dev examples are left out, unless no example is in train at all (stats.json counts them per relation
+in `dev_left_out_relation_not_in_train`).
 
 Sentences are split between train and dev by a hash of their text (as the pipeline splits
 documents), so a sentence and all its examples, and any repeat of it, fall in one split, and the
@@ -185,6 +187,7 @@ def prepare_relations(rc: RelationsConfig, log=print) -> dict:
     n_keep = min(len(negatives), int(rc.negative_ratio * n_positives + 1e-9))  # 0.29 * 100 is 28.99...
     dropped = set(negatives) - set(random.Random(rc.seed).sample(negatives, n_keep))
     lines: dict[str, list[str]] = {"train": [], "dev": []}
+    labels_in: dict[str, set[str]] = {"train": set(), "dev": set()}
     for i, (k, a, b, label) in enumerate(examples):
         if i in dropped:
             continue
@@ -199,6 +202,22 @@ def prepare_relations(rc: RelationsConfig, log=print) -> dict:
         }
         split = "dev" if _is_dev(text, rc.valid_fraction) else "train"
         lines[split].append(json.dumps(record, ensure_ascii=False) + "\n")
+        labels_in[split].add(label)
+    # a relation whose every example fell in dev cannot be learned (fine-tuning refuses a dev label the
+    # training file never uses): its dev examples are left out, counted per relation
+    unseen = (
+        labels_in["dev"] - labels_in["train"] if lines["train"] else set()
+    )  # all in dev: an evaluation set
+    dev_unseen: Counter[str] = Counter()
+    if unseen:
+        kept_dev = []
+        for line in lines["dev"]:
+            label = json.loads(line)["label"]
+            if label in unseen:
+                dev_unseen[label] += 1
+            else:
+                kept_dev.append(line)
+        lines["dev"] = kept_dev
 
     if not n_positives:
         raise DataError(
@@ -228,6 +247,7 @@ def prepare_relations(rc: RelationsConfig, log=print) -> dict:
         "negatives_dropped": len(negatives) - n_keep,
         "train": len(lines["train"]),
         "dev": len(lines["dev"]),
+        **({"dev_left_out_relation_not_in_train": dict(sorted(dev_unseen.items()))} if dev_unseen else {}),
         "labels": [NO_RELATION, *sorted(per_relation)],
         "kg_relations": len(know.relations),
         "params": {

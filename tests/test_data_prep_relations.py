@@ -159,9 +159,11 @@ def test_small_corpus_negative_sample_and_split(small):
     # (6054) are in dev at 0.7, S1 (9165) and S4 (7629) in train.
     stats = prepare_relations(_config(small, "split", negative_ratio=100.0, valid_fraction=0.7), log=print)
     got = _examples(small["tmp"] / "split")
-    assert got["dev"] == [ex for ex in ALL if ex["text"] in (S2, S3)]
+    # "borders" is only in S3: no training example, so its dev example is left out and counted
+    assert got["dev"] == [ex for ex in ALL if ex["text"] in (S2, S3) and ex["label"] != "borders"]
     assert got["train"] == [ex for ex in ALL if ex["text"] in (S1, S4)]
-    assert (stats["train"], stats["dev"]) == (4, 8)
+    assert (stats["train"], stats["dev"]) == (4, 7)
+    assert stats["dev_left_out_relation_not_in_train"] == {"borders": 1}
     stats = prepare_relations(_config(small, "none", negative_ratio=0.0), log=print)
     assert stats["negatives_kept"] == 0 and stats["train"] + stats["dev"] == 5
 
