@@ -23,7 +23,9 @@ Per sentence of a document (the join stage's split, at most `max_sentence_chars`
   the KG lacks with source "extracted", its highest probability and the run.
 
 A document's sentences and pairs are scored in batches of `batch_size`, shortest first, on CUDA when
-there is one (`device`); each worker process loads the models once.
+there is one (`device`); each worker process loads the models once. On the CPU the workers share one copy
+of the weights (`share_weights`): memory-mapped from SPARSEXPERT_CACHE (default ~/.cache/sparsexpert),
+written there once per checkpoint (sparsexpert/finetune/predict.py: shared_weights).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ModelExtractor:
         batch_size: int = 64,
         max_sentence_chars: int = 400,
         device: str = "auto",
+        share_weights: bool = True,
     ):
         from sparsexpert.finetune.predict import FinetunedModel
 
@@ -67,7 +70,7 @@ class ModelExtractor:
         runs = [r for r in ([runs] if isinstance(runs, str) else runs) if r]
         self.ner = self.relation = None
         for run in runs:
-            model = FinetunedModel.load(run, device=device)
+            model = FinetunedModel.load(run, device=device, shared=share_weights)
             kinds = {t.kind for t in model.tasks}
             if "ner" in kinds and self.ner is None:
                 self.ner, self.ner_task = model, model.task("ner")

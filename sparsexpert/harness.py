@@ -52,8 +52,10 @@ def load_state(
     skip: tuple[str, ...] = (),
     fresh: tuple[str, ...] = (),
     if_same_shape: tuple[str, ...] = (),
+    assign: bool = False,
 ) -> None:
-    """Load `state` into `model` (every weight loader of sparsexpert goes through here).
+    """Load `state` into `model` (every weight loader of sparsexpert goes through here); assign: the
+    parameters become the state's tensors (memory-mapped ones stay shared) instead of copies.
 
     Keys under a `skip` prefix are not loaded; keys under an `if_same_shape` prefix load only where the
     model has the same tensor shape (else that part starts fresh); parameters of the model under a
@@ -66,7 +68,7 @@ def load_state(
         if not (skip and k.startswith(skip))
         and not (if_same_shape and k.startswith(if_same_shape) and (k not in own or own[k].shape != v.shape))
     }
-    missing, unexpected = model.load_state_dict(kept, strict=False)
+    missing, unexpected = model.load_state_dict(kept, strict=False, assign=assign)
     missing = [k for k in missing if not k.startswith(fresh + if_same_shape)]
     if missing or unexpected:
         raise ValueError(

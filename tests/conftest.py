@@ -227,6 +227,19 @@ def made_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pat
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _weights_cache(tmp_path_factory):
+    """Shared extractor weights (sparsexpert/finetune/predict.py) go to a folder of this session, not to
+    ~/.cache: the processes the tests start inherit SPARSEXPERT_CACHE."""
+    old = os.environ.get("SPARSEXPERT_CACHE")
+    os.environ["SPARSEXPERT_CACHE"] = str(tmp_path_factory.mktemp("sparsexpert_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SPARSEXPERT_CACHE", None)
+    else:
+        os.environ["SPARSEXPERT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def example_data(tmp_path_factory) -> Path:
     """The built-in example world prepared once, with short rows for fast tests."""

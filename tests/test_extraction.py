@@ -265,3 +265,37 @@ def test_ner_finds_entities_no_alias_names_and_they_join_the_triples(boot):
         if r[5] == "extracted" and (r[1] in new_id.values() or r[3] in new_id.values())
     }
     assert len(about) >= 10 and len(about & truth) >= 0.8 * len(about), (len(about & truth), len(about))
+
+
+def _mapped_file(address: int) -> str:
+    """The file behind the memory mapping that holds `address` in this process ("" for anonymous)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= address < hi:
+            return parts[5] if len(parts) > 5 else ""
+    return ""
+
+
+def test_extractor_processes_share_one_copy_of_the_weights(boot, tmp_path, monkeypatch):
+    """shared=True: every weight is a read-only mapping of one file per tensor in the cache, written
+    once per checkpoint, so n worker processes hold one copy in the page cache; the predictions equal
+    those of the weights loaded into each process's own memory."""
+    from sparsexpert.finetune import predict
+    from sparsexpert.finetune.readers import read_relations
+
+    monkeypatch.setattr(predict, "CACHE", tmp_path / "cache")
+    ft = boot["out"] / "extractor"
+    own = predict.FinetunedModel.load(ft, device="cpu")
+    shared = predict.FinetunedModel.load(ft, device="cpu", shared=True)
+    again = predict.FinetunedModel.load(ft, device="cpu", shared=True)
+    (folder,) = (tmp_path / "cache" / "weights").iterdir()  # written once
+    params = dict(shared.model.named_parameters())
+    assert params and all(_mapped_file(p.data_ptr()).startswith(str(folder)) for p in params.values())
+    assert not any(_mapped_file(p.data_ptr()).startswith(str(folder)) for p in own.model.parameters())
+    assert all(
+        _mapped_file(p.data_ptr()) == _mapped_file(params[n].data_ptr())
+        for n, p in again.model.named_parameters()
+    )
+    dev = read_relations(boot["out"] / "relations" / "dev.jsonl")[:64]
+    assert np.array_equal(own.relation_probs(dev)[0], shared.relation_probs(dev)[0])

@@ -12,6 +12,12 @@ answers come back in the order given. On CUDA the model runs there (fp32; `dtype
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,40 @@ from sparsexpert.finetune.readers import NerExample, RelationExample
 from sparsexpert.harness import load_state
 from sparsexpert.weights import checkpoint, deepspeed_formats
 from sparsexpert.weights.export import model_config_of
+
+CACHE = Path(os.environ.get("SPARSEXPERT_CACHE", Path.home() / ".cache" / "sparsexpert"))
+"""Where shared weights are kept (SPARSEXPERT_CACHE; default ~/.cache/sparsexpert)."""
+
+
+def shared_weights(tag: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's fp32 weights memory-mapped, read-only, from one .npy file per tensor in
+    CACHE/weights/<digest of the tag's COMPLETE.json>/ (written once, atomically, by the first process
+    to need it, from the checkpoint's files checked against that manifest). Processes that map the same
+    files share their pages: n data_prep workers hold one copy of an extractor's weights, not n."""
+    key = hashlib.sha256((tag / checkpoint.COMPLETE).read_bytes()).hexdigest()[:24]
+    folder = CACHE / "weights" / key
+    if not (folder / "index.json").is_file():
+        state, meta = deepspeed_formats.load_weights(tag)
+        tmp = folder.with_name(f".{key}.{uuid.uuid4().hex}")
+        tmp.mkdir(parents=True)
+        try:
+            names = sorted(state)
+            for i, name in enumerate(names):
+                np.save(tmp / f"{i:05d}.npy", state[name].contiguous().numpy())
+            files = {n: f"{i:05d}.npy" for i, n in enumerate(names)}
+            (tmp / "index.json").write_text(json.dumps({"source": str(tag), "meta": meta, "tensors": files}))
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process wrote the same weights first
+                pass
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    index = json.loads((folder / "index.json").read_text())
+    with warnings.catch_warnings():  # read-only arrays: inference never writes the weights
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        state = {n: torch.from_numpy(np.load(folder / f, mmap_mode="r")) for n, f in index["tensors"].items()}
+    return state, index["meta"]
 
 
 @dataclass
@@ -45,12 +85,18 @@ class FinetunedModel:
 
     @classmethod
     def load(
-        cls, run: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32
+        cls, run: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32, shared: bool = False
     ) -> FinetunedModel:
         """A fine-tuning run folder (its best/ checkpoint, else its latest) or a checkpoint tag; every
-        file checked against COMPLETE.json and read as data (weights_only)."""
+        file checked against COMPLETE.json and read as data (weights_only). shared (fp32 on the CPU):
+        the weights are memory-mapped from one copy on disk (`shared_weights`), so that every process
+        loading this run reads the same pages instead of holding its own copy."""
         tag = checkpoint.resolve_tag(run)
-        state, meta = deepspeed_formats.load_weights(tag)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        where = torch.device(device)
+        shared = shared and where.type == "cpu" and dtype == torch.float32
+        state, meta = shared_weights(tag) if shared else deepspeed_formats.load_weights(tag)
         if meta.get("kind") != "finetune":
             raise ValueError(
                 f"{tag}: a {meta.get('kind', 'pretraining')} checkpoint; give a fine-tuning run (with task heads)"
@@ -59,14 +105,7 @@ class FinetunedModel:
         cfg.moe.ep_size = 1
         specs = [TaskSpec(**s) for s in meta["tasks"]]
         model = TaskModel(cfg, specs, meta["run"].get("task_aware_routing", False))
-        load_state(model, state, str(tag))
-        where = torch.device(
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else "cpu"
-            if device == "auto"
-            else device
-        )
+        load_state(model, state, str(tag), assign=shared)
         model = model.to(device=where, dtype=dtype).eval()
         for p in model.parameters():
             p.requires_grad_(False)
