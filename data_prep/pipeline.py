@@ -372,7 +372,7 @@ _RUN_ONLY_FIELDS = ("workers", "num_shards", "shard_index", "output", "keep_part
 _PACK_FIELDS = ("seq_len", "rows_per_shard", "valid_fraction", "max_rejected_fraction")
 
 
-_PARTS_NAMES = {"config.json", "chunks", "num_chunks", "tokenizer.model", "tokenizer"}
+_PARTS_NAMES = {"config.json", "chunks", "num_chunks", "tokenizer.model", "tokenizer", "documents"}
 
 
 def parts_dir(cfg: PrepConfig) -> Path:
@@ -528,6 +528,8 @@ def stage_tokenizer(cfg: PrepConfig, log=print) -> Path:
 
                 train_tokenizer(texts(), tmp, cfg)
                 progress.close()
+                # the documents the join will read: its progress line gives a share and an ETA
+                output.atomic_write(parts / "documents", str(progress.done).encode())
                 check_rejected(cfg, documents_in(counts, rejected), rejected)  # all was read: fail early
             output.fsync_tree(tmp)
             tmp.replace(model)
@@ -576,9 +578,11 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
         for c, docs, n_in, rej in _chunks(cfg):
             total[0] = c + 1
             if c % cfg.num_shards != cfg.shard_index:
+                progress.total = progress.total and progress.total - len(docs)  # another machine's
                 continue
             if chunk_file(chunk_dir, c).is_file():
                 skipped += 1
+                progress.total = progress.total and progress.total - len(docs)
                 continue
             todo_meta[c] = (n_in, rej)
             order.append(c)
@@ -591,7 +595,9 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     pool = mp.get_context("spawn").Pool(cfg.workers, init_worker, init) if cfg.workers > 1 else None
     if pool is None:
         init_worker(*init)
-    progress = Progress("data_prep join", unit="docs")
+    known = parts / "documents"  # counted while the tokenizer was trained, when it was
+    n_docs = int(known.read_text()) if known.is_file() and known.read_text().strip().isdigit() else None
+    progress = Progress("data_prep join", n_docs, unit="docs")
     kept = f"the chunks already joined stay in {parts}: a re-run resumes from them"
     done = False
     try:

@@ -408,7 +408,7 @@ class Monitor:
 class Progress:
     """The progress of long work, printed at most every `every` seconds and once at the end:
 
-        tokenize 1,234/5,000 docs | 25% | eta 1m02s       (total known)
+        tokenize 1,234/5,000 docs | 25% | 410/s | eta 9s  (total known)
         tokenize 1,234 docs | 410/s | 3s                  (total unknown)
 
     log: where the line goes (default: stderr); enabled=False prints nothing (ranks other than 0)."""
@@ -443,7 +443,8 @@ class Progress:
             share = self.done / self.total
             eta = elapsed / self.done * (self.total - self.done) if self.done else float("inf")
             eta_text = format_duration(eta) if math.isfinite(eta) else "?"
-            return f"{self.what} {self.done:,}/{self.total:,}{unit} | {share:.0%} | eta {eta_text}"
+            rate = self.done / max(elapsed, 1e-9)
+            return f"{self.what} {self.done:,}/{self.total:,}{unit} | {share:.0%} | {rate:,.0f}/s | eta {eta_text}"
         rate = self.done / max(elapsed, 1e-9)
         return f"{self.what} {self.done:,}{unit} | {rate:,.0f}/s | {format_duration(elapsed)}"
 

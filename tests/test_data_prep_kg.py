@@ -256,6 +256,9 @@ def test_news_with_nations_distant_supervision(shared_data, tmp_path):
     )
     assert m["mentions"] > 200 and m["triples_attached"] > 300 and m["relations"] == 55
     assert f"triples attached {m['triples_attached']}" in proc.stdout
+    # the tokenizer stage counted the documents: the join's progress has a total (share, rate, ETA)
+    n = m["documents_written"]
+    assert f"data_prep join {n:,}/{n:,} docs | done in" in proc.stderr
     rows = [line.split("\t") for line in (out / "triples.tsv").read_text().splitlines()]
     # Every triple of the vocabulary, attached or not.
     assert len(rows) == m["kg_triples"] + m["triples_new_from_extractor"] == m["kg_triples"]

@@ -271,7 +271,7 @@ def test_progress_lines(monkeypatch):
     p.update(250)
     clock[0] = 116.0
     p.update(10)  # within 5 s of the last line
-    assert lines == ["tokenize 1,250/5,000 docs | 25% | eta 45s"]  # 15 s / 1,250 x 3,750 left
+    assert lines == ["tokenize 1,250/5,000 docs | 25% | 83/s | eta 45s"]  # 15 s / 1,250 x 3,750 left
     clock[0] = 175.0
     p.close()
     assert lines[-1] == "tokenize 1,260/5,000 docs | done in 1m15s"
