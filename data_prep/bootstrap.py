@@ -123,7 +123,7 @@ def bootstrap(cfg: BootstrapConfig, log=print) -> dict:
         if (ft / "checkpoints").is_dir():
             cmd.append("--resume")
         log(f"bootstrap: fine-tuning the extractor: {shlex.join(cmd)}")
-        if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        if subprocess.run(cmd).returncode != 0:  # in this folder: the paths given are relative to it
             raise DataError(
                 f"{ft}: fine-tuning the relation extractor failed (its output is above); run again to resume"
             )

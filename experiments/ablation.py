@@ -130,6 +130,46 @@ def rows_of(res: dict[str, Any], train: dict[str, Any]) -> dict[str, str]:
     return rows
 
 
+def figures_of(res: dict[str, Any]) -> dict[str, float]:
+    """The numeric figures of one arm's eval.json that several seeds summarize, by row name."""
+    out: dict[str, float] = {}
+    if "perplexity" in res:
+        out["valid perplexity"] = res["perplexity"]
+    for group, by in res.get("knowledge_probe", {}).items():
+        if isinstance(by, dict):
+            for how, m in by.items():
+                out[f"probe {group} ({how}) acc@1"] = m["accuracy@1"]
+                out[f"probe {group} ({how}) MRR"] = m["mrr"]
+    for how, m in res.get("link_prediction", {}).items():
+        if isinstance(m, dict) and "mrr" in m:
+            out[f"link pred ({how}) MRR"] = m["mrr"]
+            out[f"link pred ({how}) H@10"] = m["hits@10"]
+    return out
+
+
+def rows_over_seeds(results: list[dict[str, Any]], trains: list[dict[str, Any]]) -> dict[str, str]:
+    """One arm's rows over several seeds: the figures as mean ± sd [95% interval]."""
+    from sparsexpert.stats import summary
+
+    first = rows_of(results[0], trains[0])
+    rows = {"seeds": str(len(results))}
+    rows.update({k: first[k] for k in ("steps", "tokens trained", "backbone params total / active (M)")})
+    rows["knowledge params (M)"] = first["knowledge params (M)"]
+    rows["tokens/s"] = f"{sum(t['tokens_per_s'] for t in trains) / len(trains):,.0f}"
+    figures = [figures_of(r) for r in results]
+    for key in figures[0]:
+        rows[key] = str(summary([f[key] for f in figures]))
+    return rows
+
+
+def versus(arm: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure of an arm against the baseline arm's, paired over the seeds (paired t-test)."""
+    from sparsexpert.stats import paired_t
+
+    mine, theirs = [figures_of(r) for r in arm], [figures_of(r) for r in base]
+    return {k: paired_t([f[k] for f in mine], [f[k] for f in theirs]) for k in mine[0] if k in theirs[0]}
+
+
 def table(arms: list[str], rows: dict[str, dict[str, str]]) -> str:
     keys = list(dict.fromkeys(k for a in arms for k in rows[a]))
     w0 = max(len(k) for k in keys)
@@ -151,24 +191,30 @@ def run_ablation(
     seq_len: int = 128,
     eval_args: list[str] | None = None,
     reuse: bool = False,
+    seeds: int = 1,
 ) -> str:
     """reuse: an arm that already has a complete checkpoint in output_dir is only evaluated again.
     Writes <output_dir>/ablation.txt (the table) and each arm's eval.json figures into
-    <output_dir>/tensorboard/<arm>/ (one TensorBoard run per arm, tags `ablation/...`)."""
+    <output_dir>/tensorboard/<arm>/ (one TensorBoard run per arm, tags `ablation/...`). seeds: each arm
+    is pretrained that many times (seed s: initialization and data order; folders <arm>_s<s> after the
+    first) and every figure is given as mean ± sd [95% interval], with each arm's paired t-test
+    against the first arm over the seeds."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prep = prepare_corpus(corpus, out, seq_len)
     rows: dict[str, dict[str, str]] = {}
-    for arm in arms:
-        run = out / arm.replace("+", "_").replace("=", "-")
+    done: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    trains: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    for seed, arm in ((s, a) for s in range(seeds) for a in arms):
+        run = out / (arm.replace("+", "_").replace("=", "-") + (f"_s{seed}" if seed else ""))
         if reuse and checkpoint.find_latest(run / "checkpoints") is not None:
             print(f"ablation: arm {arm}: reusing {checkpoint.find_latest(run / 'checkpoints')}", flush=True)
         else:
             print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
             # an arm trained before (without --reuse) is trained again: its folder is this command's
             args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
-            args.append("--overwrite")
+            args += ["--overwrite", f"--train.seed={seed}", f"--data.seed={seed}"]
             _launch(
                 nproc, "launcher/pretrain.py", [*args, *overrides, *arm_overrides(arm)], Path(f"{run}.log")
             )
@@ -187,10 +233,23 @@ def run_ablation(
             "tokens": steps * config["global_batch"] * manifest["seq_len"],
             "tokens_per_s": mean_tokens_per_s(run),
         }
-        rows[arm] = rows_of(res, train)
+        done[arm].append(res)
+        trains[arm].append(train)
         # one TensorBoard run per arm, so that the arms' figures share a chart
         log_results(out / "tensorboard" / run.name, "ablation", {**res, "train": train}, steps)
-    text = table(arms, rows)
+    notes = []
+    for arm in arms:
+        if seeds == 1:
+            rows[arm] = rows_of(done[arm][0], trains[arm][0])
+            continue
+        rows[arm] = rows_over_seeds(done[arm], trains[arm])
+        if arm == arms[0]:
+            continue
+        for key, cmp in versus(done[arm], done[arms[0]]).items():
+            rows[arm][f"{key}: vs {arms[0]}"] = str(cmp)
+            verdict = "significant" if cmp.p < 0.05 else "not significant"
+            notes.append(f"{arm} - {arms[0]}, {key}: {cmp} (paired t over {seeds} seeds): {verdict} at 0.05")
+    text = table(arms, rows) + ("\n\n" + "\n".join(notes) if notes else "")
     (out / "ablation.txt").write_text(text + "\n")
     print(
         f"\nablation on {corpus} ({time.time() - t0:.0f}s), written to {out / 'ablation.txt'}:\n{text}",

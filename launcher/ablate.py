@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="arms already trained in --output_dir are only re-evaluated"
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="pretrainings per arm (seed s: initialization and data order); figures as mean ± sd [95%% interval], "
+        "each arm against the first by a paired t-test over the seeds",
+    )
     args, rest = parser.parse_known_args(argv)
     try:  # checked here, before the first arm starts, in the pretraining launcher's language
         pairs, ds_pairs = cli.split_overrides(rest, RunConfig, ds=True)
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seq_len,
         ["--max_facts", str(args.max_facts)] if args.corpus == "world" else [],
         args.reuse,
+        args.seeds,
     )
 
 

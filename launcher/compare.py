@@ -12,7 +12,8 @@ WNUT-16 NER:
 
 Two processes per run, experts split over both: add --num_gpus 2 --model.moe.ep_size=2.
 Fine-tuning overrides are plain (`--train.max_steps=800`); model overrides (`--model.d_model=256`) shape
-every arm. --reuse keeps runs already done in --output_dir.
+every arm. --reuse keeps runs already done in --output_dir. --seeds N runs every arm N times and gives each
+metric as mean ± sd [95% interval] with a paired t-test of each arm against b).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per arm (seed s: initialization, data order, heads); metrics as mean ± sd [95%% interval], "
+        "each arm against b) by a paired t-test over the seeds (one seed: a paired bootstrap over dev examples)",
+    )
+    parser.add_argument(
         "--data", help="a prepared dataset to pretrain on instead of news + Wikipedia + Nations"
     )
     parser.add_argument("--task", required=True, choices=["ner", "classification", "relation"])
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seq_len,
         args.reuse,
         args.data,
+        args.seeds,
     )
 
 

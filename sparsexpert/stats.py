@@ -149,6 +149,32 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Pai
     return Paired(mean, mean - half, mean + half, min(1.0, p), n, t)
 
 
+def bootstrap_diff(
+    n: int,
+    metric_a: Callable[[np.ndarray], float],
+    metric_b: Callable[[np.ndarray], float],
+    samples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Paired:
+    """paired_bootstrap for metrics that are not a reduction of per-example scores (entity F1 over
+    sentences, micro F1 over relation examples): metric_x(indices) scores system x on those of the n
+    evaluation examples; both are scored on the same resamples."""
+    if n < 1:
+        raise ValueError("bootstrap over no examples")
+    rng = np.random.default_rng(seed)
+    everything = np.arange(n)
+    observed = float(metric_a(everything)) - float(metric_b(everything))
+    diffs = np.empty(samples)
+    for k in range(samples):
+        idx = rng.integers(0, n, n)
+        diffs[k] = float(metric_a(idx)) - float(metric_b(idx))
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    other_side = float(np.mean(diffs <= 0)) if observed > 0 else float(np.mean(diffs >= 0))
+    p = 1.0 if observed == 0 else min(1.0, max(2.0 * other_side, 1.0 / samples))
+    return Paired(observed, float(lo), float(hi), p, n, observed)
+
+
 def paired_bootstrap(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,
@@ -165,13 +191,4 @@ def paired_bootstrap(
     x, y = np.asarray(a), np.asarray(b)
     if len(x) != len(y) or not len(x):
         raise ValueError(f"paired bootstrap: {len(x)} and {len(y)} examples")
-    rng = np.random.default_rng(seed)
-    observed = float(metric(x)) - float(metric(y))
-    diffs = np.empty(samples)
-    for k in range(samples):
-        idx = rng.integers(0, len(x), len(x))
-        diffs[k] = float(metric(x[idx])) - float(metric(y[idx]))
-    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
-    other_side = float(np.mean(diffs <= 0)) if observed > 0 else float(np.mean(diffs >= 0))
-    p = 1.0 if observed == 0 else min(1.0, max(2.0 * other_side, 1.0 / samples))
-    return Paired(observed, float(lo), float(hi), p, len(x), observed)
+    return bootstrap_diff(len(x), lambda i: metric(x[i]), lambda i: metric(y[i]), samples, seed, level)

@@ -52,7 +52,7 @@ def shared_weights(tag: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         try:
             names = sorted(state)
             for i, name in enumerate(names):
-                np.save(tmp / f"{i:05d}.npy", state[name].contiguous().numpy())
+                np.save(tmp / f"{i:05d}.npy", state[name].detach().contiguous().cpu().numpy())
             files = {n: f"{i:05d}.npy" for i, n in enumerate(names)}
             (tmp / "index.json").write_text(json.dumps({"source": str(tag), "meta": meta, "tensors": files}))
             try:
