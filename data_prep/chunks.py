@@ -11,7 +11,7 @@ machines holds data only, never code (a pickle runs code when loaded):
                  < 0 -(k + 1) for meta.new_triples[k] (an extractor's triple, indexed at pack time)
     meta         uint8, UTF-8 JSON: format, records read, rejections by reason, entities, new_triples,
                  new_triple_scores (each new triple's highest confidence in the chunk, null where the
-                 extractor gives none)
+                 extractor gives none), extractor_counts (what the extractor counted)
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ def encode_chunk(docs: list[dict], records: int, rejected: Counter) -> bytes:
     spans: list[tuple[int, int, int, int]] = []
     triples: list[tuple[int, int, int, int]] = []
     scores: dict[Triple, float] = {}
+    extractor_counts: Counter[str] = Counter()
     for d, r in enumerate(docs):
+        extractor_counts.update(r.get("extractor_counts", {}))
         for t, p in r.get("scores", {}).items():
             scores[t] = max(scores.get(t, 0.0), p)
         for (ts, te, ent), eid in zip(r["spans"], r["entity_ids"]):
@@ -81,6 +83,7 @@ def encode_chunk(docs: list[dict], records: int, rejected: Counter) -> bytes:
         "entities": list(entities),
         "new_triples": [[t.head, t.relation, t.tail] for t in new_triples],
         **({"new_triple_scores": [scores.get(t) for t in new_triples]} if scores else {}),
+        **({"extractor_counts": dict(extractor_counts)} if extractor_counts else {}),
     }
     buf = io.BytesIO()
     np.savez(
@@ -107,6 +110,7 @@ class Chunk:
     triples: np.ndarray  # [n, 4] document, first token, end token, triple (< 0: -(k + 1) for new_triples[k])
     new_triples: list[Triple]
     new_triple_scores: list[float | None]
+    extractor_counts: dict[str, int]
     records: int
     rejected: dict
 
@@ -134,6 +138,7 @@ def read_chunk(path: Path) -> Chunk:
         entities=meta["entities"],
         new_triples=[Triple(*t) for t in meta["new_triples"]],
         new_triple_scores=meta.get("new_triple_scores", [None] * len(meta["new_triples"])),
+        extractor_counts=meta.get("extractor_counts", {}),
         records=meta["records"],
         rejected=meta["rejected"],
     )

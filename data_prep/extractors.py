@@ -34,6 +34,9 @@ class Extraction:
     """(start, end, triple): a triple and the character span of its evidence."""
     scores: list[float] = field(default_factory=list)
     """Each triple's confidence in [0, 1], where the extractor gives one (else empty)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """What the extractor counted in this document (pairs scored, sentences too long, ...): summed into
+    the manifest's `extractor_counts`, so that nothing it passes over goes unreported."""
 
 
 class Extractor(Protocol):

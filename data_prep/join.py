@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import re
 import zlib
+from collections import Counter
 
 import numpy as np
 
@@ -75,6 +76,8 @@ def find_mentions(
         found = extractor.extract(doc.text, [Mention(*m) for m in mentions])
         mentions = sorted(mentions + [tuple(m) for m in found.mentions if not taken[m.start : m.end].any()])
         extracted = found.triples
+        if found.counts:
+            _WORKER.setdefault("counts", Counter()).update(found.counts)
         if found.scores:  # the extractor's confidence of each triple: kept with its evidence
             extracted = [(s, e, t, p) for (s, e, t), p in zip(found.triples, found.scores)]
     return mentions, extracted
@@ -134,6 +137,8 @@ def process_chunk(docs: list[RawDoc]) -> list[dict]:
             # the matcher's finds are in entity_id's cache already: a search only for other names
             joined["entity_ids"] = [index.entity_id(name) if index else -1 for _, _, name in joined["spans"]]
             out.append(joined)
+    if out and _WORKER.get("counts"):  # the extractor's counts of this chunk ride on its first document
+        out[0]["extractor_counts"] = dict(_WORKER.pop("counts"))
     return out
 
 

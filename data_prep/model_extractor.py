@@ -127,6 +127,13 @@ class ModelExtractor:
         return out
 
     def extract(self, text: str, mentions: list[Mention]) -> Extraction:
+        """The document's new mentions and triples; what was passed over is counted in out.counts."""
+        before = Counter(self.counts)
+        out = self._extract(text, mentions)
+        out.counts = dict(Counter(self.counts) - before)
+        return out
+
+    def _extract(self, text: str, mentions: list[Mention]) -> Extraction:
         from data_prep.join import _sentences
         from data_prep.relations import sentence_pairs
         from sparsexpert.finetune.readers import RelationExample

@@ -640,9 +640,9 @@ class Packed:
     pieces: int = 0  # the pieces they were cut into
     kg_rank: np.ndarray | None = None  # KG index entity id -> dataset entity index (for its KG entities)
     new_triple_entities: list = field(default_factory=list)  # (head, tail) dataset indices of new_triples
-    new_triple_scores: dict = field(
-        default_factory=dict
-    )  # new triple index -> the extractor's highest confidence
+    # new triple index -> the extractor's highest confidence; what the extractor counted, summed
+    new_triple_scores: dict = field(default_factory=dict)
+    extractor_counts: Counter = field(default_factory=Counter)
 
 
 def _extractor_name(cfg: PrepConfig) -> str:
@@ -755,6 +755,7 @@ def _pack(
     for path in chunk_files:
         chunk = read_chunk(path)
         res.records += chunk.records
+        res.extractor_counts.update(chunk.extractor_counts)
         res.rejected.update(chunk.rejected)
         # the chunk's entities and new triples to dataset ids, in order of first mention (as the input
         # order gives the entities met in the text and the extracted triples their ids)
@@ -928,6 +929,7 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "triples_attached": sum(triple_hits.values()),
         "triples_attached_by_extractor": res.attached_by_extractor,
         "triples_new_from_extractor": len(res.new_triples),
+        **({"extractor_counts": dict(sorted(res.extractor_counts.items()))} if res.extractor_counts else {}),
         "distinct_triples_attached": len(triple_hits),
         "triples_per_relation": dict(sorted(per_relation.items())),
         "splits": splits,

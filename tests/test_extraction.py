@@ -90,6 +90,13 @@ def test_bootstrap_recovers_the_facts_held_out_of_the_kg_and_marks_them_extracte
     attached = np.load(out / "dataset" / "train_triples.npy")[:, 1]
     assert (attached >= len(kg_rows)).sum() > 0
     assert set(attached[attached >= len(kg_rows)].tolist()) <= {int(r[0]) for r in extracted}
+    # what the extractor did and passed over is counted in the manifest
+    counts = json.loads((out / "dataset" / "manifest.json").read_text())["extractor_counts"]
+    assert counts["pairs_scored"] > 10_000 and set(counts) <= {
+        "pairs_scored",
+        "pairs_cut",
+        "sentences_too_long",
+    }
     summary = json.loads((out / "bootstrap.json").read_text())
     assert summary["dataset"]["triples_new_from_extractor"] == len(extracted)
     assert summary["relations"]["positives"] > 1000 and summary["extractor"]["best_dev_metric"] > 0.5
@@ -248,6 +255,8 @@ def test_ner_finds_entities_no_alias_names_and_they_join_the_triples(boot):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line.split("\t") for line in (out / "entities.tsv").read_text().splitlines()]
     extracted = {r[1]: r for r in rows if len(r) > 3}
+    counts = json.loads((out / "manifest.json").read_text())["extractor_counts"]
+    assert counts["ner_entities_new"] >= len(extracted) and counts["pairs_scored"] > 0
     assert all(
         r[3] == "extracted" and r[1] == f"extracted:{r[4]}:{r[2].casefold().replace(' ', '_')}"
         for r in extracted.values()
