@@ -36,7 +36,8 @@ INVALID_REASONS = ("invalid_utf8", "malformed_json", "missing_text_field")
 LINK_NOTES = ("links_realigned", "links_unaligned", "links_unlinked", "links_overlapping")
 """Counted in the readers' `rejected` counter but about gold entity links, not documents (linked-text
 JSONL): a link whose offsets did not hold its surface form and was moved to the nearest occurrence of
-it; one whose surface form the text does not hold (left out); one without an entity id (left out); one overlapping an earlier one (left out)."""
+it; one whose surface form the text does not hold (left out); one without an entity id (left out); one
+overlapping an earlier one (left out)."""
 """Rejections of records that are broken (skipped with on_error="skip"), as opposed to records
 filtered by design (empty, duplicate, redirect, not_an_article): `max_rejected_fraction` bounds these."""
 
@@ -240,6 +241,9 @@ def _gold_links(
             continue
         if not isinstance(form, str) or not form:
             form = text[start:end] if 0 <= start < end <= len(text) else ""
+        if not form:  # no surface form, and offsets that hold no text
+            notes["links_unaligned"] += 1
+            continue
         if text[start:end] != form:
             encoded = text.encode() if encoded is None else encoded
             if encoded[start:end] == form.encode():  # UTF-8 byte offsets
