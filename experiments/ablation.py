@@ -163,11 +163,13 @@ def rows_over_seeds(results: list[dict[str, Any]], trains: list[dict[str, Any]])
 
 
 def versus(arm: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each figure of an arm against the baseline arm's, paired over the seeds (paired t-test)."""
+    """Each figure of an arm against the baseline arm's, paired over the seeds (paired t-test); not the
+    random baselines, which are the same for every arm."""
     from sparsexpert.stats import paired_t
 
     mine, theirs = [figures_of(r) for r in arm], [figures_of(r) for r in base]
-    return {k: paired_t([f[k] for f in mine], [f[k] for f in theirs]) for k in mine[0] if k in theirs[0]}
+    keys = [k for k in mine[0] if k in theirs[0] and "(random)" not in k]
+    return {k: paired_t([f[k] for f in mine], [f[k] for f in theirs]) for k in keys}
 
 
 def table(arms: list[str], rows: dict[str, dict[str, str]]) -> str:

@@ -187,4 +187,5 @@ def test_ablation_with_two_seeds_summarizes_and_pairs_every_figure(tmp_path):
     key = "probe heldout (text) MRR"
     want = stats.paired_t([f[key] for f in figures["fusion"]], [f[key] for f in figures["none"]])
     assert rows[f"{key}: vs none"] == ["-", str(want)]
+    assert "probe heldout (random) MRR: vs none" not in rows  # the same for every arm: nothing to test
     assert f"fusion - none, {key}: {want} (paired t over 2 seeds): " in text
