@@ -18,6 +18,7 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,19 @@ class FinetunedModel:
             )
         return found[0]
 
+    def _logits(
+        self, data: fdata.Encoded, kind: str, task: int, batch_size: int
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(example indices, their fp32 logits on the device) of every batch, the examples sorted by
+        length so that a batch pads little."""
+        order = np.argsort([len(x) for x in data.ids], kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = fdata.collate(data, kind, idx, self.pad_id, self.model.cfg.causal)
+            batch.pop("labels")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            yield idx, self.model(task=task, **batch).logits.float()
+
     @torch.inference_mode()
     def relation_probs(
         self, examples: list[RelationExample], task: str | None = None, batch_size: int = 64
@@ -161,13 +175,7 @@ class FinetunedModel:
             [enc[i].labels[0] for i in scored],
             [enc[i].markers[0] for i in scored],
         )
-        order = np.argsort([len(x) for x in data.ids], kind="stable")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = fdata.collate(data, "relation", idx, self.pad_id, self.model.cfg.causal)
-            batch.pop("labels")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            logits = self.model(task=t, **batch).logits.float()
+        for idx, logits in self._logits(data, "relation", t, batch_size):
             probs[np.asarray(scored)[idx]] = torch.softmax(logits, -1).cpu().numpy()
         kept[scored] = True
         return probs, kept
@@ -194,13 +202,8 @@ class FinetunedModel:
             "-",
         )
         out: list[list[dict[str, Any]]] = [[] for _ in sentences]
-        order = np.argsort([len(x) for x in data.ids], kind="stable")
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = fdata.collate(data, "ner", idx, self.pad_id, self.model.cfg.causal)
-            batch.pop("labels")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            pred = self.model(task=t, **batch).logits.argmax(-1).cpu().numpy()
+        for idx, logits in self._logits(data, "ner", t, batch_size):
+            pred = logits.argmax(-1).cpu().numpy()
             for row, i in enumerate(idx.tolist()):
                 out[i] = fdata.ner_decode(data, i, pred[row], spec.labels).entities
         return out
