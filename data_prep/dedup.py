@@ -130,9 +130,7 @@ class SeenDigests:
         out.flush()
         del out
         for old in (a, b):
-            name = Path(old.filename)  # type: ignore[attr-defined]
-            del old
-            name.unlink()
+            Path(old.filename).unlink()  # type: ignore[attr-defined]
         return np.load(path, mmap_mode="r")
 
     @property

@@ -87,16 +87,15 @@ class ModelExtractor:
             self.labels, self.negative = spec.labels, self.relation.negative.get(spec.name, "no_relation")
         self.runs = runs
         self.threshold, self.batch_size, self.max_chars = threshold, batch_size, max_sentence_chars
-        self.counts: Counter[str] = Counter()
 
     @property
     def name(self) -> str:
         return ",".join(self.runs)
 
     def _ner(
-        self, text: str, sentences: list[tuple[int, int]], taken: list[tuple[int, int]]
+        self, text: str, sentences: list[tuple[int, int]], taken: list[tuple[int, int]], counts: Counter[str]
     ) -> list[Mention]:
-        """New mentions: NER entities of each sentence overlapping no mention in `taken`."""
+        """New mentions: NER entities of each sentence overlapping no mention in `taken` (the others counted)."""
         assert self.ner is not None
         words = [[(m.start() + s, m.end() + s) for m in WORD.finditer(text[s:e])] for s, e in sentences]
         found = self.ner.ner_entities(
@@ -119,21 +118,21 @@ class ModelExtractor:
                 start = w[i][0] + ent["start"] - joined[i]
                 end = w[j][0] + ent["end"] - joined[j]
                 if any(used[start:end]):
-                    self.counts["ner_entities_overlapping"] += 1
+                    counts["ner_entities_overlapping"] += 1
                     continue
                 used[start:end] = b"\x01" * (end - start)
-                self.counts["ner_entities_new"] += 1
+                counts["ner_entities_new"] += 1
                 out.append(Mention(start, end, new_entity_id(text[start:end], ent["type"])))
         return out
 
     def extract(self, text: str, mentions: list[Mention]) -> Extraction:
         """The document's new mentions and triples; what was passed over is counted in out.counts."""
-        before = Counter(self.counts)
-        out = self._extract(text, mentions)
-        out.counts = dict(Counter(self.counts) - before)
+        counts: Counter[str] = Counter()
+        out = self._extract(text, mentions, counts)
+        out.counts = dict(counts)
         return out
 
-    def _extract(self, text: str, mentions: list[Mention]) -> Extraction:
+    def _extract(self, text: str, mentions: list[Mention], counts: Counter[str]) -> Extraction:
         from data_prep.join import _sentences
         from data_prep.relations import sentence_pairs
         from sparsexpert.finetune.readers import RelationExample
@@ -142,11 +141,11 @@ class ModelExtractor:
         sentences = []
         for s, e in _sentences(text):
             if e - s > self.max_chars:
-                self.counts["sentences_too_long"] += 1
+                counts["sentences_too_long"] += 1
             else:
                 sentences.append((s, e))
         if self.ner is not None and sentences:
-            out.mentions = self._ner(text, sentences, [(m.start, m.end) for m in mentions])
+            out.mentions = self._ner(text, sentences, [(m.start, m.end) for m in mentions], counts)
         if self.relation is None:
             return out
         ordered = sorted((m.start, m.end, m.entity) for m in [*mentions, *out.mentions])
@@ -155,7 +154,7 @@ class ModelExtractor:
         for s, e in sentences:
             lo, hi = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
             inside = [(ms - s, me - s, ent) for ms, me, ent in ordered[lo:hi] if me <= e]
-            for a, b in sentence_pairs(inside, _Everything(), self.counts):
+            for a, b in sentence_pairs(inside, _Everything(), counts):
                 examples.append(RelationExample(text[s:e], (a[0], a[1]), (b[0], b[1]), self.negative))
                 where.append((s, e, a[2], b[2]))
         if not examples:
@@ -165,7 +164,7 @@ class ModelExtractor:
         )
         best = probs.argmax(1)
         for (s, e, head, tail), k, p, ok in zip(where, best.tolist(), probs.max(1).tolist(), kept.tolist()):
-            self.counts["pairs_scored" if ok else "pairs_cut"] += 1
+            counts["pairs_scored" if ok else "pairs_cut"] += 1
             if ok and self.labels[k] != self.negative and p >= self.threshold:
                 out.triples.append((s, e, Triple(head, self.labels[k], tail)))
                 out.scores.append(p)
