@@ -16,9 +16,11 @@ Per run it prints: wall time of `python -m data_prep run`; peak memory of all it
 of the largest worker, as proportional set size (PSS: a page shared by k processes counts 1/k in each,
 so shared memory-mapped files are not counted k times), and the largest worker's anonymous memory (what one
 more worker adds: the pages of the memory-mapped KG index it reads are the page cache's), sampled every 50 ms
-from /proc; and the stage
-times data_prep logs (the KG index, join, pack). "KG overhead" is the wall time less that of the same
-corpus with no KG.
+from /proc; and the stage times data_prep logs (the KG index, join, pack). "KG s" is the wall time less
+that of the same corpus with no KG, "x text" their ratio. With --corpus-sizes, a line per KG size gives the
+marginal throughput, text only and with the KG: the sentences between the smallest and the largest corpus
+over the wall time they add, so that the KG's fixed costs (opening the index, writing entities.tsv and
+triples.tsv) do not count.
 """
 
 from __future__ import annotations
@@ -221,8 +223,9 @@ def main() -> None:
     print(f"bench/kg_scale.py: {args.sentences:,} sentences, workers {args.workers}, in {root}")
     print(
         f"{'entities':>10} {'triples':>11} {'KG MB':>7} {'workers':>7} {'wall s':>7} {'KG s':>6} "
-        f"{'peak GB':>8} {'main GB':>8} {'worker GB':>9} {'anon GB':>7}  stages (s)"
+        f"{'x text':>6} {'peak GB':>8} {'main GB':>8} {'worker GB':>9} {'anon GB':>7}  stages (s)"
     )
+    walls: dict[tuple[int, int, str], float] = {}  # (entities, sentences, "text" or "kg") -> wall s
     for k, n in enumerate(sizes):
         folder = root / f"kg{n}"
         folder.mkdir(exist_ok=True)
@@ -236,6 +239,7 @@ def main() -> None:
                 train_tokenizer(texts, tok, PrepConfig(vocab_size=2000))
             for w in args.workers:
                 base = run_prep(corpus, tok, folder / f"text{sentences}_w{w}", w, None)
+                walls[(n, sentences, "text")] = base["wall_s"]
                 out = folder / f"out{sentences}_w{w}"
                 shutil.rmtree(out.with_name(out.name + ".kgindex"), ignore_errors=True)
                 for when in ("built", "reused"):  # the first run builds the KG index, a second reuses it
@@ -244,11 +248,22 @@ def main() -> None:
                     stages = " ".join(f"{name}={s:.1f}" for name, s in r["stages"].items())
                     print(
                         f"{n:>10,} {5 * n:>11,} {size:>7.1f} {w:>7} {r['wall_s']:>7.1f} "
-                        f"{r['wall_s'] - base['wall_s']:>6.1f} {r['peak_gb']:>8.2f} {r['main_gb']:>8.2f} "
+                        f"{r['wall_s'] - base['wall_s']:>6.1f} {r['wall_s'] / base['wall_s']:>6.2f} "
+                        f"{r['peak_gb']:>8.2f} {r['main_gb']:>8.2f} "
                         f"{r['worker_gb']:>9.2f} {r['worker_private_gb']:>7.2f}  index {when}; {stages}"
                         + (f"  ({sentences:,} sentences)" if len(corpora) > 1 else ""),
                         flush=True,
                     )
+                    walls[(n, sentences, "kg")] = r["wall_s"]
+        if len(corpora) > 1:  # what each more sentence costs, the KG's fixed costs apart
+            lo, hi = min(corpora), max(corpora)
+            extra = {m: walls[(n, hi, m)] - walls[(n, lo, m)] for m in ("text", "kg")}
+            print(
+                f"{n:>10,} marginal throughput, {lo:,} to {hi:,} sentences (index reused): text only "
+                f"{(hi - lo) / extra['text']:,.0f} sentences/s, with the KG {(hi - lo) / extra['kg']:,.0f} "
+                f"sentences/s: the KG costs {extra['kg'] / extra['text']:.2f}x",
+                flush=True,
+            )
 
     train = [n for n in args.train_sizes if n in sizes]
     if train:

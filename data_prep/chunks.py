@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,17 +50,35 @@ def refuse_old_chunks(chunk_dir: Path) -> None:
         read_chunk(first)  # raises, naming the parts folder to delete
 
 
-def encode_chunk(docs: list[dict], records: int, rejected: Counter) -> bytes:
-    """The .npz bytes of a chunk: `docs` as process_chunk returns them."""
+@dataclass
+class Joined:
+    """Joined documents as the join stage hands them to encode_chunk: arrays, documents in input order
+    (the layout of the module doc, token ids still one array per document)."""
+
+    ids: list[np.ndarray]
+    doc_info: np.ndarray  # int64 [docs, 5]
+    spans: np.ndarray  # int64 [n, 4]: document, first token, end token, index into entities
+    entities: list[str]  # in order of first mention
+    entity_ids: np.ndarray  # int64 [len(entities)]: KG index id, -1 where none
+    triples: np.ndarray  # int64 [n, 4]: document, first token, end token, triple (< 0: new_triples)
+    new_triples: list[Triple] = field(default_factory=list)
+    scores: dict[Triple, float] = field(default_factory=dict)  # a new triple's highest confidence
+    extractor_counts: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def joined_of(docs: list[dict]) -> Joined:
+    """Joined from documents as join._join returns them, one dict each (the path with wiki links or an
+    extractor)."""
     entities: dict[str, int] = {}
     entity_ids: list[int] = []
     new_triples: dict[Triple, int] = {}
     spans: list[tuple[int, int, int, int]] = []
     triples: list[tuple[int, int, int, int]] = []
     scores: dict[Triple, float] = {}
-    extractor_counts: Counter[str] = Counter()
     for d, r in enumerate(docs):
-        extractor_counts.update(r.get("extractor_counts", {}))
         for t, p in r.get("scores", {}).items():
             scores[t] = max(scores.get(t, 0.0), p)
         for (ts, te, ent), eid in zip(r["spans"], r["entity_ids"]):
@@ -72,27 +90,87 @@ def encode_chunk(docs: list[dict], records: int, rejected: Counter) -> bytes:
             if not isinstance(t, int):
                 t = -1 - new_triples.setdefault(t, len(new_triples))
             triples.append((d, ts, te, t))
-    top = max((int(r["ids"].max()) for r in docs if len(r["ids"])), default=0)
-    dtype = np.uint16 if top < 2**16 else np.uint32
-    ids = np.concatenate([r["ids"].astype(dtype) for r in docs]) if docs else np.zeros(0, dtype)
     info = [(len(r["ids"]), r["n_mentions"], r["valid_key"], r["part"], int(r["last"])) for r in docs]
+    return Joined(
+        [r["ids"] for r in docs],
+        np.asarray(info, dtype=np.int64).reshape(-1, 5),
+        np.asarray(spans, dtype=np.int64).reshape(-1, 4),
+        list(entities),
+        np.asarray(entity_ids, dtype=np.int64),
+        np.asarray(triples, dtype=np.int64).reshape(-1, 4),
+        list(new_triples),
+        scores,
+    )
+
+
+def concat_joined(parts: list[Joined]) -> Joined:
+    """Consecutive Joined as one: documents renumbered, entities and new triples merged in order of
+    first mention (what one Joined of all the documents would hold)."""
+    if len(parts) == 1:
+        return parts[0]
+    entities: dict[str, int] = {}
+    entity_ids: list[int] = []
+    new_triples: dict[Triple, int] = {}
+    out = Joined(
+        [],
+        np.zeros((0, 5), np.int64),
+        np.zeros((0, 4), np.int64),
+        [],
+        np.zeros(0, np.int64),
+        np.zeros((0, 4), np.int64),
+    )
+    spans, triples, docs = [], [], 0
+    for part in parts:
+        where = np.zeros(len(part.entities), np.int64)
+        for k, (name, eid) in enumerate(zip(part.entities, part.entity_ids.tolist())):
+            where[k] = entities.setdefault(name, len(entities))
+            if where[k] == len(entity_ids):
+                entity_ids.append(eid)
+        new = np.array([-1 - new_triples.setdefault(t, len(new_triples)) for t in part.new_triples], np.int64)
+        s, t = part.spans.copy(), part.triples.copy()
+        s[:, 0] += docs
+        s[:, 3] = where[s[:, 3]]
+        t[:, 0] += docs
+        mine = t[:, 3] < 0
+        t[mine, 3] = new[-1 - t[mine, 3]]
+        spans.append(s)
+        triples.append(t)
+        docs += len(part)
+        out.ids += part.ids
+        for tr, p in part.scores.items():
+            out.scores[tr] = max(out.scores.get(tr, 0.0), p)
+        out.extractor_counts.update(part.extractor_counts)
+    out.doc_info = np.concatenate([p.doc_info for p in parts])
+    out.spans, out.triples = np.concatenate(spans), np.concatenate(triples)
+    out.entities, out.entity_ids = list(entities), np.asarray(entity_ids, dtype=np.int64)
+    out.new_triples = list(new_triples)
+    return out
+
+
+def encode_chunk(joined: Joined, records: int, rejected: Counter) -> bytes:
+    """The .npz bytes of a chunk of joined documents."""
+    ids_of = joined.ids
+    top = max((int(x.max()) for x in ids_of if len(x)), default=0)
+    dtype = np.uint16 if top < 2**16 else np.uint32
+    ids = np.concatenate([x.astype(dtype) for x in ids_of]) if ids_of else np.zeros(0, dtype)
+    news = joined.new_triples
     meta = {
         "format": FORMAT,
         "records": records,
         "rejected": dict(rejected),
-        "entities": list(entities),
-        "new_triples": [[t.head, t.relation, t.tail] for t in new_triples],
-        **({"new_triple_scores": [scores.get(t) for t in new_triples]} if scores else {}),
-        **({"extractor_counts": dict(extractor_counts)} if extractor_counts else {}),
+        "entities": joined.entities,
+        "new_triples": [[t.head, t.relation, t.tail] for t in news],
+        **({"new_triple_scores": [joined.scores.get(t) for t in news]} if joined.scores else {}),
+        **({"extractor_counts": dict(joined.extractor_counts)} if joined.extractor_counts else {}),
     }
     buf = io.BytesIO()
     np.savez(
         buf,
         ids=ids,
-        doc_info=np.asarray(info, dtype=np.int64).reshape(-1, 5),
-        spans=np.asarray(spans, dtype=np.int64).reshape(-1, 4),
-        entity_ids=np.asarray(entity_ids, dtype=np.int64),
-        triples=np.asarray(triples, dtype=np.int64).reshape(-1, 4),
+        doc_info=joined.doc_info,
+        spans=joined.spans,
+        entity_ids=joined.entity_ids,
+        triples=joined.triples,
         meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
     )
     return buf.getvalue()

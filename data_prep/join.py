@@ -4,6 +4,12 @@ For each document of a chunk: token ids; mentions (MediaWiki links first, then a
 where no link is, then an extractor's where neither is); each mention's token span; the KG
 triples whose head and tail are mentioned in one sentence (distant supervision) and the
 extractor's triples, each with the token span of its evidence.
+
+Where the KG's alias matches are the only mentions (no wiki links, no extractor), a batch of documents
+is joined at once in NumPy arrays over their texts joined by NUL characters (_join_arrays): the matches,
+sentences, entity pairs, pair lookups and token spans of every document with no Python per mention or per
+document. It gives the same chunk, byte for byte, as joining one document at a time (_join), which the
+other documents take; tests/test_kg_index.py holds the one as the reference of the other.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import zlib
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 
+from data_prep.chunks import Joined, concat_joined, joined_of
+from data_prep.kg_index import SEP, _code_points, char_class
 from data_prep.readers import RawDoc
 from data_prep.tokenizer import load_tokenizer
 
@@ -38,6 +47,7 @@ def init_worker(
         linker=index.matcher() if index else None,
         pairs=PairIndex(index) if index else {},
         extractor=load_extractor(*extractor) if extractor else None,
+        names=index.names.arrow() if index else None,  # the entity names, for a chunk's at once
     )
 
 
@@ -108,9 +118,17 @@ def distant_supervision(text: str, mentions: list[tuple[int, int, str]], pairs) 
     return [(sents[k][0], sents[k][1], t) for k in sorted(found) for t in sorted(found[k])]
 
 
-def _batches(docs: list[RawDoc], max_chars: int = 1 << 22) -> list[list[RawDoc]]:
+BATCH_CHARS = 1 << 22
+"""Characters of text tokenized (and, on the array path, matched) at a time."""
+ARRAYS = True
+"""Join documents with alias matches alone in arrays (_join_arrays); False: one at a time (_join), the
+reference the array path is tested against."""
+
+
+def _batches(docs: list[RawDoc], max_chars: int | None = None) -> list[list[RawDoc]]:
     """Consecutive documents, about max_chars characters of text at a time: a tokenizer's batch
     encode holds every id as a Python int (~36 bytes a token), so a batch bounds that memory."""
+    max_chars = max_chars or BATCH_CHARS
     batches: list[list[RawDoc]] = [[]]
     n = 0
     for doc in docs:
@@ -122,24 +140,155 @@ def _batches(docs: list[RawDoc], max_chars: int = 1 << 22) -> list[list[RawDoc]]
     return batches
 
 
-def process_chunk(docs: list[RawDoc]) -> list[dict]:
+def process_chunk(docs: list[RawDoc]) -> Joined:
     """Stage join for a chunk: token ids, mention token spans, attached triples with token spans, and
     the KG index id of each span's entity (-1: not in the index), so that the pack stage, in one
-    process, need not search the names."""
+    process, need not search the names. Documents with the KG's alias matches and distant supervision
+    only (no wiki links, no extractor) are joined a batch at a time in arrays (_join_arrays); the others
+    one at a time (_join)."""
     tok, linker, pairs, extractor = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"], _WORKER["extractor"]
     index = _WORKER.get("index")
-    out: list[dict] = []
+    parts: list[Joined] = []
     for batch in _batches(docs):
         texts = [d.text for d in batch]
+        if ARRAYS and index is not None and extractor is None and batch and not any(d.links for d in batch):
+            parts.append(_join_arrays(batch, texts, tok.encode(texts), tok, index, linker))
+            continue
+        out = []
         linked = link_many(linker, texts)
         for doc, text, ids, found in zip(batch, texts, tok.encode(texts), linked):
             joined = _join(doc, text, ids, tok, linker, pairs, extractor, found)
             # the matcher's finds are in entity_id's cache already: a search only for other names
             joined["entity_ids"] = [index.entity_id(name) if index else -1 for _, _, name in joined["spans"]]
             out.append(joined)
-    if out and _WORKER.get("counts"):  # the extractor's counts of this chunk ride on its first document
-        out[0]["extractor_counts"] = dict(_WORKER.pop("counts"))
-    return out
+        parts.append(joined_of(out))
+    result = concat_joined(parts)
+    if _WORKER.get("counts"):  # what the extractor counted in this chunk
+        result.extractor_counts.update(_WORKER.pop("counts"))
+    return result
+
+
+def _spread(lengths: np.ndarray) -> np.ndarray:
+    """For groups of these sizes laid end to end, each element's position within its group."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def sentence_spans(cp: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_sentences of every text at once: start and end of each non-empty sentence, in the texts joined
+    (code points cp, each text's offset in offsets, len(texts) + 1 of them). A sentence ends before a
+    run of whitespace (str.isspace, as the pattern's \\s) that follows ".", "!" or "?"."""
+    space = char_class(cp, "isspace")
+    n = len(cp)
+    punct = (cp == ord(".")) | (cp == ord("!")) | (cp == ord("?"))
+    run_start = np.flatnonzero(space[1:] & punct[:-1]) + 1  # whitespace right after the punctuation
+    run_end = np.flatnonzero(space & ~np.append(space[1:], False)) + 1  # one past each run of whitespace
+    cut_end = run_end[np.searchsorted(run_end, run_start, side="right")]
+    starts = np.sort(np.concatenate([offsets[:-1], cut_end]))
+    ends = np.sort(np.concatenate([run_start, np.minimum(offsets[1:] - 1, n)]))
+    keep = ends > starts
+    return starts[keep], ends[keep]
+
+
+def _join_arrays(
+    batch: list[RawDoc], texts: list[str], ids_list: list[np.ndarray], tok, index, matcher
+) -> Joined:
+    """_join of documents whose mentions are the KG's alias matches alone, all at once in arrays, in
+    the coordinates of the texts joined by NUL characters: the same mentions, token spans and attached
+    triples, with no Python per mention."""
+    n_docs = len(batch)
+    offsets = np.cumsum([0, *(len(t) + 1 for t in texts)])
+    joined = SEP.join(texts)
+    cp = _code_points(joined)
+    start, end, entity = matcher.match_joined(texts, joined, cp)
+    doc = np.searchsorted(offsets, start, side="right") - 1
+    n_mentions = np.bincount(doc, minlength=n_docs)
+
+    # distant supervision: the KG triples of each ordered pair of distinct entities in a sentence
+    sent_s, sent_e = sentence_spans(cp, offsets)
+    k = np.searchsorted(sent_s, start, side="right") - 1
+    inside = end <= sent_e[k]  # a mention across a sentence end belongs to none
+    ne, nt = index.n_entities, max(len(index.triples), 1)
+    cell = np.unique(k[inside] * ne + entity[inside])  # (sentence, entity), sorted
+    sk, ent = cell // ne, cell % ne
+    first = np.flatnonzero(np.append(True, sk[1:] != sk[:-1]))
+    size = np.diff(np.append(first, len(sk)))
+    per = np.repeat(size, size)  # each cell's sentence's number of entities: as many pairs as heads
+    a = np.repeat(np.arange(len(sk)), per)
+    b = np.repeat(np.repeat(first, size), per) + _spread(per)
+    a, b = a[a != b], b[a != b]
+    key = ent[a] * ne + ent[b]
+    lo = np.searchsorted(index.pair_key, key, side="left")
+    hit = lo < len(index.pair_key)
+    hit[hit] = index.pair_key[lo[hit]] == key[hit]
+    lo = lo[hit]
+    count = np.searchsorted(index.pair_key, key[hit], side="right") - lo
+    found = np.repeat(sk[a[hit]], count) * nt + index.pair_triple[np.repeat(lo, count) + _spread(count)]
+    found = np.unique(found)  # by sentence, then triple
+    ev_k, ev_t = found // nt, found % nt
+
+    # token spans: each token's characters, in the joined text
+    n_tok = np.array([len(x) for x in ids_list], dtype=np.int64)
+    tok_off = np.append(0, np.cumsum(n_tok))
+    begin, fin = _token_bounds(texts, ids_list, n_tok, tok_off, tok)
+    base = np.repeat(offsets[:-1], n_tok)
+    doc_len = np.repeat(np.array([len(t) for t in texts], dtype=np.int64), n_tok)
+    begin_g, end_g = np.minimum(begin, doc_len) + base, np.minimum(fin, doc_len) + base
+    ts = np.searchsorted(end_g, start, side="right")
+    te = np.searchsorted(begin_g, end, side="left")
+    keep = te > ts
+    m_doc = doc[keep]
+    uniq, first_at, inverse = np.unique(entity[keep], return_index=True, return_inverse=True)
+    order = np.argsort(first_at, kind="stable")  # entities in order of first mention
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    spans = np.stack([m_doc, ts[keep] - tok_off[m_doc], te[keep] - tok_off[m_doc], rank[inverse]], 1)
+    e_doc = np.searchsorted(offsets, sent_s[ev_k], side="right") - 1
+    ets = np.searchsorted(end_g, sent_s[ev_k], side="right")
+    ete = np.maximum(np.searchsorted(begin_g, sent_e[ev_k], side="left"), ets + 1)
+    triples = np.stack([e_doc, ets - tok_off[e_doc], ete - tok_off[e_doc], ev_t], 1)
+    entity_ids = uniq[order]
+    info = np.stack(
+        [
+            n_tok,
+            n_mentions,
+            np.array([d.key if d.key is not None else zlib.crc32(d.text.encode()) for d in batch], np.int64),
+            np.array([d.part for d in batch], np.int64),
+            np.array([int(d.last) for d in batch], np.int64),
+        ],
+        1,
+    )
+    return Joined(
+        list(ids_list),
+        info.astype(np.int64),
+        spans.astype(np.int64).reshape(-1, 4),
+        _WORKER["names"].take(pa.array(entity_ids)).to_pylist(),
+        entity_ids.astype(np.int64),
+        triples.astype(np.int64).reshape(-1, 4),
+    )
+
+
+def _token_bounds(texts, ids_list, n_tok, tok_off, tok) -> tuple[np.ndarray, np.ndarray]:
+    """tok.char_bounds of every document, laid end to end: from the pieces' lengths at once where the
+    tokenizer gives them (SentencePiece, identity normalization), per document where a piece's length is
+    unknown or the tokenizer gives none."""
+    all_ids = np.concatenate(ids_list) if ids_list else np.zeros(0, np.int64)
+    lengths = getattr(tok, "lengths", None)
+    if lengths is None:
+        pairs = [tok.char_bounds(t, x) for t, x in zip(texts, ids_list)]
+        return (
+            np.concatenate([p[0] for p in pairs]).astype(np.int64),
+            np.concatenate([p[1] for p in pairs]).astype(np.int64),
+        )
+    piece = lengths[all_ids]
+    total = np.cumsum(np.maximum(piece, 0))
+    before = np.append(0, total)[tok_off[:-1]]
+    fin = total - np.repeat(before, n_tok) - tok.dummy_prefix
+    begin = np.maximum(fin - piece, 0)
+    for d in np.unique(np.repeat(np.arange(len(ids_list)), n_tok)[piece < 0]).tolist():
+        begin[tok_off[d] : tok_off[d + 1]], fin[tok_off[d] : tok_off[d + 1]] = tok.char_bounds(
+            texts[d], ids_list[d]
+        )
+    return begin, fin
 
 
 def link_many(linker, texts: list[str], per_pass: int = 1 << 20) -> list:

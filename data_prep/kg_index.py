@@ -31,7 +31,6 @@ so a hash collision costs a comparison, never a wrong mention.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
 import json
@@ -93,26 +92,27 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-_ALNUM: list[np.ndarray] = []  # int8 per code point: str.isalnum(), -1 where not asked yet
+_TABLES: dict[str, np.ndarray] = {}  # int8 per code point: the predicate's answer, -1 where not asked yet
 
 
-def _alnum(cp: np.ndarray) -> np.ndarray:
-    """str.isalnum() of each code point, from a per-process table filled for the code points met (a
-    text holds few distinct ones: filling all 1.1 M took 0.25 s at every worker's start)."""
-    if not _ALNUM:
-        _ALNUM.append(np.full(0x110000, -1, dtype=np.int8))
-    table = _ALNUM[0]
+def char_class(cp: np.ndarray, predicate: str) -> np.ndarray:
+    """str.<predicate>() ("isalnum", "isspace") of each code point, from a per-process table filled for
+    the code points met (a text holds few distinct ones: filling all 1.1 M took 0.25 s at every worker's
+    start)."""
+    table = _TABLES.get(predicate)
+    if table is None:
+        table = _TABLES[predicate] = np.full(0x110000, -1, dtype=np.int8)
     got = table[cp]
     if (got < 0).any():
         for c in np.unique(cp[got < 0]).tolist():
-            table[c] = chr(c).isalnum()
+            table[c] = getattr(chr(c), predicate)()
         got = table[cp]
     return got.astype(bool)
 
 
 def word_boundaries(text: str, cp: np.ndarray | None = None) -> np.ndarray:
     """bool [len(text) + 1]: i is a boundary unless text[i - 1] and text[i] are both alphanumeric."""
-    alnum = _alnum(_code_points(text) if cp is None else cp)
+    alnum = char_class(_code_points(text) if cp is None else cp, "isalnum")
     out = np.ones(len(alnum) + 1, dtype=bool)
     out[1:-1] = ~(alnum[:-1] & alnum[1:])
     return out
@@ -189,63 +189,149 @@ class AliasMatcher:
         self.hash = _mapped(folder / "alias_hash.npy")  # sorted within each length
         self.entity = _mapped(folder / "alias_entity.npy")
         self.keys = StringTable(folder, "alias")
+        self._filter: np.ndarray | None = None
+        self._shift = np.uint64(0)
 
     def find_ids(self, text: str) -> list[tuple[int, int, int]]:
         """(start, end, entity id) of every match, sorted by start."""
         return self.find_ids_many([text])[0]
 
     def find_ids_many(self, texts: list[str]) -> list[list[tuple[int, int, int]]]:
-        """find_ids of each text, matched in one pass over the texts joined by NUL characters (which no
-        alias holds, so no match crosses from one text into the next): the NumPy work per alias length
-        is paid once for the batch, not once per document."""
-        if not len(self.lengths) or not any(texts):
-            return [[] for _ in texts]
+        """find_ids of each text, matched in one pass (match_arrays)."""
+        start, end, entity, offsets = self.match_arrays(texts)
+        out: list[list[tuple[int, int, int]]] = [[] for _ in texts]
+        doc = np.searchsorted(offsets, start, side="right") - 1
+        local = start - offsets[doc]
+        for d, a, b, e in zip(doc.tolist(), local.tolist(), (end - start + local).tolist(), entity.tolist()):
+            out[d].append((a, b, e))
+        return out
+
+    def match_arrays(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every match in the texts joined by NUL characters (which no alias holds, so no match crosses
+        from one text into the next), leftmost-longest and non-overlapping, sorted by start: start and
+        end in the joined text, entity id; and each text's offset in it (len(texts) + 1 of them). The
+        NumPy work per alias length is paid once for all the texts, not once per text."""
+        offsets = np.cumsum([0, *(len(t) + 1 for t in texts)])
         text = SEP.join(texts)
+        return (*self.match_joined(texts, text, _code_points(text)), offsets)
+
+    def match_joined(
+        self, texts: list[str], text: str, cp: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """match_arrays of texts already joined (text, its code points cp), without the offsets."""
+        none = np.zeros(0, np.int64)
+        if not len(self.lengths) or not any(texts):
+            return none, none, none
         hay = SEP.join(fold_case(t) for t in texts) if self.case == "ignore" else text
         n = len(text)
-        cp = _code_points(text)
-        g, p = _prefix(cp if hay is text else _code_points(hay))
+        hay_cp = cp if hay is text else _code_points(hay)
+        g, p = _prefix(hay_cp)
         boundary = word_boundaries(text, cp)
         starts = np.flatnonzero(boundary[:n])
-        # keep the starts whose first one, two or three characters begin some key
-        hay_cp = cp if hay is text else _code_points(hay)
+        starts = starts[~char_class(cp[starts], "isspace")]  # aliases are stripped: none starts with a space
+        # keep the starts whose first one, two or three characters begin some key: a key of one or two
+        # characters only where it would end on a word boundary
         padded = np.append(hay_cp, np.zeros(2, np.uint32)).astype(np.uint64)
-        c0, c1, c2 = padded[starts], padded[starts + 1], padded[starts + 2]
-        zero = np.zeros_like(c0)
-        table, nb = self.starts, len(self.starts)
-        can = table[_bucket(c0, zero, zero, np.uint64(1) + zero, nb)]
-        two, three = starts + 1 < n, starts + 2 < n
-        can[two] |= table[_bucket(c0[two], c1[two], zero[two], np.uint64(2) + zero[two], nb)]
-        can[three] |= table[_bucket(c0[three], c1[three], c2[three], np.uint64(3) + zero[three], nb)]
+        table, nb, lengths = self.starts, len(self.starts), self.lengths.tolist()
+        can = np.zeros(len(starts), bool)
+        for width in (1, 2, 3):
+            if (width < 3 and width not in lengths) or (width == 3 and lengths[-1] < 3):
+                continue
+            fits = starts + width <= n
+            if width < 3:
+                fits[fits] = boundary[starts[fits] + width]
+            sel = np.flatnonzero(fits)
+            at = starts[sel]
+            zero = np.zeros(len(at), np.uint64)
+            c = [padded[at + i] if i < width else zero for i in range(3)]
+            can[sel] |= table[_bucket(c[0], c[1], c[2], zero + np.uint64(width), nb)]
         starts = starts[can]
-        found: list[tuple[int, int, int]] = []
+        # hash hits are checked against the keys' UTF-8 bytes: each character's byte offset in the haystack
+        if hay.isascii():
+            utf8, byte_at = np.frombuffer(hay.encode("ascii"), np.uint8), None
+        else:
+            byte_at = np.zeros(n + 1, np.int64)
+            np.cumsum(1 + (hay_cp >= 0x80) + (hay_cp >= 0x800) + (hay_cp >= 0x10000), out=byte_at[1:])
+            utf8 = np.frombuffer(hay.encode("utf-8", "surrogatepass"), np.uint8)
+        found_s, found_k, found_len = [], [], []
         for length, lo, hi in zip(self.lengths.tolist(), self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
             s = starts[: np.searchsorted(starts, n - length, side="right")]
             s = s[boundary[s + length]]
             if not len(s):
                 continue
             h = _hashes(g, p, s, s + length)
+            maybe = self._may_be_key(h)  # most pieces are no key: one memory access tells
+            s, h = s[maybe], h[maybe]
             keys = self.hash[lo:hi]
             j = np.searchsorted(keys, h)
             hit = j < len(keys)
             hit[hit] = keys[j[hit]] == h[hit]
-            for start, k in zip(s[hit].tolist(), (j[hit] + lo).tolist()):
-                piece, hk = hay[start : start + length], self.hash[k]
-                while k < hi and self.hash[k] == hk:  # equal hashes: check the text (a collision is rare)
-                    if self.keys[k] == piece:
-                        found.append((start, start + length, int(self.entity[k])))
+            s, k = s[hit], j[hit] + lo
+            b0, b1 = (s, s + length) if byte_at is None else (byte_at[s], byte_at[s + length])
+            same = self._same_text(utf8, b0, b1, k)
+            for q in np.flatnonzero(~same).tolist():  # equal hashes, another text: a rare collision
+                kk, hk, piece = int(k[q]) + 1, self.hash[k[q]], hay[s[q] : s[q] + length]
+                while kk < hi and self.hash[kk] == hk:
+                    if self.keys[kk] == piece:
+                        k[q], same[q] = kk, True
                         break
-                    k += 1
-        found.sort(key=lambda m: (m[0], m[0] - m[1]))
-        offsets = np.cumsum([0, *(len(t) + 1 for t in texts)]).tolist()
-        out: list[list[tuple[int, int, int]]] = [[] for _ in texts]
-        taken_until = 0
-        for start, end, entity in found:  # leftmost-longest, no overlaps
-            if start >= taken_until:
-                d = bisect.bisect_right(offsets, start) - 1
-                out[d].append((start - offsets[d], end - offsets[d], entity))
-                taken_until = end
-        return out
+                    kk += 1
+            found_s.append(s[same])
+            found_k.append(k[same])
+            found_len.append(np.full(int(same.sum()), length, np.int64))
+        if not found_s:
+            return none, none, none
+        start, key, length_ = (np.concatenate(x) for x in (found_s, found_k, found_len))
+        order = np.lexsort((-length_, start))  # by start, the longest first
+        start, key, length_ = start[order], key[order], length_[order]
+        longest = np.ones(len(start), bool)  # at a start, only the longest can be taken
+        longest[1:] = start[1:] != start[:-1]
+        start, key, end = start[longest], key[longest], start[longest] + length_[longest]
+        # leftmost-longest, no overlaps: a match that no earlier one reaches into is taken; where matches
+        # overlap, each run of them is walked in order from the last one taken before it
+        reach = np.maximum.accumulate(end)
+        free = np.ones(len(start), bool)
+        free[1:] = start[1:] >= reach[:-1]
+        keep = free.copy()
+        contested = np.flatnonzero(~free)
+        if len(contested):
+            head = np.maximum.accumulate(np.where(free, np.arange(len(start)), 0))
+            current, taken_until = -1, 0
+            for i, hd in zip(contested.tolist(), head[contested].tolist()):
+                if hd != current:
+                    current, taken_until = hd, int(end[hd])
+                if start[i] >= taken_until:
+                    keep[i], taken_until = True, int(end[i])
+        return start[keep], end[keep], self.entity[key[keep]].astype(np.int64)
+
+    def _may_be_key(self, h: np.ndarray) -> np.ndarray:
+        """False where hash h is no key's: a bit per value of the hash's top bits, set for the keys'
+        (about 16 bits a key, so about 6% of the other hashes pass); built at the first call, from the
+        key hashes (2 bytes of memory a key in each process)."""
+        if self._filter is None:
+            bits = max(10, int(np.ceil(np.log2(max(len(self.hash), 1) * 16))))
+            self._shift = np.uint64(64 - bits)
+            top = (np.asarray(self.hash) >> self._shift).astype(np.int64)
+            self._filter = np.zeros(1 << (bits - 3), np.uint8)
+            np.bitwise_or.at(self._filter, top >> 3, (1 << (top & 7)).astype(np.uint8))
+        top = (h >> self._shift).astype(np.int64)
+        return ((self._filter[top >> 3] >> (top & 7)) & 1).astype(bool)
+
+    def _same_text(self, utf8: np.ndarray, b0: np.ndarray, b1: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Whether the haystack's bytes [b0, b1) equal key k's, for each hit, compared at once."""
+        k0, k1 = self.keys.off[k], self.keys.off[k + 1]
+        size = k1 - k0
+        same = (b1 - b0) == size
+        idx = np.flatnonzero(same)
+        if len(idx):
+            lens = size[idx]
+            first = np.cumsum(lens) - lens
+            within = np.arange(int(lens.sum())) - np.repeat(first, lens)
+            differ = (
+                utf8[np.repeat(b0[idx], lens) + within] != self.keys.blob[np.repeat(k0[idx], lens) + within]
+            )
+            same[idx] = np.add.reduceat(differ, first) == 0
+        return same
 
     def find_many(self, texts: list[str]) -> list[list[Mention]]:
         """find of each text, in one pass (find_ids_many)."""

@@ -37,7 +37,8 @@ def _open(tmp_path, kg, aliases, case, on_error="fail", name: str = "") -> KGInd
 def _tricky_kg(tmp_path):
     """Aliases that test the matcher's rules: one alias a prefix of another (longest wins), one alias
     shared by two entities (the smaller name owns it), overlapping matches, case, characters whose
-    lower case is longer, punctuation inside aliases, an alias-only entity, triples with no alias (one of
+    lower case is longer, punctuation inside aliases, an alias-only entity, a chain of overlaps (the
+    second overlaps the first and is not taken, so the third, which overlaps only the second, is), triples with no alias (one of
     them the only triple of its relation)."""
     kg = tmp_path / "kg.tsv"
     kg.write_text(
@@ -50,6 +51,7 @@ def _tricky_kg(tmp_path):
         "New_York\tNew York\nNew_York_City\tNew York City\nUSA\tUSA\nUSA\tUnited States\n"
         "zeta\tTwin\nalpha\tTwin\nalpha\tAlpha\nİzmir\tİzmir\nTürkiye\tTürkiye\n"
         "Straße\tStraße\nDeutschland\tDeutschland\nAT&T\tAT&T\nOnlyAlias\tLone Star\n"
+        "alpha\tAlpha Beta\nzeta\tBeta Gamma Delta\nUSA\tDelta Epsilon\n"
     )
     return kg, al
 
@@ -61,6 +63,7 @@ TEXTS = [
     "AT&T and AT&Ts, xAT&T, (AT&T), Lone Star, Lone Stars, United States of America.",
     "",
     "New York City City, New York New York City",
+    "Alpha Beta Gamma Delta Epsilon; Beta Gamma Delta Epsilon, alpha beta gamma delta epsilon.",
 ]
 
 
@@ -103,6 +106,32 @@ def test_alias_matching_equals_aho_corasick(tmp_path, case):
     for doc in docs:
         assert ours.find(doc) == ref.find(doc)
     assert ours.find_many(docs) == [ref.find(d) for d in docs]
+
+
+def test_hash_hits_are_checked_byte_for_byte(tmp_path):
+    """The matcher checks every hash hit against the key's UTF-8 bytes, all hits at once: the check
+    equals Python's string comparison for every pair of a text piece and a key of its length."""
+    from data_prep.kg_index import _code_points
+
+    kg, al = _tricky_kg(tmp_path)
+    m = _open(tmp_path, kg, al, "exact", "skip").matcher()
+    keys = [m.keys[k] for k in range(len(m.keys))]
+    hay = "\0".join(TEXTS)
+    cp = _code_points(hay)
+    byte_at = np.concatenate([[0], np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))])
+    utf8 = np.frombuffer(hay.encode(), np.uint8)
+    s, k = [], []
+    for start in range(len(hay)):
+        for j, key in enumerate(keys):
+            if start + len(key) <= len(hay):
+                s.append(start)
+                k.append(j)
+    s_, k_ = np.array(s), np.array(k)
+    e_ = s_ + np.array([len(keys[j]) for j in k])
+    got = m._same_text(utf8, byte_at[s_], byte_at[e_], k_)
+    want = np.array([hay[a:b] == keys[j] for a, b, j in zip(s_.tolist(), e_.tolist(), k)])
+    assert want.sum() > 20 and (~want).sum() > 1000
+    assert np.array_equal(got, want)
 
 
 def test_triples_and_pairs_equal_the_python_objects(tmp_path):
@@ -255,3 +284,79 @@ def test_dataset_vocabularies_are_the_kg_as_python_objects_give_them(tmp_path):
         new_kg.n_entities == old_kg.n_entities == len(old_kg.entities) and new_kg.entities == old_kg.entities
     )
     assert new_kg.surfaces == old_kg.surfaces and new_kg.relations == old_kg.relations
+
+
+def test_sentence_spans_of_joined_texts_equal_the_pattern_per_text():
+    """The join's sentences of many texts at once, from code points, equal the regular expression's
+    on each text: every kind of whitespace (str.isspace, as the pattern's \\s), runs of it, ".", "!"
+    and "?" with and without a space after, texts that end in one."""
+    from data_prep.join import _sentences, sentence_spans
+    from data_prep.kg_index import SEP, _code_points
+
+    rng = random.Random(3)
+    pieces = ["word", "Ab", ".", "!", "?", " ", "  ", "\n", "\t", "\u00a0", "\u2003", "\x1c", "x.y", "é", ","]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(500)]
+    texts += ["One. Two! Three? Four", "End.", "a. ", "...  b", ""]
+    offsets = np.cumsum([0, *(len(t) + 1 for t in texts)])
+    starts, ends = sentence_spans(_code_points(SEP.join(texts)), offsets)
+    want = [(s + int(offsets[d]), e + int(offsets[d])) for d, t in enumerate(texts) for s, e in _sentences(t)]
+    assert list(zip(starts.tolist(), ends.tolist())) == want
+    assert len(want) > 1000
+
+
+@pytest.mark.parametrize("case", ["exact", "ignore"])
+def test_joining_in_arrays_equals_one_document_at_a_time(tmp_path, case, monkeypatch):
+    """The join's array path (documents with alias matches alone, a batch at a time) gives the chunk the
+    per-document path gives, byte for byte: the world's documents, texts with tokens of unknown length
+    (characters the tokenizer never saw) and every kind of sentence end, documents with wiki links (the
+    per-document path) among them, in one batch or in many small ones."""
+    from collections import Counter
+
+    from data_prep import join
+    from data_prep.chunks import encode_chunk
+    from data_prep.pipeline import PrepConfig, train_tokenizer
+    from data_prep.readers import RawDoc
+    from data_prep.wikitext import WikiLink
+
+    world = write_world(tmp_path / "world")
+    lines = world["corpus"].read_text().splitlines()
+    tok = train_tokenizer(iter(lines), tmp_path / "tok.model", PrepConfig(vocab_size=300))
+    aliases = tmp_path / "aliases.tsv"  # one alias across a sentence end: a mention in no sentence
+    first = world["kg"].read_text().split("\t", 1)[0]
+    aliases.write_text(world["aliases"].read_text() + f"{first}\tSt. Ulla\n")
+    load_or_build(tmp_path / "index", str(world["kg"]), str(aliases), case, "fail", log=lambda *a: None)
+    names = [line.split("\t")[1] for line in aliases.read_text().splitlines()] + ["St. Ulla"] * 20
+    rng = random.Random(5)
+    odd = ["☃", "\u00a0", "! ", "? ", ".\n", "\u2003", " ", " and ", ", ", "ǂ"]
+    docs = [RawDoc(t, f"c:{i}") for i, t in enumerate(lines[:300])]
+    for i in range(100):
+        words = [
+            rng.choice(names) if rng.random() < 0.5 else rng.choice(odd) for _ in range(rng.randint(1, 25))
+        ]
+        docs.append(RawDoc("".join(words).strip() or "x", f"odd:{i}"))
+    alias_of = dict(line.split("\t", 1) for line in world["aliases"].read_text().splitlines())
+    other = next(t.split("\t")[2] for t in world["kg"].read_text().splitlines() if t.startswith(first + "\t"))
+    docs += [
+        RawDoc(f"{alias_of[other]} met St. Ulla and {alias_of[first]}. Ulla left.", f"cross:{i}")
+        for i in range(3)
+    ]
+    for i in range(0, len(docs), 37):  # a wiki link: that document's batch goes one document at a time
+        t = docs[i].text
+        docs[i] = RawDoc(t, docs[i].source, [WikiLink(0, min(3, len(t)), "Some_target")])
+    docs[5].part, docs[5].last, docs[5].key = 1, False, 1234
+
+    def chunk(arrays: bool, batch_chars: int) -> bytes:
+        monkeypatch.setattr(join, "ARRAYS", arrays)
+        monkeypatch.setattr(join, "BATCH_CHARS", batch_chars)
+        join.init_worker(str(tok), str(tmp_path / "index"))
+        return encode_chunk(join.process_chunk(docs), len(docs), Counter())
+
+    want = chunk(False, 1 << 22)
+    assert chunk(True, 1 << 22) == want
+    assert chunk(True, 2000) == want  # many batches, some with links, some without
+    assert chunk(False, 2000) == want
+    monkeypatch.setattr(join, "_join", None)  # no document may take the per-document path
+    links = [d for d in docs if d.links]
+    for d in links:
+        d.links = []
+    assert chunk(True, 1 << 22) == chunk(True, 3000)
