@@ -261,11 +261,30 @@ def iter_docs(cfg: PrepConfig, counts: Counter, rejected: Counter) -> Iterator[R
         yield from _ingest(cfg, seen, counts, rejected)
 
 
+def ingested_text(text: str, linked: bool) -> str:
+    """A record's text as ingest keeps it: as read where it has entity links (their offsets point
+    into it), else NFC-normalized and stripped."""
+    return text if linked else unicodedata.normalize("NFC", text).strip()
+
+
+def in_valid(key, fraction: float):
+    """Whether a document of this content key (crc32 of its ingested text; an int or an array of them)
+    goes to the valid split."""
+    return key % 10_000 < fraction * 10_000
+
+
+def in_valid_split(text: str, linked: bool, fraction: float) -> bool | None:
+    """The split a record's document goes to: True valid, False train, None neither (ingest drops an
+    empty text)."""
+    text = ingested_text(text, linked)
+    return None if not text.strip() else bool(in_valid(zlib.crc32(text.encode()), fraction))
+
+
 def _ingest(cfg: PrepConfig, seen: SeenDigests, counts: Counter, rejected: Counter) -> Iterator[RawDoc]:
     for path in expand_corpus(cfg.corpus):
         for raw in read_corpus(path, cfg.text_field, rejected, cfg.on_error):
             counts["in"] += 1
-            text = raw.text if raw.links else unicodedata.normalize("NFC", raw.text).strip()
+            text = ingested_text(raw.text, bool(raw.links))
             if not text.strip():
                 rejected["empty"] += 1
                 continue
@@ -775,7 +794,7 @@ def _pack(
         triples[extracted, 3] = news[-1 - triples[extracted, 3]]
         res.triple_hits.update(triples[:, 3].tolist())
         lengths, n_mentions, key, part, last = chunk.doc_info.T
-        valid = key % 10_000 < cfg.valid_fraction * 10_000
+        valid = in_valid(key, cfg.valid_fraction)
         for split, mine in (("train", ~valid), ("valid", valid)):
             if not mine.any():
                 continue

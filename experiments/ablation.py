@@ -9,11 +9,13 @@ optional `model.knowledge` overrides joined by "+": `none`, `inject`, `fusion`,
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,31 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPARSEXPERT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+_PORTS: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port no other job of this process was given (jobs may start side by side)."""
+    with _PORTS_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _PORTS:
+                _PORTS.add(port)
+                return port
+
+
+def run_jobs(jobs: list, parallel: int) -> list:
+    """Call each job (a function of no arguments) and return their results in order: `parallel` at a
+    time (each starts its own processes; 1: one after the other). The first failure is raised once the
+    jobs running beside it have ended."""
+    if parallel <= 1:
+        return [job() for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [f.result() for f in futures]
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -66,7 +89,34 @@ def prepare_corpus(corpus: str, out: Path, seq_len: int, log=print) -> dict[str,
             prepare(cfg, log=log)
         link = ["--link_test", str(nations / "test.tsv"), "--link_known"]
         return {"data": data, "eval_args": [*link, str(nations / "train.tsv"), str(nations / "valid.tsv")]}
-    raise ValueError(f"--corpus {corpus!r}: use 'world' or 'news-nations'")
+    if corpus == "rebel":
+        from experiments.linked_split import GROUPS, split_linked_text
+
+        split = out / "split"
+        valid_fraction = 0.1
+        if not (split / "split.json").is_file():
+            counts = split_linked_text(
+                SHARED / "rebel" / "rebel_sample.jsonl", split, valid_fraction=valid_fraction
+            )
+            log(f"ablation: held out of the linked text: {json.dumps(counts)}")
+        if not is_dataset(data):
+            corpus_file = str(
+                split / "corpus.jsonl"
+            )  # corpus, KG (less the held-out facts) and aliases at once
+            cfg = PrepConfig(
+                corpus=[corpus_file],
+                kg=corpus_file,
+                output=str(data),
+                vocab_size=4000,
+                seq_len=seq_len,
+                valid_fraction=valid_fraction,
+            )
+            prepare(cfg, log=log)
+        known = str(split / "known.tsv")
+        probe = ["--probe_facts", *(str(split / f"{g}.tsv") for g in GROUPS), "--probe_known", known]
+        link = ["--link_test", str(split / "heldout.tsv"), "--link_known", known]
+        return {"data": data, "eval_args": [*probe, *link, "--max_candidates", "100"]}
+    raise ValueError(f"--corpus {corpus!r}: use 'world', 'news-nations' or 'rebel'")
 
 
 def mean_tokens_per_s(run: Path) -> float:
@@ -119,6 +169,8 @@ def rows_of(res: dict[str, Any], train: dict[str, Any]) -> dict[str, str]:
         if not isinstance(by, dict):
             continue
         for how, m in by.items():
+            if not isinstance(m, dict) or "mrr" not in m:
+                continue
             rows[f"probe {group} ({how}) acc@1 / MRR"] = f"{m['accuracy@1']:.3f} / {m['mrr']:.3f}"
     lp = res.get("link_prediction", {})
     for how in ("text", "embeddings", "random"):
@@ -138,6 +190,8 @@ def figures_of(res: dict[str, Any]) -> dict[str, float]:
     for group, by in res.get("knowledge_probe", {}).items():
         if isinstance(by, dict):
             for how, m in by.items():
+                if not isinstance(m, dict) or "mrr" not in m:
+                    continue
                 out[f"probe {group} ({how}) acc@1"] = m["accuracy@1"]
                 out[f"probe {group} ({how}) MRR"] = m["mrr"]
     for how, m in res.get("link_prediction", {}).items():
@@ -194,13 +248,15 @@ def run_ablation(
     eval_args: list[str] | None = None,
     reuse: bool = False,
     seeds: int = 1,
+    parallel: int = 1,
 ) -> str:
     """reuse: an arm that already has a complete checkpoint in output_dir is only evaluated again.
     Writes <output_dir>/ablation.txt (the table) and each arm's eval.json figures into
     <output_dir>/tensorboard/<arm>/ (one TensorBoard run per arm, tags `ablation/...`). seeds: each arm
     is pretrained that many times (seed s: initialization and data order; folders <arm>_s<s> after the
     first) and every figure is given as mean ± sd [95% interval], with each arm's paired t-test
-    against the first arm over the seeds."""
+    against the first arm over the seeds. parallel: how many arms' runs (pretraining, then evaluation)
+    go side by side; their tokens/s then share the machine."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -208,37 +264,49 @@ def run_ablation(
     rows: dict[str, dict[str, str]] = {}
     done: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     trains: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
-    for seed, arm in ((s, a) for s in range(seeds) for a in arms):
-        run = out / (arm.replace("+", "_").replace("=", "-") + (f"_s{seed}" if seed else ""))
-        if reuse and checkpoint.find_latest(run / "checkpoints") is not None:
-            print(f"ablation: arm {arm}: reusing {checkpoint.find_latest(run / 'checkpoints')}", flush=True)
-        else:
-            print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
-            # an arm trained before (without --reuse) is trained again: its folder is this command's
-            args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
-            args += ["--overwrite", f"--train.seed={seed}", f"--data.seed={seed}"]
+    manifest = json.loads((Path(prep["data"]) / MANIFEST).read_text())
+
+    def job(seed: int, arm: str):
+        def run_arm() -> tuple[Path, dict[str, Any], dict[str, Any]]:
+            run = out / (arm.replace("+", "_").replace("=", "-") + (f"_s{seed}" if seed else ""))
+            if reuse and checkpoint.find_latest(run / "checkpoints") is not None:
+                print(
+                    f"ablation: arm {arm}: reusing {checkpoint.find_latest(run / 'checkpoints')}", flush=True
+                )
+            else:
+                print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
+                # an arm trained before (without --reuse) is trained again: its folder is this command's
+                args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
+                args += ["--overwrite", f"--train.seed={seed}", f"--data.seed={seed}"]
+                _launch(
+                    nproc,
+                    "launcher/pretrain.py",
+                    [*args, *overrides, *arm_overrides(arm)],
+                    Path(f"{run}.log"),
+                )
+            print(f"ablation: arm {arm}: evaluating", flush=True)
             _launch(
-                nproc, "launcher/pretrain.py", [*args, *overrides, *arm_overrides(arm)], Path(f"{run}.log")
+                nproc,
+                "launcher/evaluate.py",
+                ["--run", str(run), *prep["eval_args"], *(eval_args or [])],
+                Path(f"{run}.log"),
             )
-        print(f"ablation: arm {arm}: evaluating", flush=True)
-        _launch(
-            nproc,
-            "launcher/evaluate.py",
-            ["--run", str(run), *prep["eval_args"], *(eval_args or [])],
-            Path(f"{run}.log"),
-        )
-        res = json.loads((run / "eval.json").read_text())
-        config = json.loads((run / "config.json").read_text())
-        steps = res["step"]
-        manifest = json.loads((Path(prep["data"]) / MANIFEST).read_text())
-        train = {
-            "tokens": steps * config["global_batch"] * manifest["seq_len"],
-            "tokens_per_s": mean_tokens_per_s(run),
-        }
+            res = json.loads((run / "eval.json").read_text())
+            config = json.loads((run / "config.json").read_text())
+            train = {
+                "tokens": res["step"] * config["global_batch"] * manifest["seq_len"],
+                "tokens_per_s": mean_tokens_per_s(run),
+            }
+            return run, res, train
+
+        return run_arm
+
+    order = [(s, a) for s in range(seeds) for a in arms]
+    for (_, arm), (run, res, train) in zip(order, run_jobs([job(s, a) for s, a in order], parallel)):
         done[arm].append(res)
         trains[arm].append(train)
         # one TensorBoard run per arm, so that the arms' figures share a chart
-        log_results(out / "tensorboard" / run.name, "ablation", {**res, "train": train}, steps)
+        log_results(out / "tensorboard" / run.name, "ablation", {**res, "train": train}, res["step"])
     notes = []
     for arm in arms:
         if seeds == 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.ablation import SHARED, _launch, arm_overrides, mean_tokens_per_s, table
+from experiments.ablation import SHARED, _launch, arm_overrides, mean_tokens_per_s, run_jobs, table
 from sparsexpert.data.format import is_dataset
 from sparsexpert.stats import Paired, bootstrap_diff, paired_t, summary
 from sparsexpert.weights import checkpoint
@@ -90,13 +90,15 @@ def run_comparison(
     reuse: bool = False,
     data: str | Path | None = None,
     seeds: int = 1,
+    parallel: int = 1,
 ) -> str:
     """task_args: the fine-tuning task (`--task ner --train F --dev F`); model_overrides
     (`--model.*`) shape every model, the dense twin's FFN excepted. data: an already prepared
     dataset to pretrain on instead of news + Wikipedia + Nations. seeds: every arm is pretrained
     and fine-tuned this many times (seed s: model initialization, data order, heads), and each metric
     is given as mean ± sd [95% interval] over them, with each arm's paired t-test against b) over
-    the seeds; with one seed, against b) by a paired bootstrap over the dev examples."""
+    the seeds; with one seed, against b) by a paired bootstrap over the dev examples. parallel: how many
+    seeds run side by side (each seed's arms one after the other: c) is shaped from b)'s config)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data) if data else prepare_news_wiki(out, seq_len)
@@ -107,44 +109,64 @@ def run_comparison(
         "d) MoE from scratch": None,
     }
     runs: dict[str, list[tuple[dict, Path, Path | None]]] = {name: [] for name in arms}
-    for seed in range(seeds):
-        sfx = f"_s{seed}" if seed else ""  # seed 0 keeps the folder names of a one-seed comparison
-        base = ["--ds_config", ds_config, "--data.path", str(data), f"--train.max_steps={pretrain_steps}"]
-        base += ["--train.eval_every=0", f"--train.seed={seed}", f"--data.seed={seed}", *model_overrides]
-        for name, pre in arms.items():
-            slug = name.split(")")[0]
-            run: Path | None = None
-            if pre is not None:
-                run = out / f"pretrain_{slug}{sfx}"
-                extra = list(pre)
-                if (
-                    "--model.moe.num_experts=0" in extra
-                ):  # dense twin: one FFN as wide as a token's top_k experts
-                    moe = json.loads((out / f"pretrain_b{sfx}" / "config.json").read_text())["run"]["model"]
-                    extra.append(
-                        f"--model.d_ff={moe['moe']['top_k'] * (moe['moe']['d_expert'] or moe['d_ff'])}"
-                    )
-                if not (reuse and checkpoint.find_latest(run / "checkpoints")):
-                    print(f"compare: {name}, seed {seed}: pretraining into {run}", flush=True)
-                    _launch(
-                        nproc,
-                        "launcher/pretrain.py",
-                        [*base, "--output_dir", str(run), "--overwrite", *extra],  # this command's folder
-                        Path(f"{run}.log"),
-                    )
-                init = ["--init", str(run)]
-            else:
-                init = [
-                    f"--tokenizer={data / 'tokenizer.model'}",
-                    *(o for o in model_overrides if ".knowledge." not in o),
-                ]
-            ft = out / f"finetune_{slug}{sfx}"
-            if not (reuse and (ft / "results.json").is_file()):
-                print(f"compare: {name}, seed {seed}: fine-tuning into {ft}", flush=True)
-                args = ["--ds_config", ds_config, "--output_dir", str(ft), "--overwrite", *init, *task_args]
-                args += [*finetune_overrides, f"--train.seed={seed}"]
-                _launch(nproc, "launcher/finetune.py", args, Path(f"{ft}.log"))
-            runs[name].append((json.loads((ft / "results.json").read_text()), ft, run))
+
+    def seed_job(seed: int):
+        def one_seed() -> dict[str, tuple[dict, Path, Path | None]]:
+            found: dict[str, tuple[dict, Path, Path | None]] = {}
+            sfx = f"_s{seed}" if seed else ""  # seed 0 keeps the folder names of a one-seed comparison
+            base = ["--ds_config", ds_config, "--data.path", str(data), f"--train.max_steps={pretrain_steps}"]
+            base += ["--train.eval_every=0", f"--train.seed={seed}", f"--data.seed={seed}", *model_overrides]
+            for name, pre in arms.items():
+                slug = name.split(")")[0]
+                run: Path | None = None
+                if pre is not None:
+                    run = out / f"pretrain_{slug}{sfx}"
+                    extra = list(pre)
+                    if (
+                        "--model.moe.num_experts=0" in extra
+                    ):  # dense twin: one FFN as wide as a token's top_k experts
+                        moe = json.loads((out / f"pretrain_b{sfx}" / "config.json").read_text())["run"][
+                            "model"
+                        ]
+                        extra.append(
+                            f"--model.d_ff={moe['moe']['top_k'] * (moe['moe']['d_expert'] or moe['d_ff'])}"
+                        )
+                    if not (reuse and checkpoint.find_latest(run / "checkpoints")):
+                        print(f"compare: {name}, seed {seed}: pretraining into {run}", flush=True)
+                        _launch(
+                            nproc,
+                            "launcher/pretrain.py",
+                            [*base, "--output_dir", str(run), "--overwrite", *extra],  # this command's folder
+                            Path(f"{run}.log"),
+                        )
+                    init = ["--init", str(run)]
+                else:
+                    init = [
+                        f"--tokenizer={data / 'tokenizer.model'}",
+                        *(o for o in model_overrides if ".knowledge." not in o),
+                    ]
+                ft = out / f"finetune_{slug}{sfx}"
+                if not (reuse and (ft / "results.json").is_file()):
+                    print(f"compare: {name}, seed {seed}: fine-tuning into {ft}", flush=True)
+                    args = [
+                        "--ds_config",
+                        ds_config,
+                        "--output_dir",
+                        str(ft),
+                        "--overwrite",
+                        *init,
+                        *task_args,
+                    ]
+                    args += [*finetune_overrides, f"--train.seed={seed}"]
+                    _launch(nproc, "launcher/finetune.py", args, Path(f"{ft}.log"))
+                found[name] = (json.loads((ft / "results.json").read_text()), ft, run)
+            return found
+
+        return one_seed
+
+    for per_seed in run_jobs([seed_job(s) for s in range(seeds)], parallel):
+        for name in arms:
+            runs[name].append(per_seed[name])
     rows = {name: _rows(found) for name, found in runs.items()}
     baseline = "b) MoE, text only"
     notes = []

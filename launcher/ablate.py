@@ -13,6 +13,16 @@ News + Nations KG (link prediction on the Nations test split, filtered):
     python launcher/ablate.py --corpus news-nations --arms none inject fusion+triple_source=kg+triple_score=distmult \\
         --output_dir runs/ablation_nations --ds_config ds_configs/moe_z2.json --train.max_steps=400
 
+REBEL's linked Wikipedia abstracts (../shared/data/rebel): 20% of the facts held out of the KG, the
+sentences stating another 20% removed from the text; perplexity on held-out documents, the probe of each
+group of facts and link prediction of the held-out ones (text and embeddings, 100 relation-constrained
+candidates), three seeds per arm:
+    python launcher/ablate.py --corpus rebel --arms none inject fusion --seeds 3 --max_facts 100 \\
+        --output_dir runs/ablation_rebel --ds_config ds_configs/moe_z2.json --train.max_steps=600
+
+Two arms' runs side by side (each pretraining then its evaluation; one process each here), on a machine
+with room for both: add --jobs 2.
+
 Two processes per arm, experts split over both:
     python launcher/ablate.py --corpus world --num_gpus 2 --arms none inject --model.moe.ep_size=2 ...
 """
@@ -38,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--corpus", choices=["world", "news-nations"], default="world")
+    parser.add_argument("--corpus", choices=["world", "news-nations", "rebel"], default="world")
     parser.add_argument(
         "--arms", nargs="+", default=["none", "inject", "fusion"], help="knowledge modes to compare"
     )
@@ -57,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
         help="pretrainings per arm (seed s: initialization and data order); figures as mean ± sd [95%% interval], "
         "each arm against the first by a paired t-test over the seeds",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs side by side (each an arm and seed's pretraining, then its evaluation): where the machine has "
+        "room for several (each --num_gpus processes); tokens/s is then measured under the shared load",
+    )
     args, rest = parser.parse_known_args(argv)
     try:  # checked here, before the first arm starts, in the pretraining launcher's language
         pairs, ds_pairs = cli.split_overrides(rest, RunConfig, ds=True)
@@ -74,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         args.num_gpus,
         overrides,
         args.seq_len,
-        ["--max_facts", str(args.max_facts)] if args.corpus == "world" else [],
+        ["--max_facts", str(args.max_facts)] if args.corpus in ("world", "rebel") else [],
         args.reuse,
         args.seeds,
+        args.jobs,
     )
 
 

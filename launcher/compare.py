@@ -13,7 +13,8 @@ WNUT-16 NER:
 Two processes per run, experts split over both: add --num_gpus 2 --model.moe.ep_size=2.
 Fine-tuning overrides are plain (`--train.max_steps=800`); model overrides (`--model.d_model=256`) shape
 every arm. --reuse keeps runs already done in --output_dir. --seeds N runs every arm N times and gives each
-metric as mean ± sd [95% interval] with a paired t-test of each arm against b).
+metric as mean ± sd [95% interval] with a paired t-test of each arm against b); --jobs 2 runs two seeds
+side by side (each run's own processes; on a machine with room for both).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data", help="a prepared dataset to pretrain on instead of news + Wikipedia + Nations"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds run side by side (each seed's arms one after the other), where the machine has room",
+    )
     parser.add_argument("--task", required=True, choices=["ner", "classification", "relation"])
     parser.add_argument("--train", required=True)
     parser.add_argument("--dev", required=True)
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         args.reuse,
         args.data,
         args.seeds,
+        args.jobs,
     )
 
 

@@ -14,6 +14,12 @@ News + Nations: link prediction on the Nations test split, filtered against ever
         --link_test ../shared/data/kg/nations/test.tsv \\
         --link_known ../shared/data/kg/nations/train.tsv ../shared/data/kg/nations/valid.tsv
 
+Linked text (launcher/ablate.py --corpus rebel writes these files): facts by group, tails ranked among those
+seen with the relation, at most 100 each; link prediction of the held-out facts among as many:
+    deepspeed launcher/evaluate.py --run runs/ablation_rebel/none --probe_facts runs/ablation_rebel/split/{heldout,kg_only,stated}.tsv \\
+        --probe_known runs/ablation_rebel/split/known.tsv --link_test runs/ablation_rebel/split/heldout.tsv \\
+        --link_known runs/ablation_rebel/split/known.tsv --max_candidates 100
+
 Two processes (of a run trained on any number):
     deepspeed --num_gpus 2 launcher/evaluate.py --run runs/pretrain2 --probe_world runs/pretrain2/data_raw
     torchrun --nproc_per_node 2 launcher/evaluate.py --run_dir runs/pretrain2   # --run is torchrun's --run-path
@@ -46,6 +52,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max_facts", type=int, default=60, help="probe facts per group (held out, stated); 0 = all"
     )
+    parser.add_argument(
+        "--probe_facts",
+        nargs="*",
+        default=[],
+        help="the knowledge probe on any KG: files of facts (head<TAB>relation<TAB>tail[<TAB>head words<TAB>tail "
+        "words]), one group each, tails ranked among those seen with the relation (see --probe_known, --max_candidates)",
+    )
+    parser.add_argument(
+        "--probe_known",
+        nargs="*",
+        default=[],
+        help="every known fact: the probe's candidate pools and filter",
+    )
     parser.add_argument("--link_test", help="test triples (head<TAB>relation<TAB>tail) for link prediction")
     parser.add_argument(
         "--link_known", nargs="*", default=[], help="other true triples, filtered from rankings"
@@ -71,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         args.max_facts,
         args.max_triples,
         args.max_candidates,
+        args.probe_facts,
+        args.probe_known,
     )
 
 

@@ -6,6 +6,10 @@
   log p(" tail." | "head <template words>"); with entity fusion, also by the TransE score of the
   entity and relation embeddings. Facts are reported in two groups: held out (never stated in the
   corpus; only the KG holds them) and stated. Accuracy@1 and MRR.
+- Fact probe (any KG whose relations are named by their words, e.g. linked text such as REBEL): the
+  same ranking for groups of facts given as files, the candidates of (head, relation, ?) being the
+  tails seen with that relation, and the templates made from the relation's surface form
+  (`fact_probe`, `relation_templates`).
 - Link prediction (a KG with a test split, e.g. Nations): rank heads and tails of each test triple
   among the KG's entities, filtered the standard way (other known true triples are removed from the
   ranking); MRR and Hits@1/3/10, by text (log-likelihood of the verbalized triple) and, with entity
@@ -164,6 +168,9 @@ class Scorer:
     batch_size: int = 64
     tick: Any = None
     """Called with a running batch count before each forward (the harness's failure watch)."""
+    max_len: int = 0
+    """The model's max_seq_len: a longer sequence loses its first tokens (the context the scored ones
+    follow; an entity span moves with them, or goes where it is cut). 0: no limit."""
 
     @torch.no_grad()
     def logprobs(
@@ -177,6 +184,15 @@ class Scorer:
         The sums stay on the device until every batch is scored: one host synchronization."""
         rank, world = comm.rank(), comm.world_size()
         device = next(self.engine.parameters()).device
+        if self.max_len:
+            cut = [max(len(q) - self.max_len, 0) for q in seqs]
+            if any(cut):
+                seqs = [q[c:] for q, c in zip(seqs, cut)]
+                score_from = [max(f - c, 1) for f, c in zip(score_from, cut)]
+                if entity_spans is not None:
+                    entity_spans = [
+                        (max(s - c, 0), max(e - c, 0), k) for (s, e, k), c in zip(entity_spans, cut)
+                    ]
         n = len(seqs)
         n_batches = math.ceil(n / self.batch_size)
         n_batches += (-n_batches) % world  # every rank runs the same number of forwards (expert parallelism)
@@ -356,6 +372,125 @@ def _embedding_scores(pt, facts, e_index, r_index, cand_idx: list[int], tails: b
     return out
 
 
+def _embedding_candidates(
+    pt, facts, e_index, r_index, rows: list[np.ndarray], tails: bool, n_entities: int, block: int = 64
+) -> list[np.ndarray]:
+    """Each fact's TransE scores of its candidates, given as table rows (-1: not in the table, scored
+    -inf): a block of facts against the whole table at a time. Collective (ZeRO-3 gathers the tables)."""
+    out = []
+    for lo in range(0, len(facts), block):
+        full = _embedding_scores(pt, facts[lo : lo + block], e_index, r_index, list(range(n_entities)), tails)
+        for k, idx in enumerate(rows[lo : lo + block]):
+            out.append(np.where(idx >= 0, full[k, np.maximum(idx, 0)], -np.inf))
+    return out
+
+
+_PREPOSITIONS = frozenset("of in on at by for from to with into as".split())
+
+
+def relation_templates(relation: str) -> list[str]:
+    """Sentence templates ({h}: the head's words, {t}: the tail's) of a relation known only by its
+    surface form ("date of birth", "part of", "born_in"): the bare triple, and the relation as a noun
+    ("The date of birth of {h} is {t}.") or, where it ends in a preposition, as a predicate ("{h} is
+    part of {t}.")."""
+    r = " ".join(relation.replace("_", " ").split())
+    words = r.lower().split()
+    second = f"{{h}} is {r} {{t}}." if words and words[-1] in _PREPOSITIONS else f"The {r} of {{h}} is {{t}}."
+    return [f"{{h}} {r} {{t}}.", second]
+
+
+def _read_surfaces(path: Path) -> dict[str, str]:
+    """Entity -> surface form from a facts file's optional 4th and 5th columns (head's, tail's)."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 5:
+            out.setdefault(fields[0], fields[3])
+            out.setdefault(fields[2], fields[4])
+    return out
+
+
+def fact_probe(
+    pt,
+    scorer: Scorer,
+    fact_files: list[str | Path],
+    known_files: list[str | Path],
+    max_facts: int = 60,
+    max_candidates: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The knowledge probe on any KG whose relations are named by their surface form (e.g. linked text):
+    each file is a group of facts (named by its stem); the true tail of (head, relation, ?) is ranked
+    among the entities seen as a tail of that relation in the known facts (every file given), the other
+    known tails filtered out, at most max_candidates of them (sampled as candidate_sets does; 0 = all),
+    by the mean over relation_templates of log p(" tail." | "head <template words>") and, with entity
+    fusion, by the TransE score where the table holds head, relation and tail. Entities are written in
+    their surface form: the files' 4th and 5th columns, else the dataset's. The random baseline is
+    computed over the same candidate sets. Facts with a single candidate (the answer) are left out
+    before max_facts are drawn, and counted (`one_candidate`)."""
+    from data_prep.tokenizer import CachedEncoder, load_tokenizer
+
+    known: set[tuple[str, str, str]] = set()
+    surfaces: dict[str, str] = {}
+    for path in [*known_files, *fact_files]:
+        known |= set(_read_facts(Path(path)))
+        surfaces.update(_read_surfaces(Path(path)))
+    kg = DatasetKG.load(pt.data_dir)
+    e_index = {e: i for i, e in enumerate(kg.entities)}
+    r_index = {r: i for i, r in enumerate(kg.relations)}
+
+    def surface(e: str) -> str:
+        return surfaces.get(e) or (kg.surfaces[e_index[e]] if e in e_index else e.replace("_", " "))
+
+    enc = CachedEncoder(load_tokenizer(pt.tokenizer_file))
+    fusion = pt.cfg.model.knowledge.fusion
+    results: dict[str, Any] = {}
+    for path in fact_files:
+        facts = _read_facts(Path(path))
+        # a query whose relation has one tail left after filtering ranks nothing: left out, counted
+        rankable = [len(c) > 1 for c in candidate_sets(facts, known, True, 2, seed)]
+        facts = _sample([f for f, ok in zip(facts, rankable) if ok], max_facts, seed)
+        cands = candidate_sets(facts, known, True, max_candidates, seed)
+        seqs: list[np.ndarray] = []
+        starts: list[int] = []
+        spans: list[tuple[int, int, int]] = []
+        n_templates = []
+        for (h, r, _t), cs in zip(facts, cands):
+            templates = relation_templates(r)
+            n_templates.append(len(templates))
+            for tp in templates:
+                before, rest = tp.split("{h}")
+                pre, head, mid = enc(before.strip()), enc(surface(h)), enc(rest[: rest.index("{t}")].strip())
+                prompt = np.concatenate([pre, head, mid])
+                seqs += [np.concatenate([prompt, enc(surface(c) + ".")]) for c in cs]
+                starts += [len(prompt)] * len(cs)
+                spans += [(len(pre), len(pre) + len(head), e_index.get(h, -1))] * len(cs)
+        text = scorer.logprobs(seqs, starts, spans if fusion else None) if seqs else np.zeros(0)
+        ranks, at = [], 0
+        for k, cs in zip(n_templates, cands):  # the answer is each candidate set's first
+            ranks.append(rank_of(text[at : at + k * len(cs)].reshape(k, len(cs)).mean(0), 0))
+            at += k * len(cs)
+        res: dict[str, Any] = {
+            "text": ranking_metrics(ranks, hits=(1, 10)),
+            "random": random_baseline([len(c) for c in cands], hits=(1, 10)),
+        }
+        if fusion:
+            table = [q for q, (h, r, t) in enumerate(facts) if h in e_index and r in r_index and t in e_index]
+            rows = [np.array([e_index.get(c, -1) for c in cands[q]]) for q in table]
+            emb = _embedding_candidates(
+                pt, [facts[q] for q in table], e_index, r_index, rows, True, kg.n_entities
+            )
+            res["embeddings"] = ranking_metrics([rank_of(e, 0) for e in emb], hits=(1, 10))
+        for m in res.values():
+            m["accuracy@1"] = m.pop("hits@1", 0.0)
+        res["one_candidate"] = rankable.count(False)
+        results[Path(path).stem] = res
+    results["candidates"] = "tails of the relation in the known facts, filtered" + (
+        f", at most {max_candidates} (sampled, seed {seed})" if max_candidates else ""
+    )
+    return results
+
+
 def filtered_targets(
     queries: list[tuple[str, str, str]], known: set[tuple[str, str, str]], ents: list[str], tails: bool
 ) -> tuple[list[int], list[np.ndarray]]:
@@ -475,15 +610,11 @@ def link_prediction(
             rank_of(text[bounds[q] : bounds[q + 1]], truth[q], exclude[q]) for q in range(len(usable))
         ]
         if fusion:
-            for lo in range(0, len(usable), 64):  # a block of queries against the whole table at a time
-                block = list(range(lo, min(lo + 64, len(usable))))
-                full = _embedding_scores(
-                    pt, [usable[q] for q in block], e_index, r_index, list(range(kg.n_entities)), tails
-                )
-                for k, q in enumerate(block):
-                    idx = shared if shared is not None else np.array([e_index.get(c, -1) for c in cands[q]])
-                    emb = np.where(idx >= 0, full[k, np.maximum(idx, 0)], -np.inf)
-                    ranks["embeddings"].append(rank_of(emb, truth[q], exclude[q]))
+            rows = [
+                shared if shared is not None else np.array([e_index.get(c, -1) for c in cs]) for cs in cands
+            ]
+            emb = _embedding_candidates(pt, usable, e_index, r_index, rows, tails, kg.n_entities)
+            ranks["embeddings"] += [rank_of(emb[q], truth[q], exclude[q]) for q in range(len(usable))]
     out["text"] = ranking_metrics(ranks["text"])
     out["random"] = random_baseline(left)
     if fusion:
@@ -499,19 +630,42 @@ def evaluate(
     max_facts: int = 60,
     max_triples: int = 0,
     max_candidates: int = 0,
+    probe_facts: list[str | Path] | None = None,
+    probe_known: list[str | Path] | None = None,
 ) -> dict[str, Any]:
     """Every evaluation that applies; rank 0 writes <run_dir>/eval.json and, where the run writes
     TensorBoard, its figures there as `eval/...` scalars at the checkpoint's step. Collective: call on
-    every rank."""
+    every rank. probe_facts: the knowledge probe on these groups of facts (fact_probe), instead of the
+    built-in world's."""
+    if probe_world and probe_facts:
+        raise ValueError("give --probe_world (the built-in world) or --probe_facts (any KG), not both")
     pt = open_checkpoint(run_dir)
     with pt.h.watch("evaluation"):
         return _evaluate(
-            pt, run_dir, probe_world, link_test, link_known, max_facts, max_triples, max_candidates
+            pt,
+            run_dir,
+            probe_world,
+            link_test,
+            link_known,
+            max_facts,
+            max_triples,
+            max_candidates,
+            probe_facts or [],
+            probe_known or [],
         )
 
 
 def _evaluate(
-    pt: Opened, run_dir, probe_world, link_test, link_known, max_facts, max_triples, max_candidates=0
+    pt: Opened,
+    run_dir,
+    probe_world,
+    link_test,
+    link_known,
+    max_facts,
+    max_triples,
+    max_candidates=0,
+    probe_facts=(),
+    probe_known=(),
 ) -> dict[str, Any]:
     log = pt.h.log
     res: dict[str, Any] = {
@@ -527,9 +681,13 @@ def _evaluate(
     else:
         res.update(perplexity(pt))
     eos = int(read_manifest(pt.data_dir)["tokenizer"]["eos_id"])
-    scorer = Scorer(pt.engine, eos, tick=pt.tick)
+    scorer = Scorer(pt.engine, eos, tick=pt.tick, max_len=pt.cfg.model.max_seq_len)
     if probe_world and pt.cfg.model.causal:
         res["knowledge_probe"] = knowledge_probe(pt, scorer, probe_world, max_facts)
+    if probe_facts and pt.cfg.model.causal:
+        res["knowledge_probe"] = fact_probe(
+            pt, scorer, list(probe_facts), list(probe_known), max_facts, max_candidates
+        )
     if link_test and pt.cfg.model.causal:
         res["link_prediction"] = link_prediction(
             pt, scorer, link_test, link_known or [], max_triples, max_candidates

@@ -66,6 +66,8 @@ def test_two_seeds_give_intervals_and_paired_tests_and_a_seed_reproduces(example
         "--train.eval_every=2",
         "--seeds",
         "2",
+        "--jobs",
+        "2",
         *TINY_MODEL,
     ]
     run = _run(cmd)
@@ -157,6 +159,8 @@ def test_ablation_with_two_seeds_summarizes_and_pairs_every_figure(tmp_path):
         "none",
         "fusion",
         "--seeds",
+        "2",
+        "--jobs",
         "2",
     ]
     cmd += ["--output_dir", str(out), "--seq_len", "32", "--max_facts", "4", "--train.max_steps=3"]
