@@ -311,9 +311,10 @@ class AliasMatcher:
         if self._filter is None:
             bits = max(10, int(np.ceil(np.log2(max(len(self.hash), 1) * 16))))
             self._shift = np.uint64(64 - bits)
-            top = (np.asarray(self.hash) >> self._shift).astype(np.int64)
             self._filter = np.zeros(1 << (bits - 3), np.uint8)
-            np.bitwise_or.at(self._filter, top >> 3, (1 << (top & 7)).astype(np.uint8))
+            for lo in range(0, len(self.hash), 1 << 20):  # a block at a time: no copy of every hash at once
+                top = (self.hash[lo : lo + (1 << 20)] >> self._shift).astype(np.int64)
+                np.bitwise_or.at(self._filter, top >> 3, (1 << (top & 7)).astype(np.uint8))
         top = (h >> self._shift).astype(np.int64)
         return ((self._filter[top >> 3] >> (top & 7)) & 1).astype(bool)
 
