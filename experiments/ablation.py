@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_prep.output import atomic_write
 from sparsexpert.data.format import MANIFEST, is_dataset
 from sparsexpert.metrics import log_results
 from sparsexpert.weights import checkpoint
@@ -250,7 +251,8 @@ def run_ablation(
     seeds: int = 1,
     parallel: int = 1,
 ) -> str:
-    """reuse: an arm that already has a complete checkpoint in output_dir is only evaluated again.
+    """reuse: an arm that already has a complete checkpoint in output_dir is only evaluated again, and not
+    even that where its evaluation of that checkpoint with the same options is there (eval_args.json).
     Writes <output_dir>/ablation.txt (the table) and each arm's eval.json figures into
     <output_dir>/tensorboard/<arm>/ (one TensorBoard run per arm, tags `ablation/...`). seeds: each arm
     is pretrained that many times (seed s: initialization and data order; folders <arm>_s<s> after the
@@ -284,13 +286,24 @@ def run_ablation(
                     [*args, *overrides, *arm_overrides(arm)],
                     Path(f"{run}.log"),
                 )
-            print(f"ablation: arm {arm}: evaluating", flush=True)
-            _launch(
-                nproc,
-                "launcher/evaluate.py",
-                ["--run", str(run), *prep["eval_args"], *(eval_args or [])],
-                Path(f"{run}.log"),
-            )
+            # what was evaluated, and how: --reuse keeps an evaluation of the same checkpoint with the same options
+            how = {
+                "checkpoint": str(checkpoint.find_latest(run / "checkpoints")),
+                "args": [*prep["eval_args"], *(eval_args or [])],
+            }
+            stamp = run / "eval_args.json"
+            if (
+                reuse
+                and (run / "eval.json").is_file()
+                and stamp.is_file()
+                and json.loads(stamp.read_text()) == how
+            ):
+                print(f"ablation: arm {arm}: reusing its evaluation {run / 'eval.json'}", flush=True)
+            else:
+                print(f"ablation: arm {arm}: evaluating", flush=True)
+                stamp.unlink(missing_ok=True)
+                _launch(nproc, "launcher/evaluate.py", ["--run", str(run), *how["args"]], Path(f"{run}.log"))
+                atomic_write(stamp, json.dumps(how).encode())
             res = json.loads((run / "eval.json").read_text())
             config = json.loads((run / "config.json").read_text())
             train = {

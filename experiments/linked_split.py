@@ -36,6 +36,7 @@ from typing import Any
 
 from data_prep.join import _sentences
 from data_prep.kg import _uri
+from data_prep.output import atomic_write
 from data_prep.pipeline import in_valid_split
 from data_prep.readers import _gold_links
 
@@ -199,9 +200,8 @@ def split_linked_text(
             counts["valid_documents"] += 1
         written.append({**rec, "text": new_text, "entities": entities, "triples": triples})
 
-    with open(out / "corpus.jsonl", "w", encoding="utf-8") as fh:
-        for rec in written:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    lines = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in written)
+    atomic_write(out / "corpus.jsonl", lines.encode("utf-8"))
 
     def tsv_line(f: Fact) -> str:
         h, r, t = f
@@ -215,9 +215,9 @@ def split_linked_text(
         else:
             groups[g].append(f)
     for g, facts in groups.items():
-        (out / f"{g}.tsv").write_text("".join(map(tsv_line, facts)), encoding="utf-8")
+        atomic_write(out / f"{g}.tsv", "".join(map(tsv_line, facts)).encode("utf-8"))
         counts[f"facts_{g}"] = len(facts)
-    (out / "known.tsv").write_text("".join(map(tsv_line, known)), encoding="utf-8")
+    atomic_write(out / "known.tsv", "".join(map(tsv_line, known)).encode("utf-8"))
     counts["facts"] = len(known)
     counts.update({f"assigned_{a}": n for a, n in Counter(assigned.values()).items()})
     summary = {
@@ -228,5 +228,7 @@ def split_linked_text(
         "valid_fraction": valid_fraction,
         **dict(sorted(counts.items())),
     }
-    (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(
+        out / "split.json", (json.dumps(summary, indent=2) + "\n").encode()
+    )  # last: the split is done
     return summary

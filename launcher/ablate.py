@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, default=128, help="row length of the prepared dataset")
     parser.add_argument("--max_facts", type=int, default=60, help="probe facts per group")
     parser.add_argument(
+        "--max_triples", type=int, default=0, help="link prediction: test triples to rank (sampled); 0 = all"
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="arms already trained in --output_dir are only re-evaluated"
     )
     parser.add_argument(
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         args.num_gpus,
         overrides,
         args.seq_len,
-        ["--max_facts", str(args.max_facts)] if args.corpus in ("world", "rebel") else [],
+        (["--max_facts", str(args.max_facts)] if args.corpus in ("world", "rebel") else [])
+        + (["--max_triples", str(args.max_triples)] if args.corpus in ("news-nations", "rebel") else []),
         args.reuse,
         args.seeds,
         args.jobs,

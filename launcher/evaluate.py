@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args = parser.parse_args(argv)
+    if args.probe_world and args.probe_facts:
+        parser.error("give --probe_world (the built-in world) or --probe_facts (any KG), not both")
 
     from sparsexpert.evaluate import evaluate
 

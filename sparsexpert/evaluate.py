@@ -424,7 +424,8 @@ def fact_probe(
     among the entities seen as a tail of that relation in the known facts (every file given), the other
     known tails filtered out, at most max_candidates of them (sampled as candidate_sets does; 0 = all),
     by the mean over relation_templates of log p(" tail." | "head <template words>") and, with entity
-    fusion, by the TransE score where the table holds head, relation and tail. Entities are written in
+    fusion, by the TransE score where the table holds head, relation and tail (a candidate the table
+    lacks scores -inf, behind every other; `n` counts the facts ranked so). Entities are written in
     their surface form: the files' 4th and 5th columns, else the dataset's. The random baseline is
     computed over the same candidate sets. Facts with a single candidate (the answer) are left out
     before max_facts are drawn, and counted (`one_candidate`)."""
@@ -646,7 +647,7 @@ def evaluate(
             run_dir,
             probe_world,
             link_test,
-            link_known,
+            link_known or [],
             max_facts,
             max_triples,
             max_candidates,
@@ -663,9 +664,9 @@ def _evaluate(
     link_known,
     max_facts,
     max_triples,
-    max_candidates=0,
-    probe_facts=(),
-    probe_known=(),
+    max_candidates,
+    probe_facts,
+    probe_known,
 ) -> dict[str, Any]:
     log = pt.h.log
     res: dict[str, Any] = {
@@ -685,12 +686,10 @@ def _evaluate(
     if probe_world and pt.cfg.model.causal:
         res["knowledge_probe"] = knowledge_probe(pt, scorer, probe_world, max_facts)
     if probe_facts and pt.cfg.model.causal:
-        res["knowledge_probe"] = fact_probe(
-            pt, scorer, list(probe_facts), list(probe_known), max_facts, max_candidates
-        )
+        res["knowledge_probe"] = fact_probe(pt, scorer, probe_facts, probe_known, max_facts, max_candidates)
     if link_test and pt.cfg.model.causal:
         res["link_prediction"] = link_prediction(
-            pt, scorer, link_test, link_known or [], max_triples, max_candidates
+            pt, scorer, link_test, link_known, max_triples, max_candidates
         )
     if pt.h.rank == 0:
         (Path(run_dir) / "eval.json").write_text(json.dumps(res, indent=2))

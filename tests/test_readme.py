@@ -51,6 +51,7 @@ TINY: dict[str, list[str]] = {
         "--train.save_every=0",
         "--train.eval_every=0",
         "--max_facts=4",
+        "--seeds=1",
     ],
     "launcher/compare.py": ["--pretrain_steps=2", "--train.max_steps=2", "--train.eval_every=2"],
     "launcher/generate.py": ["--max_new_tokens=4"],
@@ -225,6 +226,8 @@ def test_readme_commands(tmp_path):
         extra = list(TINY.get(script or "", []))
         if script == "launcher/pretrain.py" and "--resume" in cmd:
             extra[0] = "--train.max_steps=8"  # continues the 4 steps above
+        if script == "launcher/ablate.py" and "rebel" in cmd:
+            extra.append("--max_triples=4")  # link prediction of 4 held-out facts, not all 229
         argv0 = cmd
         if cmd[0] == "deepspeed" and _num_gpus(cmd) == 1 and "deepspeed" in launched:
             # one process: the launcher only adds two Python processes (about 8 s of start-up each time)
@@ -325,6 +328,22 @@ def _ablation_nations(ws: Path, output: str) -> None:
     assert lp["embeddings"]["n"] == lp["text"]["n"]
 
 
+def _ablation_rebel(ws: Path, output: str) -> None:
+    out = ws / "runs" / "ablation_rebel"
+    header, rows = _table((out / "ablation.txt").read_text())
+    assert header == ["none", "inject", "fusion", "fusion+triple_source=kg"]
+    split = json.loads((out / "split" / "split.json").read_text())
+    assert split["facts"] == 2126 and split["valid_documents"] == 70
+    for group in ("stated", "kg_only", "heldout"):
+        assert f"probe {group} (text) acc@1 / MRR" in rows and f"probe {group} (random) acc@1 / MRR" in rows
+        assert rows[f"probe {group} (embeddings) acc@1 / MRR"][:2] == ["-", "-"]
+    res = json.loads((out / "fusion_triple_source-kg" / "eval.json").read_text())
+    assert all(res["knowledge_probe"][g]["text"]["n"] == 4 for g in ("stated", "kg_only", "heldout"))
+    assert (
+        res["link_prediction"]["text"]["n"] == res["link_prediction"]["embeddings"]["n"] == 8
+    )  # 4, both ways
+
+
 def _comparison(ws: Path, output: str) -> None:
     out = ws / "runs" / "compare"
     text = (out / "comparison.txt").read_text()
@@ -359,6 +378,7 @@ CHECKS: list[tuple[tuple[str, ...], Callable[[Path, str], None]]] = [
     (("launcher/generate.py",), _generated),
     (("launcher/ablate.py", "world"), _ablation_world),
     (("launcher/ablate.py", "news-nations"), _ablation_nations),
+    (("launcher/ablate.py", "rebel"), _ablation_rebel),
     (("launcher/compare.py",), _comparison),
     (("data_prep", "bootstrap"), _bootstrapped),
     (("data_prep", "data/rebel"), _linked_text),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, TINY_MODEL, launch_env
 
 from sparsexpert import stats
@@ -109,6 +110,9 @@ def test_two_seeds_give_intervals_and_paired_tests_and_a_seed_reproduces(example
     one = json.loads((out / "finetune_b_s1" / "results.json").read_text())
     two = json.loads((again / "results.json").read_text())
     assert one["results"] == two["results"] and one["history"] == two["history"]
+    # what else decides the numbers is recorded with each run: the thread count among it
+    env = json.loads((again / "config.json").read_text())["environment"]
+    assert env == first["environment"] and env["cpu_threads"] == 1 and env["torch"] == torch.__version__
 
 
 def test_bootstrap_over_dev_examples_scores_as_fine_tuning_does(tmp_path):
@@ -193,3 +197,12 @@ def test_ablation_with_two_seeds_summarizes_and_pairs_every_figure(tmp_path):
     assert rows[f"{key}: vs none"] == ["-", str(want)]
     assert "probe heldout (random) MRR: vs none" not in rows  # the same for every arm: nothing to test
     assert f"fusion - none, {key}: {want} (paired t over 2 seeds): " in text
+
+    # --reuse: nothing is trained or evaluated again where the same evaluation of the same checkpoint is
+    # there; another evaluation option evaluates again
+    again = _run([*cmd, "--reuse"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing its evaluation") == 4 and "pretraining into" not in again.stdout
+    assert (out / "ablation.txt").read_text() == text
+    other = _run([*[c if c != "4" else "3" for c in cmd], "--reuse", "--arms", "none"])
+    assert other.returncode == 0 and other.stdout.count("ablation: arm none: evaluating") == 2

@@ -566,6 +566,23 @@ def deepspeed_version() -> str:
     return deepspeed.__version__
 
 
+def environment() -> dict[str, Any]:
+    """What besides the configuration decides a run's numbers, for its config.json: the same command and
+    seed give the same figures only with the same versions, accelerator and CPU thread count (the
+    thread count sets how floating-point sums are split, so another gives other numbers)."""
+    import platform
+
+    from deepspeed.accelerator import get_accelerator
+
+    return {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed_version(),
+        "accelerator": get_accelerator().device_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
 def moe_drop_counts(module: nn.Module) -> torch.Tensor | None:
     """[MoE layers, 2] (dropped, routed) token-expert assignments of this rank's last forward with
     the native backend (capacity-limited routing); None for AutoEP, which drops nothing."""

@@ -182,7 +182,8 @@ class Finetuner:
             self._resume()
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2, default=str))
+            described = {**self._describe(), "environment": parallel.environment()}
+            (self.output_dir / "config.json").write_text(json.dumps(described, indent=2, default=str))
         # the LM head is not computed: the task heads replace it
         self.monitor = Monitor(
             h.device,

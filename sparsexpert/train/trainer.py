@@ -318,7 +318,8 @@ class Pretrainer:
         )
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(self._describe(), indent=2))
+            described = {**self._describe(), "environment": parallel.environment()}
+            (self.output_dir / "config.json").write_text(json.dumps(described, indent=2))
         self._log_header()
 
     def _describe(self) -> dict[str, Any]:
