@@ -47,13 +47,27 @@ def _free_port() -> int:
 
 def run_jobs(jobs: list, parallel: int) -> list:
     """Call each job (a function of no arguments) and return their results in order: `parallel` at a
-    time (each starts its own processes; 1: one after the other). The first failure is raised once the
-    jobs running beside it have ended."""
+    time (each starts its own processes; 1: one after the other). After a failure no other job starts;
+    it is raised once the jobs running beside it have ended."""
     if parallel <= 1:
         return [job() for job in jobs]
+    failed = threading.Event()
+
+    def guarded(job):
+        def run():
+            if failed.is_set():
+                return None  # not started: a job failed
+            try:
+                return job()
+            except BaseException:
+                failed.set()
+                raise
+
+        return run
+
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-        futures = [pool.submit(job) for job in jobs]
-        return [f.result() for f in futures]
+        futures = [pool.submit(guarded(job)) for job in jobs]
+    return [f.result() for f in futures]  # the first failure, in job order, is raised
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -101,9 +115,8 @@ def prepare_corpus(corpus: str, out: Path, seq_len: int, log=print) -> dict[str,
             )
             log(f"ablation: held out of the linked text: {json.dumps(counts)}")
         if not is_dataset(data):
-            corpus_file = str(
-                split / "corpus.jsonl"
-            )  # corpus, KG (less the held-out facts) and aliases at once
+            # one file is the corpus, the KG (less the held-out facts) and the aliases
+            corpus_file = str(split / "corpus.jsonl")
             cfg = PrepConfig(
                 corpus=[corpus_file],
                 kg=corpus_file,

@@ -149,6 +149,33 @@ def test_bootstrap_over_dev_examples_scores_as_fine_tuning_does(tmp_path):
     assert cmp.diff > 0 and cmp.p < 0.05 and cmp.lo > 0
 
 
+def test_jobs_side_by_side_return_in_order_and_stop_after_a_failure():
+    import threading
+    import time
+
+    from experiments.ablation import run_jobs
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def job(i: int, fail: bool = False, wait: float = 0.05):
+        def run() -> int:
+            with lock:
+                started.append(i)
+            time.sleep(wait)
+            if fail:
+                raise RuntimeError(f"job {i} failed")
+            return i
+
+        return run
+
+    assert run_jobs([job(i, wait=0.05 * (5 - i)) for i in range(5)], 2) == [0, 1, 2, 3, 4]
+    started.clear()
+    with pytest.raises(RuntimeError, match="job 0 failed"):
+        run_jobs([job(0, fail=True), job(1, wait=0.3), job(2), job(3)], 2)
+    assert sorted(started) == [0, 1]  # job 1 was running beside it and ended; 2 and 3 never started
+
+
 def test_ablation_with_two_seeds_summarizes_and_pairs_every_figure(tmp_path):
     """launcher/ablate.py --seeds 2 on the built-in world: each arm pretrained twice (seed 1 in
     <arm>_s1), every figure as mean ± sd [95% interval] of the two eval.json, and each paired t-test
