@@ -306,8 +306,8 @@ class AliasMatcher:
 
     def _may_be_key(self, h: np.ndarray) -> np.ndarray:
         """False where hash h is no key's: a bit per value of the hash's top bits, set for the keys'
-        (about 16 bits a key, so about 6% of the other hashes pass); built at the first call, from the
-        key hashes (2 bytes of memory a key in each process)."""
+        (16 to 32 bits a key, a power of two in all, so 3 to 6% of the other hashes pass); built at the first
+        call, from the key hashes (2 to 4 bytes of memory a key in each process)."""
         if self._filter is None:
             bits = max(10, int(np.ceil(np.log2(max(len(self.hash), 1) * 16))))
             self._shift = np.uint64(64 - bits)
