@@ -97,16 +97,22 @@ def _uri(term: dict) -> str | None:
     return None if uri in (None, "", "None") else str(uri)
 
 
-def _linked_triples(rec: dict) -> Iterator[tuple[str, str, str]]:
-    """A linked-text record's triples (REBEL / T-REx layout): subject and object by their uri (a
+def linked_triple(tr: dict) -> tuple[str, str, str] | None:
+    """A linked-text triple (REBEL / T-REx layout) as a KG fact: subject and object by their uri (a
     Wikidata Q-id, or a literal's value), the relation by the predicate's surface form ("country",
-    "date of birth"), or its uri where it has none. A triple with an unlinked end (no uri) is no KG
-    fact and is left out."""
+    "date of birth"), or its uri where it has none. None: an end is unlinked (no uri), so no KG fact."""
+    h, t = _uri(tr["subject"]), _uri(tr["object"])
+    if h is None or t is None:
+        return None
+    return h, str(tr["predicate"].get("surfaceform") or tr["predicate"]["uri"]), t
+
+
+def _linked_triples(rec: dict) -> Iterator[tuple[str, str, str]]:
+    """A linked-text record's triples that are KG facts (linked_triple)."""
     for tr in rec["triples"]:
-        h, t = _uri(tr["subject"]), _uri(tr["object"])
-        rel = tr["predicate"].get("surfaceform") or tr["predicate"]["uri"]
-        if h is not None and t is not None:
-            yield h, str(rel), t
+        fact = linked_triple(tr)
+        if fact is not None:
+            yield fact
 
 
 def _linked_aliases(rec: dict) -> Iterator[tuple[str, str]]:

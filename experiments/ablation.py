@@ -10,6 +10,7 @@ optional `model.knowledge` overrides joined by "+": `none`, `inject`, `fusion`,
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import socket
@@ -281,54 +282,51 @@ def run_ablation(
     trains: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     manifest = json.loads((Path(prep["data"]) / MANIFEST).read_text())
 
-    def job(seed: int, arm: str):
-        def run_arm() -> tuple[Path, dict[str, Any], dict[str, Any]]:
-            run = out / (arm.replace("+", "_").replace("=", "-") + (f"_s{seed}" if seed else ""))
-            if reuse and checkpoint.find_latest(run / "checkpoints") is not None:
-                print(
-                    f"ablation: arm {arm}: reusing {checkpoint.find_latest(run / 'checkpoints')}", flush=True
-                )
-            else:
-                print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
-                # an arm trained before (without --reuse) is trained again: its folder is this command's
-                args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
-                args += ["--overwrite", f"--train.seed={seed}", f"--data.seed={seed}"]
-                _launch(
-                    nproc,
-                    "launcher/pretrain.py",
-                    [*args, *overrides, *arm_overrides(arm)],
-                    Path(f"{run}.log"),
-                )
-            # what was evaluated, and how: --reuse keeps an evaluation of the same checkpoint with the same options
-            how = {
-                "checkpoint": str(checkpoint.find_latest(run / "checkpoints")),
-                "args": [*prep["eval_args"], *(eval_args or [])],
-            }
-            stamp = run / "eval_args.json"
-            if (
-                reuse
-                and (run / "eval.json").is_file()
-                and stamp.is_file()
-                and json.loads(stamp.read_text()) == how
-            ):
-                print(f"ablation: arm {arm}: reusing its evaluation {run / 'eval.json'}", flush=True)
-            else:
-                print(f"ablation: arm {arm}: evaluating", flush=True)
-                stamp.unlink(missing_ok=True)
-                _launch(nproc, "launcher/evaluate.py", ["--run", str(run), *how["args"]], Path(f"{run}.log"))
-                atomic_write(stamp, json.dumps(how).encode())
-            res = json.loads((run / "eval.json").read_text())
-            config = json.loads((run / "config.json").read_text())
-            train = {
-                "tokens": res["step"] * config["global_batch"] * manifest["seq_len"],
-                "tokens_per_s": mean_tokens_per_s(run),
-            }
-            return run, res, train
-
-        return run_arm
+    def run_arm(seed: int, arm: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+        run = out / (arm.replace("+", "_").replace("=", "-") + (f"_s{seed}" if seed else ""))
+        if reuse and checkpoint.find_latest(run / "checkpoints") is not None:
+            print(f"ablation: arm {arm}: reusing {checkpoint.find_latest(run / 'checkpoints')}", flush=True)
+        else:
+            print(f"ablation: arm {arm}: pretraining into {run} (log: {run}.log)", flush=True)
+            # an arm trained before (without --reuse) is trained again: its folder is this command's
+            args = ["--ds_config", ds_config, "--output_dir", str(run), "--data.path", str(prep["data"])]
+            args += ["--overwrite", f"--train.seed={seed}", f"--data.seed={seed}"]
+            _launch(
+                nproc,
+                "launcher/pretrain.py",
+                [*args, *overrides, *arm_overrides(arm)],
+                Path(f"{run}.log"),
+            )
+        # what was evaluated, and how: --reuse keeps an evaluation of the same checkpoint with the same options
+        how = {
+            "checkpoint": str(checkpoint.find_latest(run / "checkpoints")),
+            "args": [*prep["eval_args"], *(eval_args or [])],
+        }
+        stamp = run / "eval_args.json"
+        if (
+            reuse
+            and (run / "eval.json").is_file()
+            and stamp.is_file()
+            and json.loads(stamp.read_text()) == how
+        ):
+            print(f"ablation: arm {arm}: reusing its evaluation {run / 'eval.json'}", flush=True)
+        else:
+            print(f"ablation: arm {arm}: evaluating", flush=True)
+            stamp.unlink(missing_ok=True)
+            _launch(nproc, "launcher/evaluate.py", ["--run", str(run), *how["args"]], Path(f"{run}.log"))
+            atomic_write(stamp, json.dumps(how).encode())
+        res = json.loads((run / "eval.json").read_text())
+        config = json.loads((run / "config.json").read_text())
+        train = {
+            "tokens": res["step"] * config["global_batch"] * manifest["seq_len"],
+            "tokens_per_s": mean_tokens_per_s(run),
+        }
+        return run, res, train
 
     order = [(s, a) for s in range(seeds) for a in arms]
-    for (_, arm), (run, res, train) in zip(order, run_jobs([job(s, a) for s, a in order], parallel)):
+    for (_, arm), (run, res, train) in zip(
+        order, run_jobs([functools.partial(run_arm, s, a) for s, a in order], parallel)
+    ):
         done[arm].append(res)
         trains[arm].append(train)
         # one TensorBoard run per arm, so that the arms' figures share a chart

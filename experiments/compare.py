@@ -8,6 +8,7 @@ paired t-test against b); with one, a paired bootstrap over the dev examples.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -110,61 +111,55 @@ def run_comparison(
     }
     runs: dict[str, list[tuple[dict, Path, Path | None]]] = {name: [] for name in arms}
 
-    def seed_job(seed: int):
-        def one_seed() -> dict[str, tuple[dict, Path, Path | None]]:
-            found: dict[str, tuple[dict, Path, Path | None]] = {}
-            sfx = f"_s{seed}" if seed else ""  # seed 0 keeps the folder names of a one-seed comparison
-            base = ["--ds_config", ds_config, "--data.path", str(data), f"--train.max_steps={pretrain_steps}"]
-            base += ["--train.eval_every=0", f"--train.seed={seed}", f"--data.seed={seed}", *model_overrides]
-            for name, pre in arms.items():
-                slug = name.split(")")[0]
-                run: Path | None = None
-                if pre is not None:
-                    run = out / f"pretrain_{slug}{sfx}"
-                    extra = list(pre)
-                    if (
-                        "--model.moe.num_experts=0" in extra
-                    ):  # dense twin: one FFN as wide as a token's top_k experts
-                        moe = json.loads((out / f"pretrain_b{sfx}" / "config.json").read_text())["run"][
-                            "model"
-                        ]
-                        extra.append(
-                            f"--model.d_ff={moe['moe']['top_k'] * (moe['moe']['d_expert'] or moe['d_ff'])}"
-                        )
-                    if not (reuse and checkpoint.find_latest(run / "checkpoints")):
-                        print(f"compare: {name}, seed {seed}: pretraining into {run}", flush=True)
-                        _launch(
-                            nproc,
-                            "launcher/pretrain.py",
-                            [*base, "--output_dir", str(run), "--overwrite", *extra],  # this command's folder
-                            Path(f"{run}.log"),
-                        )
-                    init = ["--init", str(run)]
-                else:
-                    init = [
-                        f"--tokenizer={data / 'tokenizer.model'}",
-                        *(o for o in model_overrides if ".knowledge." not in o),
-                    ]
-                ft = out / f"finetune_{slug}{sfx}"
-                if not (reuse and (ft / "results.json").is_file()):
-                    print(f"compare: {name}, seed {seed}: fine-tuning into {ft}", flush=True)
-                    args = [
-                        "--ds_config",
-                        ds_config,
-                        "--output_dir",
-                        str(ft),
-                        "--overwrite",
-                        *init,
-                        *task_args,
-                    ]
-                    args += [*finetune_overrides, f"--train.seed={seed}"]
-                    _launch(nproc, "launcher/finetune.py", args, Path(f"{ft}.log"))
-                found[name] = (json.loads((ft / "results.json").read_text()), ft, run)
-            return found
+    def one_seed(seed: int) -> dict[str, tuple[dict, Path, Path | None]]:
+        found: dict[str, tuple[dict, Path, Path | None]] = {}
+        sfx = f"_s{seed}" if seed else ""  # seed 0 keeps the folder names of a one-seed comparison
+        base = ["--ds_config", ds_config, "--data.path", str(data), f"--train.max_steps={pretrain_steps}"]
+        base += ["--train.eval_every=0", f"--train.seed={seed}", f"--data.seed={seed}", *model_overrides]
+        for name, pre in arms.items():
+            slug = name.split(")")[0]
+            run: Path | None = None
+            if pre is not None:
+                run = out / f"pretrain_{slug}{sfx}"
+                extra = list(pre)
+                # the dense twin: one FFN as wide as a token's top_k experts
+                if "--model.moe.num_experts=0" in extra:
+                    moe = json.loads((out / f"pretrain_b{sfx}" / "config.json").read_text())["run"]["model"]
+                    extra.append(
+                        f"--model.d_ff={moe['moe']['top_k'] * (moe['moe']['d_expert'] or moe['d_ff'])}"
+                    )
+                if not (reuse and checkpoint.find_latest(run / "checkpoints")):
+                    print(f"compare: {name}, seed {seed}: pretraining into {run}", flush=True)
+                    _launch(
+                        nproc,
+                        "launcher/pretrain.py",
+                        [*base, "--output_dir", str(run), "--overwrite", *extra],  # this command's folder
+                        Path(f"{run}.log"),
+                    )
+                init = ["--init", str(run)]
+            else:
+                init = [
+                    f"--tokenizer={data / 'tokenizer.model'}",
+                    *(o for o in model_overrides if ".knowledge." not in o),
+                ]
+            ft = out / f"finetune_{slug}{sfx}"
+            if not (reuse and (ft / "results.json").is_file()):
+                print(f"compare: {name}, seed {seed}: fine-tuning into {ft}", flush=True)
+                args = [
+                    "--ds_config",
+                    ds_config,
+                    "--output_dir",
+                    str(ft),
+                    "--overwrite",
+                    *init,
+                    *task_args,
+                ]
+                args += [*finetune_overrides, f"--train.seed={seed}"]
+                _launch(nproc, "launcher/finetune.py", args, Path(f"{ft}.log"))
+            found[name] = (json.loads((ft / "results.json").read_text()), ft, run)
+        return found
 
-        return one_seed
-
-    for per_seed in run_jobs([seed_job(s) for s in range(seeds)], parallel):
+    for per_seed in run_jobs([functools.partial(one_seed, s) for s in range(seeds)], parallel):
         for name in arms:
             runs[name].append(per_seed[name])
     rows = {name: _rows(found) for name, found in runs.items()}

@@ -35,22 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.join import _sentences
-from data_prep.kg import _uri
+from data_prep.kg import _linked_aliases, _uri, linked_triple
 from data_prep.output import atomic_write
 from data_prep.pipeline import in_valid_split
 from data_prep.readers import _gold_links
 
 Fact = tuple[str, str, str]
 GROUPS = ("stated", "kg_only", "heldout")
-
-
-def fact_of(triple: dict) -> Fact | None:
-    """A linked-text triple as the KG reader reads it (data_prep.kg._linked_triples); None when an
-    end is unlinked."""
-    h, t = _uri(triple["subject"]), _uri(triple["object"])
-    if h is None or t is None:
-        return None
-    return h, str(triple["predicate"].get("surfaceform") or triple["predicate"]["uri"]), t
 
 
 def assignment(fact: Fact, seed: int, heldout_share: float, kg_only_share: float) -> str:
@@ -105,15 +96,10 @@ def split_linked_text(
     forms: dict[str, Counter] = {}
     known: dict[Fact, None] = {}
     for _, rec in records:
-        for term in [
-            *rec.get("entities", []),
-            *(tr[k] for tr in rec["triples"] for k in ("subject", "object")),
-        ]:
-            uri, form = _uri(term), (term.get("surfaceform") or "").strip()
-            if uri is not None and form and "\t" not in form and "\n" not in form:
-                forms.setdefault(uri, Counter())[form] += 1
+        for uri, form in _linked_aliases(rec):  # the surface forms the KG reader takes as aliases
+            forms.setdefault(uri, Counter())[form] += 1
         for tr in rec["triples"]:
-            f = fact_of(tr)
+            f = linked_triple(tr)
             if f is not None:
                 known.setdefault(f)
     surface = {u: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for u, c in forms.items()}
@@ -144,7 +130,7 @@ def split_linked_text(
         # the sentence stating each triple: the one holding its aligned object
         stating: list[tuple[Fact, int | None]] = []
         for tr in rec["triples"]:
-            f = fact_of(tr)
+            f = linked_triple(tr)
             if f is None:
                 continue
             obj = _aligned(tr["object"], text)
@@ -170,7 +156,7 @@ def split_linked_text(
                 entities.append({"uri": uri, "boundaries": [a, b], "surfaceform": new_text[a:b]})
         triples = []
         for tr in rec["triples"]:
-            f = fact_of(tr)
+            f = linked_triple(tr)
             if f is not None and assigned[f] == "heldout":
                 counts["triples_removed"] += 1
                 continue

@@ -177,6 +177,19 @@ def pretrain(
     return run_cmd(cmd, out, timeout=timeout, check=check)
 
 
+def world_relations(example_data: Path, out: Path) -> Path:
+    """`data_prep relations` on the built-in world's raw files (beside the example dataset): the
+    distant-supervision relation examples, out/train.jsonl and out/dev.jsonl."""
+    raw = example_data.parent / f"{example_data.name}_raw"
+    cmd = [sys.executable, "-m", "data_prep", "relations", "--corpus", str(raw / "corpus.txt")]
+    cmd += ["--kg", str(raw / "kg.tsv"), "--aliases", str(raw / "aliases.tsv"), "--case", "exact"]
+    run = subprocess.run(
+        [*cmd, "--output", str(out)], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
 def finetune_briefly(out: Path, init: Path, task: str, train: Path, dev: Path) -> Run:
     """Two fine-tuning steps of `task` from `init` (one process, moe_z2.json), dev evaluated at the end:
     for the tests that only need a fine-tuning checkpoint to start from."""

@@ -12,9 +12,9 @@ import pytest
 from conftest import deepspeed_cmd, run_cmd
 
 from data_prep.join import _sentences
-from data_prep.kg import iter_triples
+from data_prep.kg import iter_triples, linked_triple
 from data_prep.pipeline import PrepConfig, prepare
-from experiments.linked_split import GROUPS, assignment, fact_of, split_linked_text
+from experiments.linked_split import GROUPS, assignment, split_linked_text
 from sparsexpert.evaluate import relation_templates
 
 
@@ -31,7 +31,7 @@ def test_held_out_facts_leave_the_kg_and_kg_only_facts_leave_the_text(shared_dat
     assert len(written) == len(original)
     groups = {g: _facts(out / f"{g}.tsv") for g in GROUPS}
     known = _facts(out / "known.tsv")
-    every = {f for rec in original for tr in rec["triples"] if (f := fact_of(tr)) is not None}
+    every = {f for rec in original for tr in rec["triples"] if (f := linked_triple(tr)) is not None}
     assert set(known) == every and len(known) == counts["facts"] == 2126
     assert sum(map(len, groups.values())) + counts["facts_in_neither"] == len(known)
     # the draw: about the shares asked, by a hash of the fact (the same whatever the order)
@@ -80,7 +80,7 @@ def test_held_out_facts_leave_the_kg_and_kg_only_facts_leave_the_text(shared_dat
             assert not pairs & removed and not (train and pairs & unstated)
         sents = [old["text"][s:e] for s, e in _sentences(old["text"])]
         for tr in old["triples"]:
-            f = fact_of(tr)
+            f = linked_triple(tr)
             b = tr["object"]["boundaries"]
             if f is None or not b or old["text"][b[0] : b[1]] != tr["object"]["surfaceform"]:
                 continue
@@ -93,7 +93,7 @@ def test_held_out_facts_leave_the_kg_and_kg_only_facts_leave_the_text(shared_dat
     found = 0
     for old in original:
         for tr in old["triples"]:
-            f, b = fact_of(tr), tr["object"]["boundaries"]
+            f, b = linked_triple(tr), tr["object"]["boundaries"]
             if f in stated and b and old["text"][b[0] : b[1]] == tr["object"]["surfaceform"]:
                 sentence = next(old["text"][s:e] for s, e in _sentences(old["text"]) if s <= b[0] < e)
                 found += sentence in train_text

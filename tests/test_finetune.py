@@ -2,13 +2,11 @@
 the training techniques against references."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, write_ds_config
+from conftest import REPO, TINY_MODEL, deepspeed_cmd, pretrain, run_cmd, world_relations, write_ds_config
 
 from sparsexpert.finetune.model import TaskModel, TaskSpec
 from sparsexpert.model import ModelConfig, build_model
@@ -259,28 +257,7 @@ def test_multitask_classification_and_relation(tmp_path, pretrained, wnut, examp
                 rows = [line.split("\t") for line in sent.splitlines()]
                 label = "entity" if any(r[-1] != "O" for r in rows) else "none"
                 f.write(json.dumps({"text": " ".join(r[0] for r in rows), "label": label}) + "\n")
-    raw = example_data.parent / "data_raw"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_prep",
-            "relations",
-            "--corpus",
-            str(raw / "corpus.txt"),
-            "--kg",
-            str(raw / "kg.tsv"),
-            "--aliases",
-            str(raw / "aliases.tsv"),
-            "--case",
-            "exact",
-            "--output",
-            str(tmp_path / "re"),
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    world_relations(example_data, tmp_path / "re")
     config = {
         "tasks": [
             {

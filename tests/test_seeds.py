@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, launch_env
+from conftest import REPO, TINY_MODEL, launch_env, world_relations
 
 from sparsexpert import stats
 
@@ -24,21 +24,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def relations(example_data, tmp_path_factory) -> Path:
-    raw = example_data.parent / f"{example_data.name}_raw"
-    out = tmp_path_factory.mktemp("re")
-    cmd = [sys.executable, "-m", "data_prep", "relations", "--corpus", str(raw / "corpus.txt"), "--kg"]
-    cmd += [
-        str(raw / "kg.tsv"),
-        "--aliases",
-        str(raw / "aliases.tsv"),
-        "--case",
-        "exact",
-        "--output",
-        str(out),
-    ]
-    run = _run(cmd)
-    assert run.returncode == 0, run.stderr
-    return out
+    return world_relations(example_data, tmp_path_factory.mktemp("re"))
 
 
 def test_two_seeds_give_intervals_and_paired_tests_and_a_seed_reproduces(example_data, relations, tmp_path):
