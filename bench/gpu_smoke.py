@@ -8,7 +8,7 @@ prints what it must show; the script exits non-zero at the first miss.
     bash bench/gpu_smoke.sh --skip_suite --out /tmp/smoke    # keep the runs, skip the CPU suite
 
 Steps: pretraining with AutoEP at ZeRO-2 in bf16 (fp16 where the GPU lacks bf16), the knowledge modes
-fusion and inject, the native DeepSpeed-MoE backend, ZeRO-3, a failure that stops the run (exit
+fusion and inject, fusion with the entity table on row-wise Adagrad (its rows all-gathered), the native DeepSpeed-MoE backend, ZeRO-3, a failure that stops the run (exit
 status 1, a checkpoint kept) and its resume, an elastic resume 2 -> 1 ranks, evaluation, fine-tuning
 with FGM, then PGD with distillation, consolidation, Hugging Face export, generation on the device,
 a rank that hangs named by the others (heartbeats), the CPU suite. Device check mode is on (SPARSEXPERT_CHECK_DEVICE=1):
@@ -212,6 +212,25 @@ class Smoke:
                 f"knowledge {mode}",
                 f"loss {recs[-1]['loss']:.3f}" + "".join(f", {k} {recs[-1][k]:.3f}" for k in keys),
             )
+        # the entity table on row-wise Adagrad: its rows all-gathered over the ranks (NCCL on a GPU), fp32
+        # under bf16 (the path refuses fp16: fp32 where the GPU lacks bf16)
+        rows_ds = self.ds("bf16", "moe_z2_bf16.json") if self.half == "bf16" else ds
+        _, out, _ = self.pretrain(
+            "fusion_rowwise",
+            rows_ds,
+            "--model.knowledge.mode=fusion",
+            "--model.knowledge.entity_dim=16",
+            "--model.knowledge.entity_optimizer=rowwise_adagrad",
+            steps=3,
+        )
+        if "with row-wise Adagrad" not in out:
+            raise Miss("fusion rowwise: the run header does not state the row-wise table")
+        recs = self.finite("fusion_rowwise", ("loss", "lm_loss", "entity_loss", "triple_loss"))
+        self.say(
+            "knowledge fusion rowwise",
+            f"{'bf16' if self.half == 'bf16' else 'fp32'}, loss {recs[-1]['loss']:.3f}, entity_loss "
+            f"{recs[-1]['entity_loss']:.3f}, triple_loss {recs[-1]['triple_loss']:.3f}",
+        )
 
     def native(self) -> None:
         ds = self.ds("native")

@@ -21,6 +21,11 @@ that of the same corpus with no KG, "x text" their ratio. With --corpus-sizes, a
 marginal throughput, text only and with the KG: the sentences between the smallest and the largest corpus
 over the wall time they add, so that the KG's fixed costs (opening the index, writing entities.tsv and
 triples.tsv) do not count.
+
+Then, for each of --train-sizes, 20 steps of a small MoE pretraining on that dataset, one process: text only,
+fusion with the entity table on Adam (DeepSpeed's optimizer), and fusion with it on row-wise Adagrad
+(model.knowledge.entity_optimizer=rowwise_adagrad): step time, peak memory, the knowledge tables' memory a
+rank as the run header states it, and row-wise against Adam; then link prediction on the fusion run.
 """
 
 from __future__ import annotations
@@ -168,9 +173,9 @@ def run_prep(corpus: Path, tok: Path, out: Path, workers: int, kg: tuple[Path, P
 TINY_MODEL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.d_ff=128"]
 
 
-def run_pretrain(data: Path, out: Path, mode: str, steps: int) -> dict:
+def run_pretrain(data: Path, out: Path, mode: str, steps: int, *extra: str) -> dict:
     """A short pretraining run of a small MoE on a prepared dataset: its step time (the mean over the
-    last log interval, metrics.jsonl) and the peak memory of its process."""
+    last log interval, metrics.jsonl) and the peak memory of its process. extra: more overrides."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -182,7 +187,7 @@ def run_pretrain(data: Path, out: Path, mode: str, steps: int) -> dict:
     ]
     cmd += [*TINY_MODEL, "--model.max_seq_len=256", f"--data.path={data}", f"--model.knowledge.mode={mode}"]
     cmd += [f"--train.max_steps={steps}", f"--train.log_every={steps // 2}", "--train.eval_every=0"]
-    cmd += ["--train.save_every=0"]
+    cmd += ["--train.save_every=0", *extra]
     env_port = {"MASTER_PORT": str(29500 + os.getpid() % 1000)}
     os.environ.update(env_port)
     r = measure(cmd, out.with_name(out.name + ".log"))
@@ -269,7 +274,8 @@ def main() -> None:
     if train:
         print(
             f"\npretraining a small MoE ({' '.join(TINY_MODEL)}, seq 256, ds_configs/moe_z2.json, one process) "
-            f"for {args.train_steps} steps on each dataset:"
+            f"for {args.train_steps} steps on each dataset (rowwise: fusion with the entity table on "
+            "model.knowledge.entity_optimizer=rowwise_adagrad):"
         )
         print(
             f"{'entities':>10} {'mode':>7} {'step s':>7} {'vs none':>8} {'peak GB':>8} {'table GiB/rank':>15}"
@@ -280,15 +286,27 @@ def main() -> None:
             w = args.workers[-1]
             data = root / f"kg{n}" / f"out{args.sentences}_w{w}"
             base = run_pretrain(data, root / f"kg{n}" / "pre_none", "none", args.train_steps)
-            for mode, r in (
-                ("none", base),
-                ("fusion", run_pretrain(data, root / f"kg{n}" / "pre_fusion", "fusion", args.train_steps)),
-            ):
+            rowwise = "--model.knowledge.entity_optimizer=rowwise_adagrad"
+            runs = {
+                "none": base,
+                "fusion": run_pretrain(data, root / f"kg{n}" / "pre_fusion", "fusion", args.train_steps),
+                "rowwise": run_pretrain(
+                    data, root / f"kg{n}" / "pre_rows", "fusion", args.train_steps, rowwise
+                ),
+            }
+            for mode, r in runs.items():
                 print(
                     f"{n:>10,} {mode:>7} {r['step_s']:>7.3f} {r['step_s'] / base['step_s']:>7.2f}x "
                     f"{r['peak_gb']:>8.2f} {r['table_gib']:>15.2f}",
                     flush=True,
                 )
+            dense, rows = runs["fusion"], runs["rowwise"]
+            print(
+                f"{n:>10,} row-wise Adagrad against Adam for the entity table: step time "
+                f"{rows['step_s'] / dense['step_s']:.3f}x ({dense['step_s']:.3f} s -> {rows['step_s']:.3f} s; "
+                f"text only {base['step_s']:.3f} s), peak memory {rows['peak_gb'] / dense['peak_gb']:.2f}x",
+                flush=True,
+            )
             if args.eval_triples:
                 t0 = time.time()
                 r = run_link_prediction(root / f"kg{n}", root / f"kg{n}" / "pre_fusion", args)

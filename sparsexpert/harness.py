@@ -417,13 +417,19 @@ class Harness:
         return Prefetcher(make, start_step, end_step, grad_accum, self.device)
 
     def step(
-        self, step: int, batches: Prefetcher, grad_accum: int, forward: Callable[[Any], MicroOut]
+        self,
+        step: int,
+        batches: Prefetcher,
+        grad_accum: int,
+        forward: Callable[[Any], MicroOut],
+        after: Callable[[bool], None] | None = None,
     ) -> bool:
         """One optimizer step: each micro-batch's forward and backward, our clipping before the last
         engine.step (DeepSpeed steps the optimizer at the accumulation boundary), the loss terms summed
-        on the device. Returns whether the update was applied: DeepSpeed skips a step whose gradient
-        norm is not finite (and, in fp16, one that overflowed), as we do on the ZeRO-0 fp32 path, which
-        reads the norm on the host for it; otherwise no host synchronization of ours."""
+        on the device; then `after(applied)`, an optimizer of weights outside DeepSpeed's (the entity
+        table's row-wise Adagrad). Returns whether the update was applied: DeepSpeed skips a step whose
+        gradient norm is not finite (and, in fp16, one that overflowed), as we do on the ZeRO-0 fp32
+        path, which reads the norm on the host for it; otherwise no host synchronization of ours."""
         engine = self.engine
         skipped = engine.skipped_steps
         for m in range(grad_accum):
@@ -434,7 +440,10 @@ class Harness:
                 parallel.skip_step_if_not_finite(engine, self._grad_norm)
             engine.step()
             self.sums.add(out)
-        return engine.skipped_steps == skipped
+        applied = engine.skipped_steps == skipped
+        if after is not None:
+            after(applied)
+        return applied
 
     def interval(self) -> dict[str, Any]:
         """The interval's figures on every rank (collective): scalar and `means` averages, array sums,

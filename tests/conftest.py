@@ -169,12 +169,13 @@ def pretrain(
     *overrides: str,
     timeout: float = 300,
     check: bool = True,
+    env: dict | None = None,
 ) -> Run:
     out = Path(tmp_dir)
     cmd = deepspeed_cmd(
         nproc, "launcher/pretrain.py", "--ds_config", str(ds_config), "--output_dir", str(out), *overrides
     )
-    return run_cmd(cmd, out, timeout=timeout, check=check)
+    return run_cmd(cmd, out, timeout=timeout, check=check, env=env)
 
 
 def world_relations(example_data: Path, out: Path) -> Path:

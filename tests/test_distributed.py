@@ -1,6 +1,7 @@
 """Real multi-process training (DeepSpeed launcher, gloo on CPU) against single-process references."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,12 +228,16 @@ def test_resume_after_kill_is_bit_identical(tmp_path, example_data):
 KNOWLEDGE_KEYS = ("entity_loss", "triple_loss")
 
 
-@pytest.mark.parametrize("mode", ["fusion", "inject"])
+@pytest.mark.parametrize("mode", ["fusion", "fusion-rowwise", "inject"])
 def test_knowledge_modes_under_expert_parallelism_match_single_process(tmp_path, example_data, mode):
-    """Entity fusion (tables, corrupted alignments, sampled entity softmax, TransE negatives) and
-    K-BERT injection: 2 processes with ep=2 at ZeRO-2 equal 1 process with gradient accumulation 2."""
+    """Entity fusion (tables, corrupted alignments, sampled entity softmax, TransE negatives), the same
+    with the entity table on row-wise Adagrad (rows gathered over the ranks), and K-BERT injection:
+    2 processes with ep=2 at ZeRO-2 equal 1 process with gradient accumulation 2."""
+    rowwise = mode == "fusion-rowwise"
+    mode = mode.removesuffix("-rowwise")
     common = [
         *TINY_MODEL,
+        *(["--model.knowledge.entity_optimizer=rowwise_adagrad"] if rowwise else []),
         f"--model.knowledge.mode={mode}",
         "--model.knowledge.entity_dim=16",
         f"--data.path={example_data}",
@@ -251,7 +256,15 @@ def test_knowledge_modes_under_expert_parallelism_match_single_process(tmp_path,
         tmp_path / "ds.json", "moe_z2.json", gradient_clipping=1.0, train_micro_batch_size_per_gpu=4
     )
     ref = pretrain(tmp_path / "ref", 1, ref_ds, *common)
-    run = pretrain(tmp_path / "ep2", 2, ds, *common, "--model.moe.ep_size=2")
+    # row-wise: the 2-process run also saves at step 2, continued below on 1 process (an elastic resume)
+    run = pretrain(
+        tmp_path / "ep2",
+        2,
+        ds,
+        *common,
+        "--model.moe.ep_size=2",
+        *(["--train.save_every=2"] if rowwise else []),
+    )
     _assert_same_losses(run, ref)
     if mode == "fusion":
         for a, b in zip(run.metrics(), ref.metrics()):
@@ -267,3 +280,17 @@ def test_knowledge_modes_under_expert_parallelism_match_single_process(tmp_path,
     assert one["layers.0.mlp.experts.w1"].shape[0] == 4
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
+    if rowwise:  # the table was trained on that path, in both runs
+        assert (one["knowledge.entity_sq"] > 0).sum() > 10
+        # elastic: the table and its accumulators (outside DeepSpeed's optimizer, so not in its universal
+        # form) come back from the 2-process step-2 checkpoint on 1 process, which ends where ref ends
+        link = tmp_path / "link"
+        shutil.copytree(
+            tmp_path / "ep2" / "checkpoints" / "step_00000002", link / "checkpoints" / "step_00000002"
+        )
+        (link / "checkpoints" / "latest").write_text("step_00000002")
+        resumed = pretrain(link, 1, ref_ds, *common, "--resume")
+        assert "elastic resume: world 2 -> 1" in resumed.output
+        again, _ = load_weights(link)
+        for key in one:
+            torch.testing.assert_close(again[key], one[key], atol=1e-5, rtol=1e-4, msg=key)

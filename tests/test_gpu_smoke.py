@@ -8,6 +8,7 @@ STEPS = [
     "pretrain AutoEP ZeRO-2 bf16",
     "knowledge fusion",
     "knowledge inject",
+    "knowledge fusion rowwise",
     "native DeepSpeed-MoE ZeRO-2",
     "AutoEP ZeRO-3",
     "failure exit",

@@ -41,6 +41,15 @@ def counted(tmp_path: Path, *script_args: str) -> tuple[list[dict], list[dict]]:
     "stage, extra",
     [
         (2, ["--model.knowledge.mode=fusion", "--model.knowledge.entity_dim=16"]),
+        # the entity table's row-wise Adagrad step: its all-gathers and updates stay on the device
+        (
+            2,
+            [
+                "--model.knowledge.mode=fusion",
+                "--model.knowledge.entity_dim=16",
+                "--model.knowledge.entity_optimizer=rowwise_adagrad",
+            ],
+        ),
         # ZeRO-0 in fp32: our own gradient clipping; the native backend's drop counts; K-BERT injection
         (
             0,
@@ -51,7 +60,7 @@ def counted(tmp_path: Path, *script_args: str) -> tuple[list[dict], list[dict]]:
             ],
         ),
     ],
-    ids=["autoep-zero2-fusion", "native-zero0-inject"],
+    ids=["autoep-zero2-fusion", "autoep-zero2-fusion-rowwise", "native-zero0-inject"],
 )
 def test_pretraining_steps_make_no_host_sync_of_ours(tmp_path, example_data, stage, extra):
     ds = write_ds_config(tmp_path / "ds.json", f"moe_z{stage}.json", gradient_clipping=1.0)

@@ -1,8 +1,8 @@
 """Talking to the other ranks: every collective of sparsexpert, and the failure watch.
 
-- `all_reduce`, `all_gather_object`, `barrier`: the only calls of torch.distributed collectives in
-  the code base (tests/test_device.py checks the source). `all_reduce` refuses a tensor on another
-  device than the backend's (NCCL reduces CUDA tensors only; gloo reduces anything, which hid such
+- `all_reduce`, `all_gather`, `all_gather_object`, `barrier`: the only calls of torch.distributed
+  collectives in the code base (tests/test_device.py checks the source). `all_reduce` and `all_gather`
+  refuse a tensor on another device than the backend's (NCCL reduces CUDA tensors only; gloo reduces anything, which hid such
   mistakes on our CPU machines) and, in check mode, one that did not pass through
   `sparsexpert.distributed.device.to_device`.
 - `RankWatch`: when one rank fails, every rank stops within seconds naming it.
@@ -41,20 +41,36 @@ def store() -> Any:
     return dist.distributed_c10d._get_default_store()
 
 
+def _check_backend_device(tensor: torch.Tensor, what: str, group: Any) -> None:
+    if dist.get_backend(group) == "nccl" and tensor.device.type != "cuda":
+        raise RuntimeError(
+            f"{what} of a tensor on {tensor.device} over NCCL, which reduces CUDA tensors only: create "
+            "the buffer on the engine's device (sparsexpert.distributed.device.to_device)"
+        )
+
+
 def all_reduce(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Sum `tensor` over the ranks of `group` (default: all), in place; returns it. A no-op without
     torch.distributed."""
     _device.check_placed(tensor, "all_reduce buffer")
     if not dist.is_initialized():
         return tensor
-    backend = dist.get_backend(group)
-    if backend == "nccl" and tensor.device.type != "cuda":
-        raise RuntimeError(
-            f"all_reduce of a tensor on {tensor.device} over NCCL, which reduces CUDA tensors only: create "
-            "the buffer on the engine's device (sparsexpert.distributed.device.to_device)"
-        )
+    _check_backend_device(tensor, "all_reduce", group)
     dist.all_reduce(tensor, group=group)
     return tensor
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (the same shape on every rank) stacked along a new first dimension in rank
+    order: [world, *tensor.shape], on the tensor's device, in one collective. Without torch.distributed,
+    [1, *shape]. For tensors computed on the device (not checked for `to_device`'s mark)."""
+    if not dist.is_initialized():
+        return tensor.unsqueeze(0)
+    _check_backend_device(tensor, "all_gather", None)
+    out = tensor.new_empty((dist.get_world_size(), *tensor.shape))
+    # into views of one buffer (gloo has no all_gather_into_tensor; NCCL takes either)
+    dist.all_gather(list(out.unbind(0)), tensor.contiguous())
+    return out
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -624,6 +624,17 @@ def _check_precision_config(model_cfg: ModelConfig, ds: dict[str, Any], stage: i
             "fp16 with MoE layers needs ZeRO 1-3 (DeepSpeed's ZeRO-0 fp16 optimizer leaves the experts out of "
             "the gradient norm it clips by): use ds_configs/moe_z2_fp16.json, or bf16/fp32 at ZeRO-0",
         )
+    k = model_cfg.knowledge
+    if k.fusion and k.entity_optimizer == "rowwise_adagrad" and (fp16 or stage == 3):
+        # the row-wise path reads its gradients as backward leaves them: under fp16 they carry DeepSpeed's
+        # loss scale; under ZeRO-3 the table would be partitioned, and the path keeps it whole
+        raise ConfigError(
+            "model.knowledge.entity_optimizer",
+            k.entity_optimizer,
+            f"runs at ZeRO 0-2 in fp32 or bf16 (this config: ZeRO-{stage}{', fp16' if fp16 else ''}): the table "
+            "stays whole and fp32 on every rank; use ds_configs/moe_z2.json or ds_configs/moe_z2_bf16.json, or "
+            "model.knowledge.entity_optimizer=adam",
+        )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sparsexpert.config import ConfigError
 
 MODES = ("none", "fusion", "inject")
+ENTITY_OPTIMIZERS = ("adam", "rowwise_adagrad")
 
 
 @dataclass
@@ -57,6 +58,20 @@ class KnowledgeConfig:
     relations apart from identity) or "distmult" (sum(e_h * w_r * e_t); symmetric by construction)."""
     triple_margin: float = 1.0
     """Margin of the ranking loss: mean(relu(margin - score(positive) + score(corrupted)))."""
+    entity_optimizer: str = "adam"
+    """How the entity table is trained (fusion). "adam": with every other weight, by DeepSpeed's optimizer:
+    a dense gradient of the whole table every step, reduced over the ranks, and Adam's two states per
+    entry (ZeRO partitions them). "rowwise_adagrad": outside DeepSpeed's optimizer, only the rows a step
+    looked up: their gradients gathered over the ranks, summed per row, then row-wise Adagrad (FBGEMM's
+    and TorchRec's choice for large embedding tables: one accumulator a row, of the mean squared
+    gradient); the table stays fp32 and whole on every rank (ZeRO 0-2; not fp16). For tables of millions
+    of entities, where the dense path's step scales with the table rather than with the rows touched
+    (bench/kg_scale.py measures both)."""
+    entity_lr: float = 0.01
+    """Learning rate of the row-wise Adagrad path (entity_optimizer="rowwise_adagrad"), constant; the
+    run's schedule does not apply to it."""
+    entity_eps: float = 1e-8
+    """Row-wise Adagrad's epsilon, added to the square root of a row's accumulator (> 0)."""
     inject_per_mention: int = 2
     """Inject mode: triples injected after each mention (chosen at random among its entity's)."""
     inject_prob: float = 1.0
@@ -94,6 +109,24 @@ class KnowledgeConfig:
             raise ConfigError("model.knowledge.triple_score", self.triple_score, 'use "transe" or "distmult"')
         if self.triple_source not in ("attached", "kg"):
             raise ConfigError("model.knowledge.triple_source", self.triple_source, 'use "attached" or "kg"')
+        if self.entity_optimizer not in ENTITY_OPTIMIZERS:
+            raise ConfigError(
+                "model.knowledge.entity_optimizer",
+                self.entity_optimizer,
+                f"use {' or '.join(ENTITY_OPTIMIZERS)}",
+            )
+        if self.entity_optimizer == "rowwise_adagrad":
+            if self.entity_lr <= 0 or self.entity_eps <= 0:
+                raise ConfigError(
+                    "model.knowledge.entity_lr/entity_eps", (self.entity_lr, self.entity_eps), "must be > 0"
+                )
+            if self.fusion and self.entity_loss_coef > 0 and self.entity_negatives == 0:
+                raise ConfigError(
+                    "model.knowledge.entity_negatives",
+                    0,
+                    "a full softmax looks up every entity each step, so the row-wise path would update every row: "
+                    "use sampled negatives (e.g. 64) with entity_optimizer=rowwise_adagrad, or entity_optimizer=adam",
+                )
         for name in ("entity_loss_coef", "triple_loss_coef", "triple_margin"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.knowledge.{name}", getattr(self, name), "must be >= 0")

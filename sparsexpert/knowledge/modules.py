@@ -41,6 +41,9 @@ class KnowledgeBatch:
 
 
 class KnowledgeEmbeddings(nn.Module):
+    entity_sq: torch.Tensor
+    """[entities] fp32, row-wise path only: each row's Adagrad accumulator (a buffer, so in checkpoints)."""
+
     def __init__(self, d_model: int, cfg: KnowledgeConfig):
         super().__init__()
         if cfg.num_entities < 1 or cfg.num_relations < 1:
@@ -52,11 +55,31 @@ class KnowledgeEmbeddings(nn.Module):
         self.relations = nn.Embedding(cfg.num_relations, cfg.entity_dim)
         self.fuse_proj = nn.Linear(cfg.entity_dim, d_model, bias=False)
         self.entity_head = nn.Linear(d_model, cfg.entity_dim, bias=False)
+        self.rowwise = cfg.entity_optimizer == "rowwise_adagrad"
+        self.looked_up: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """Row-wise path: (entity ids [K], their rows' gradients [K, De]) of every lookup since the last
+        optimizer step, appended by backward (`_entity_rows`), taken by `sparsexpert.train.rowwise.RowwiseAdagrad.step`."""
+        if self.rowwise:
+            # Outside DeepSpeed's optimizer (parallel.param_groups takes trainable weights only); the
+            # row-wise Adagrad accumulator, one a row, saved with the weights in every checkpoint.
+            self.entities.weight.requires_grad_(False)
+            self.register_buffer("entity_sq", torch.zeros(cfg.num_entities))
+
+    def _entity_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The entity embeddings of `ids` (any shape). On the row-wise path, while autograd records, the
+        rows are a leaf whose gradient backward hands to `looked_up` with the ids: the table itself gets
+        no gradient, dense or sparse."""
+        if not self.rowwise or not torch.is_grad_enabled():
+            return self.entities(ids)
+        rows = F.embedding(ids, self.entities.weight).requires_grad_(True)
+        flat_ids = ids.reshape(-1)
+        rows.register_hook(lambda g: self.looked_up.append((flat_ids, g.reshape(-1, g.shape[-1]))))
+        return rows
 
     def fuse(self, h_BSD: torch.Tensor, entity_ids_BS: torch.Tensor) -> torch.Tensor:
         """h + W e(entity) at tokens that carry an entity; other tokens unchanged."""
         has_BS = entity_ids_BS >= 0
-        e_BSE = self.entities(entity_ids_BS.clamp_min(0)) * has_BS.unsqueeze(-1).to(h_BSD.dtype)
+        e_BSE = self._entity_rows(entity_ids_BS.clamp_min(0)) * has_BS.unsqueeze(-1).to(h_BSD.dtype)
         return h_BSD + self.fuse_proj(e_BSE.to(h_BSD.dtype))
 
     def entity_loss(self, h_BSD: torch.Tensor, kb: KnowledgeBatch) -> torch.Tensor:
@@ -76,12 +99,12 @@ class KnowledgeEmbeddings(nn.Module):
         )
         lens_M = lens_M.clamp_min(1)
         q_ME = self.entity_head(sums_MD / lens_M.unsqueeze(-1))
-        logits_MC = q_ME.float() @ self.entities(kb.candidates).float().t()
+        logits_MC = q_ME.float() @ self._entity_rows(kb.candidates).float().t()
         return F.cross_entropy(logits_MC, kb.mention_labels)
 
     def _triple_parts(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor):
-        e_h = F.normalize(self.entities(h).float(), dim=-1)
-        e_t = F.normalize(self.entities(t).float(), dim=-1)
+        e_h = F.normalize(self._entity_rows(h).float(), dim=-1)
+        e_t = F.normalize(self._entity_rows(t).float(), dim=-1)
         return e_h, self.relations(r).float(), e_t
 
     def triple_score(self, h: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -105,7 +128,7 @@ class KnowledgeEmbeddings(nn.Module):
         # gradient for the same parameters whether or not its micro-batch had mentions or triples.
         # Through module calls, so ZeRO-3 gathers the weights.
         idx = torch.zeros(1, dtype=torch.long, device=like.device)
-        v = self.entities(idx) + self.relations(idx)
+        v = self._entity_rows(idx) + self.relations(idx)
         return self.entity_head(self.fuse_proj(v)).float().sum() * 0.0
 
     def _all_entities(self, device: torch.device) -> torch.Tensor:

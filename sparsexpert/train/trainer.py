@@ -28,6 +28,7 @@ from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.metrics import Monitor, format_duration
 from sparsexpert.model import ModelConfig, build_model
 from sparsexpert.train.config import RunConfig
+from sparsexpert.train.rowwise import RowwiseAdagrad, lookups_per_step
 from sparsexpert.weights import checkpoint, deepspeed_formats, export
 
 
@@ -275,6 +276,12 @@ class Pretrainer:
         self.engine = h.build_engine(
             model, deepspeed_formats.universal_loading(self.ds_config) if elastic else self.ds_config
         )
+        # the entity table's own optimizer (fp32 from here on, before a resume loads it)
+        self.rows: RowwiseAdagrad | None = None
+        k = cfg.model.knowledge
+        if k.fusion and k.entity_optimizer == "rowwise_adagrad":
+            cap = lookups_per_step(k, self.triplet.micro, manifest["seq_len"], self.triplet.grad_accum)
+            self.rows = RowwiseAdagrad(self.engine.module.knowledge, cap)
         self.step = 0
         if tag_dir is not None:
             self.step = h.resume(tag_dir, elastic, t.seed, self.ep_size)["step"]
@@ -355,13 +362,25 @@ class Pretrainer:
         self.h.log(self.monitor.describe())
         k = self.cfg.model.knowledge
         if k.mode == "fusion":
-            per_rank = table_bytes_per_rank(p["knowledge"], zero, precision, t.dp)
+            if self.rows is None:
+                per_rank = table_bytes_per_rank(p["knowledge"], zero, precision, t.dp)
+                memory = (
+                    f"{per_rank / 2**30:.2f} GiB a rank with their gradients and Adam states under ZeRO-{zero} "
+                    f"over {t.dp} data-parallel ranks"
+                )
+            else:
+                rest = p["knowledge"] - self.engine.module.knowledge.entities.weight.numel()
+                per_rank = self.rows.memory_bytes() + table_bytes_per_rank(rest, zero, precision, t.dp)
+                memory = (
+                    f"{per_rank / 2**30:.2f} GiB a rank: the entity table fp32 and whole on every rank with "
+                    f"row-wise Adagrad (lr {k.entity_lr}, {self.rows.cap:,} rows a rank exchanged a step), the "
+                    f"rest with their gradients and Adam states under ZeRO-{zero} over {t.dp} data-parallel ranks"
+                )
             self.h.log(
                 f"knowledge: fusion at layer {k.fusion_layer}, {k.num_entities:,} entities x {k.num_relations} "
-                f"relations x {k.entity_dim} dims ({p['knowledge'] / 1e6:.3f}M parameters, "
-                f"{per_rank / 2**30:.2f} GiB a rank with their gradients and Adam states under ZeRO-{zero} "
-                f"over {t.dp} data-parallel ranks); entity loss x {k.entity_loss_coef}, "
-                f"{k.triple_score} x {k.triple_loss_coef} on {k.triple_source} triples"
+                f"relations x {k.entity_dim} dims ({p['knowledge'] / 1e6:.3f}M parameters, {memory}); "
+                f"entity loss x {k.entity_loss_coef}, {k.triple_score} x {k.triple_loss_coef} on "
+                f"{k.triple_source} triples"
             )
         elif k.mode == "inject":
             self.h.log(
@@ -451,10 +470,11 @@ class Pretrainer:
         nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps, parallel.precision_of(self.ds_config) == "fp16")
         engine.train()
         batches = h.prefetch(self.loader.batch, self.step, cfg.max_steps, accum)
+        rows_step = self.rows.step if self.rows is not None else None  # the entity table's own optimizer
         try:
             while self.step < cfg.max_steps:
                 h.tick(self.step + 1)
-                applied = h.step(self.step, batches, accum, self._forward)
+                applied = h.step(self.step, batches, accum, self._forward, rows_step)
                 self.step += 1
                 steps_in_interval += 1
                 done = self.step == cfg.max_steps

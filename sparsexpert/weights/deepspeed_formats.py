@@ -348,6 +348,7 @@ def load_elastic(engine, tag_dir: Path, seed: int) -> tuple[dict[str, Any], list
         raise RuntimeError(f"{tag_dir / UNIVERSAL}: DeepSpeed could not load this universal checkpoint")
     for group, keep in zip(groups, identity):
         group.update(keep)
+    _load_frozen(engine, tag_dir, meta)
     # DeepSpeed quirk: ZeRO-3's universal loading gives every sub-group's Adam state the same `step`
     # tensor, which torch's Adam increments in place, once per sub-group and optimizer step.
     for state in engine.optimizer.optimizer.state.values():
@@ -363,6 +364,28 @@ def load_elastic(engine, tag_dir: Path, seed: int) -> tuple[dict[str, Any], list
         np.random.seed(s)
         torch.manual_seed(s)  # CUDA generators too
     return meta, check_elastic_load(engine, tag_dir, meta)
+
+
+def _load_frozen(engine, tag_dir: Path, meta: dict[str, Any]) -> None:
+    """What DeepSpeed's universal loading leaves at its initialization, loaded from the tag's dense model
+    states (ZeRO 0-2, the same on every rank): the universal form holds what DeepSpeed's optimizer steps,
+    not the weights outside it and the buffers (the row-wise entity table and its accumulators,
+    model.knowledge.entity_optimizer=rowwise_adagrad)."""
+    if meta["ds_config"].get("zero_optimization", {}).get("stage", 0) == 3:
+        return
+    module = engine.module
+    names = [n for n, p in module.named_parameters() if not p.requires_grad]
+    names += [n for n, _ in module.named_buffers() if n in module.state_dict()]  # persistent ones
+    if not names:
+        return
+    saved = load_file(tag_dir / "mp_rank_00_model_states.pt")["module"]
+    own = module.state_dict()
+    for name in names:
+        if name not in saved:
+            raise RuntimeError(
+                f"{tag_dir}: the checkpoint has no {name}, which this model keeps outside the optimizer"
+            )
+        own[name].copy_(saved[name])
 
 
 def _reference(tag_dir: Path, stage: int):
