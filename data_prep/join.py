@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from data_prep.arrays import search, sorted_unique
 from data_prep.chunks import Joined, concat_joined, joined_of
 from data_prep.kg_index import SEP, _code_points, char_class
 from data_prep.readers import RawDoc
@@ -208,7 +209,7 @@ def _join_arrays(
     k = np.searchsorted(sent_s, start, side="right") - 1
     inside = end <= sent_e[k]  # a mention across a sentence end belongs to none
     ne, nt = index.n_entities, max(len(index.triples), 1)
-    cell = np.unique(k[inside] * ne + entity[inside])  # (sentence, entity), sorted
+    cell = sorted_unique(k[inside] * ne + entity[inside])  # (sentence, entity), sorted
     sk, ent = cell // ne, cell % ne
     first = np.flatnonzero(np.append(True, sk[1:] != sk[:-1]))
     size = np.diff(np.append(first, len(sk)))
@@ -217,13 +218,13 @@ def _join_arrays(
     b = np.repeat(np.repeat(first, size), per) + _spread(per)
     a, b = a[a != b], b[a != b]
     key = ent[a] * ne + ent[b]
-    lo = np.searchsorted(index.pair_key, key, side="left")
+    lo = search(index.pair_key, key, side="left")
     hit = lo < len(index.pair_key)
     hit[hit] = index.pair_key[lo[hit]] == key[hit]
     lo = lo[hit]
-    count = np.searchsorted(index.pair_key, key[hit], side="right") - lo
+    count = search(index.pair_key, key[hit], side="right") - lo
     found = np.repeat(sk[a[hit]], count) * nt + index.pair_triple[np.repeat(lo, count) + _spread(count)]
-    found = np.unique(found)  # by sentence, then triple
+    found = sorted_unique(found)  # by sentence, then triple
     ev_k, ev_t = found // nt, found % nt
 
     # token spans: each token's characters, in the joined text

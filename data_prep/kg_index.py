@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.arrays import search, sorted_unique
 from data_prep.kg import Mention, Triple, fold_case, iter_aliases, iter_triples
 from data_prep.output import file_digest, fsync_dir, write_durable
 from data_prep.readers import DataError
@@ -231,7 +232,7 @@ class AliasMatcher:
         starts = starts[~char_class(cp[starts], "isspace")]  # aliases are stripped: none starts with a space
         # keep the starts whose first one, two or three characters begin some key: a key of one or two
         # characters only where it would end on a word boundary
-        padded = np.append(hay_cp, np.zeros(2, np.uint32)).astype(np.uint64)
+        padded = np.append(hay_cp, np.zeros(2, np.uint32))  # widened to uint64 where gathered, not whole
         table, nb, lengths = self.starts, len(self.starts), self.lengths.tolist()
         can = np.zeros(len(starts), bool)
         for width in (1, 2, 3):
@@ -243,7 +244,7 @@ class AliasMatcher:
             sel = np.flatnonzero(fits)
             at = starts[sel]
             zero = np.zeros(len(at), np.uint64)
-            c = [padded[at + i] if i < width else zero for i in range(3)]
+            c = [padded[at + i].astype(np.uint64) if i < width else zero for i in range(3)]
             can[sel] |= table[_bucket(c[0], c[1], c[2], zero + np.uint64(width), nb)]
         starts = starts[can]
         # hash hits are checked against the keys' UTF-8 bytes: each character's byte offset in the haystack
@@ -263,7 +264,7 @@ class AliasMatcher:
             maybe = self._may_be_key(h)  # most pieces are no key: one memory access tells
             s, h = s[maybe], h[maybe]
             keys = self.hash[lo:hi]
-            j = np.searchsorted(keys, h)
+            j = search(keys, h)
             hit = j < len(keys)
             hit[hit] = keys[j[hit]] == h[hit]
             s, k = s[hit], j[hit] + lo
@@ -735,7 +736,7 @@ def build(folder: Path, kg: str, aliases: str | None, case: str, on_error: str) 
             f"entity {who!r} with no alias; add it to the alias file or pass --on_error skip"
         )
     # the relations of the triples kept (one only in triples without aliases is in no output)
-    used = np.unique(r[ok])
+    used = sorted_unique(r[ok])
     relations = relations.take(pa.array(used))
     triples = _distinct_rows(h[ok], np.searchsorted(used, r[ok]), t[ok], n_entities, len(relations))
     del h, r, t, ok
@@ -774,7 +775,7 @@ def _distinct_rows(
 ) -> np.ndarray:
     """[n, 3] the distinct (h, r, t) rows, sorted: through one int64 key where it fits."""
     if n_entities * n_entities * max(n_relations, 1) < 2**62:
-        key = np.unique((h * n_relations + r) * n_entities + t)
+        key = sorted_unique((h * n_relations + r) * n_entities + t)
         out = np.empty((len(key), 3), dtype=np.int64)
         out[:, 2] = key % n_entities
         key //= n_entities

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.arrays import sorted_unique
 from sparsexpert.data.format import shard_name, table_name
 
 EOS_ID = 2
@@ -104,7 +105,7 @@ class Packer:
                 self.counts["spans_clipped"] += int(cross.sum())
             if self._spans_file is not None:
                 self._spans_file.write(np.stack([row, s - row * L, e - row * L, spans[:, 3]], 1).tobytes())
-                new_rows = np.unique(row)  # rows arrive in order: count each row with an entity once
+                new_rows = sorted_unique(row)  # rows arrive in order: count each row with an entity once
                 self.rows_with_entity += int((new_rows > self._last_entity_row).sum())
                 self._last_entity_row = max(self._last_entity_row, int(new_rows[-1]))
         if len(triples):

@@ -360,3 +360,23 @@ def test_joining_in_arrays_equals_one_document_at_a_time(tmp_path, case, monkeyp
     for d in links:
         d.links = []
     assert chunk(True, 1 << 22) == chunk(True, 3000)
+
+
+def test_sorted_unique_and_search_equal_numpy():
+    """The hot paths' replacements of np.unique and np.searchsorted (data_prep.arrays) give NumPy's answers:
+    empty arrays, many duplicates, uint64 hashes near 2**64, both sides."""
+    from data_prep.arrays import search, sorted_unique
+
+    rng = np.random.default_rng(0)
+    for a in (
+        np.zeros(0, np.int64),
+        np.array([5]),
+        rng.integers(0, 7, 1000),
+        rng.integers(0, 2**62, 5000),
+        rng.integers(0, 2**64, 3000, dtype=np.uint64),
+    ):
+        assert np.array_equal(sorted_unique(a), np.unique(a)) and sorted_unique(a).dtype == a.dtype
+        hay = np.sort(np.concatenate([a, a[: len(a) // 3]]))  # with duplicates
+        needles = np.concatenate([a[::2], rng.permutation(a)[:50]]) if len(a) else a
+        for side in ("left", "right"):
+            assert np.array_equal(search(hay, needles, side), np.searchsorted(hay, needles, side)), side

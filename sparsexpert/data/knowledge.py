@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.arrays import sorted_unique
 from sparsexpert.data.format import table_name
 from sparsexpert.data.shards import ShardLoader
 from sparsexpert.knowledge.config import KnowledgeConfig
@@ -210,11 +211,11 @@ def fusion_batch(
     if cfg.entity_negatives == 0:
         candidates, labels = np.arange(n_ent), truth_M
     else:
-        candidates = np.unique(np.concatenate([truth_M, rng.integers(n_ent, size=cfg.entity_negatives)]))
+        candidates = sorted_unique(np.concatenate([truth_M, rng.integers(n_ent, size=cfg.entity_negatives)]))
         labels = np.searchsorted(candidates, truth_M)
 
     if cfg.triple_source == "attached":
-        idx = np.unique(rk.batch_triples(rows))
+        idx = sorted_unique(rk.batch_triples(rows))
         if len(idx) > cfg.triple_batch:
             idx = np.sort(rng.choice(idx, cfg.triple_batch, replace=False))
         pos = kg.triples[idx]
