@@ -17,6 +17,7 @@ from sparsexpert.knowledge.config import KnowledgeConfig
 from sparsexpert.knowledge.modules import KnowledgeBatch
 from sparsexpert.model import ModelConfig, MoEConfig, build_model
 from sparsexpert.train.rowwise import RowwiseAdagrad, lookups_per_step
+from sparsexpert.weights import checkpoint
 from sparsexpert.weights.deepspeed_formats import load_weights
 
 E, B, S = 7, 2, 8
@@ -170,9 +171,8 @@ def test_rowwise_table_stays_fp32_under_bf16_and_resumes_bit_for_bit(tmp_path, e
     assert not torch.equal(end["knowledge.entities.weight"], first["knowledge.entities.weight"])
     assert (end["knowledge.entity_sq"] > first["knowledge.entity_sq"]).any()
 
-    module = torch.load(
-        tmp_path / "straight" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
-        weights_only=True,
+    module = checkpoint.load_file(
+        tmp_path / "straight" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
     )["module"]
     assert module["knowledge.entities.weight"].dtype == torch.float32
     assert module["knowledge.entity_sq"].dtype == torch.float32

@@ -348,7 +348,10 @@ def load_elastic(engine, tag_dir: Path, seed: int) -> tuple[dict[str, Any], list
         raise RuntimeError(f"{tag_dir / UNIVERSAL}: DeepSpeed could not load this universal checkpoint")
     for group, keep in zip(groups, identity):
         group.update(keep)
-    _load_frozen(engine, tag_dir, meta)
+    stage = meta["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    reference = _reference(tag_dir, stage)  # the tag's own files, read once for the load and the check
+    if stage < 3:
+        _load_frozen(engine, tag_dir, reference)
     # DeepSpeed quirk: ZeRO-3's universal loading gives every sub-group's Adam state the same `step`
     # tensor, which torch's Adam increments in place, once per sub-group and optimizer step.
     for state in engine.optimizer.optimizer.state.values():
@@ -363,29 +366,26 @@ def load_elastic(engine, tag_dir: Path, seed: int) -> tuple[dict[str, Any], list
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)  # CUDA generators too
-    return meta, check_elastic_load(engine, tag_dir, meta)
+    return meta, check_elastic_load(engine, tag_dir, meta, reference)
 
 
-def _load_frozen(engine, tag_dir: Path, meta: dict[str, Any]) -> None:
+def _load_frozen(engine, tag_dir: Path, reference) -> None:
     """What DeepSpeed's universal loading leaves at its initialization, loaded from the tag's dense model
-    states (ZeRO 0-2, the same on every rank): the universal form holds what DeepSpeed's optimizer steps,
-    not the weights outside it and the buffers (the row-wise entity table and its accumulators,
-    model.knowledge.entity_optimizer=rowwise_adagrad)."""
-    if meta["ds_config"].get("zero_optimization", {}).get("stage", 0) == 3:
-        return
+    states (ZeRO 0-2, the same on every rank; `reference` is `_reference` of the tag): the universal form
+    holds what DeepSpeed's optimizer steps, not the weights outside it and the buffers (the row-wise
+    entity table and its accumulators, model.knowledge.entity_optimizer=rowwise_adagrad)."""
     module = engine.module
-    names = [n for n, p in module.named_parameters() if not p.requires_grad]
-    names += [n for n, _ in module.named_buffers() if n in module.state_dict()]  # persistent ones
-    if not names:
-        return
-    saved = load_file(tag_dir / "mp_rank_00_model_states.pt")["module"]
     own = module.state_dict()
+    names = [n for n, p in module.named_parameters() if not p.requires_grad]
+    names += [n for n, _ in module.named_buffers() if n in own]  # persistent ones
     for name in names:
-        if name not in saved:
+        try:
+            saved = reference(name, None)
+        except KeyError:
             raise RuntimeError(
                 f"{tag_dir}: the checkpoint has no {name}, which this model keeps outside the optimizer"
-            )
-        own[name].copy_(saved[name])
+            ) from None
+        own[name].copy_(saved)
 
 
 def _reference(tag_dir: Path, stage: int):
@@ -418,9 +418,10 @@ def _reference(tag_dir: Path, stage: int):
     return own_files
 
 
-def check_elastic_load(engine, tag_dir: Path, meta: dict[str, Any]) -> list[dict[str, list[int]]]:
+def check_elastic_load(engine, tag_dir: Path, meta: dict[str, Any], reference) -> list[dict[str, list[int]]]:
     """After an elastic load, on every rank: each parameter, and for each AutoEP layer exactly the
-    experts of the global ids this rank owns, equal the checkpoint's (`_reference`); the engine,
+    experts of the global ids this rank owns, equal the checkpoint's (`reference`: `_reference` of the
+    tag); the engine,
     the learning-rate schedule and every Adam state are at the checkpoint's step. Collective:
     raises RuntimeError on every rank naming what differs where; returns, per rank, the expert ids
     of each AutoEP layer."""
@@ -429,7 +430,6 @@ def check_elastic_load(engine, tag_dir: Path, meta: dict[str, Any]) -> list[dict
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     step = meta["step"]
-    reference = _reference(tag_dir, meta["ds_config"].get("zero_optimization", {}).get("stage", 0))
     owned, experts = {}, {}
     for name, module in engine.module.named_modules():
         if isinstance(module, AutoEPMoELayer):
