@@ -12,8 +12,8 @@ per entity). The corpus: a fixed number of sentences (default 20,000, ~0.7 M tok
 naming the head and tail of a KG triple by one of their aliases, so linking and distant supervision find
 them. The tokenizer is trained once on the corpus and given to every run (its time is not the KG's).
 
-Per run it prints: wall time of `python -m data_prep run`; peak memory of all its processes together and
-of the largest worker, as proportional set size (PSS: a page shared by k processes counts 1/k in each,
+Per run it prints: wall time of `python -m data_prep run` (timed in a run of its own: see run_prep); peak
+memory of all its processes together and of the largest worker, as proportional set size (PSS: a page shared by k processes counts 1/k in each,
 so shared memory-mapped files are not counted k times), and the largest worker's anonymous memory (what one
 more worker adds: the pages of the memory-mapped KG index it reads are the page cache's), sampled every 50 ms
 from /proc; and the stage times data_prep logs (the KG index, join, pack). "KG s" is the wall time less
@@ -127,12 +127,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def measure(cmd: list[str], log: Path) -> dict:
-    """Run cmd; its wall time, the peak PSS of all its processes together, and the peak of each."""
+def measure(cmd: list[str], log: Path, sample: bool = True) -> dict:
+    """Run cmd; its wall time, and with sample the peak PSS of all its processes together and the peak of each
+    (sampled every 50 ms; without, the memory figures are 0)."""
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
         peak_total, peak_each, peak_private = 0, dict[int, int](), dict[int, int]()
+        if not sample:
+            proc.wait()
         while proc.poll() is None:
             pids = descendants(proc.pid)
             sizes = {p: memory_kb(p) for p in pids}
@@ -162,12 +165,24 @@ def measure(cmd: list[str], log: Path) -> dict:
     }
 
 
-def run_prep(corpus: Path, tok: Path, out: Path, workers: int, kg: tuple[Path, Path] | None) -> dict:
+def run_prep(
+    corpus: Path, tok: Path, out: Path, workers: int, kg: tuple[Path, Path] | None, build: bool = False
+) -> dict:
+    """data_prep run, twice: once sampling memory, once timed (wall time and stages). Reading
+    /proc/<pid>/smaps_rollup walks the process's page tables: 10 to 15 ms for a worker that maps the KG index,
+    so sampling every 50 ms took most of a core of a 2-core machine during the KG runs, far less during the
+    text-only ones, and inflated the KG's cost. build: remove the KG index first, each time."""
     cmd = [sys.executable, "-m", "data_prep", "run", "--corpus", str(corpus), "--output", str(out)]
     cmd += ["--tokenizer", str(tok), "--workers", str(workers), "--seq_len", "256", "--case", "exact"]
     if kg:
         cmd += ["--kg", str(kg[0]), "--aliases", str(kg[1])]
-    return measure(cmd, out.parent / f"{out.name}.log")
+    runs = []
+    for sample in (True, False):
+        if build:
+            shutil.rmtree(out.with_name(out.name + ".kgindex"), ignore_errors=True)
+        runs.append(measure(cmd, out.parent / f"{out.name}.log", sample))
+    memory, timed = runs
+    return {**memory, "wall_s": timed["wall_s"], "stages": timed["stages"], "log": timed["log"]}
 
 
 TINY_MODEL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.d_ff=128"]
@@ -246,9 +261,8 @@ def main() -> None:
                 base = run_prep(corpus, tok, folder / f"text{sentences}_w{w}", w, None)
                 walls[(n, sentences, "text")] = base["wall_s"]
                 out = folder / f"out{sentences}_w{w}"
-                shutil.rmtree(out.with_name(out.name + ".kgindex"), ignore_errors=True)
                 for when in ("built", "reused"):  # the first run builds the KG index, a second reuses it
-                    r = run_prep(corpus, tok, out, w, kg)
+                    r = run_prep(corpus, tok, out, w, kg, build=when == "built")
                     size = kg[0].stat().st_size / 1e6
                     stages = " ".join(f"{name}={s:.1f}" for name, s in r["stages"].items())
                     print(

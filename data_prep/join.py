@@ -22,9 +22,9 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from data_prep.arrays import search, sorted_unique
+from data_prep.arrays import native, sorted_unique
 from data_prep.chunks import Joined, concat_joined, joined_of
-from data_prep.kg_index import SEP, _code_points, char_class
+from data_prep.kg_index import SEP, _code_points, char_class, text_classes
 from data_prep.readers import RawDoc
 from data_prep.tokenizer import load_tokenizer
 
@@ -174,11 +174,21 @@ def _spread(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
-def sentence_spans(cp: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sentence_spans(
+    cp: np.ndarray, offsets: np.ndarray, classes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """_sentences of every text at once: start and end of each non-empty sentence, in the texts joined
     (code points cp, each text's offset in offsets, len(texts) + 1 of them). A sentence ends before a
-    run of whitespace (str.isspace, as the pattern's \\s) that follows ".", "!" or "?"."""
-    space = char_class(cp, "isspace")
+    run of whitespace (str.isspace, as the pattern's \\s) that follows ".", "!" or "?". classes: the
+    text's kg_index.text_classes, if at hand."""
+    compiled = native()
+    if compiled is not None:
+        cls = char_class(cp, "isspace").astype(np.uint8) << 1 if classes is None else classes
+        starts_, ends_ = compiled.sentences(
+            np.ascontiguousarray(cp, np.uint32), cls, np.ascontiguousarray(offsets, np.int64)
+        )
+        return np.frombuffer(starts_, np.int64), np.frombuffer(ends_, np.int64)
+    space = char_class(cp, "isspace") if classes is None else (classes & 2).astype(bool)
     n = len(cp)
     punct = (cp == ord(".")) | (cp == ord("!")) | (cp == ord("?"))
     run_start = np.flatnonzero(space[1:] & punct[:-1]) + 1  # whitespace right after the punctuation
@@ -200,12 +210,13 @@ def _join_arrays(
     offsets = np.cumsum([0, *(len(t) + 1 for t in texts)])
     joined = SEP.join(texts)
     cp = _code_points(joined)
-    start, end, entity = matcher.match_joined(texts, joined, cp)
+    classes = text_classes(joined)  # str.isalnum and str.isspace of each character, for both
+    start, end, entity = matcher.match_joined(texts, joined, cp, classes)
     doc = np.searchsorted(offsets, start, side="right") - 1
     n_mentions = np.bincount(doc, minlength=n_docs)
 
     # distant supervision: the KG triples of each ordered pair of distinct entities in a sentence
-    sent_s, sent_e = sentence_spans(cp, offsets)
+    sent_s, sent_e = sentence_spans(cp, offsets, classes)
     k = np.searchsorted(sent_s, start, side="right") - 1
     inside = end <= sent_e[k]  # a mention across a sentence end belongs to none
     ne, nt = index.n_entities, max(len(index.triples), 1)
@@ -218,11 +229,9 @@ def _join_arrays(
     b = np.repeat(np.repeat(first, size), per) + _spread(per)
     a, b = a[a != b], b[a != b]
     key = ent[a] * ne + ent[b]
-    lo = search(index.pair_key, key, side="left")
-    hit = lo < len(index.pair_key)
-    hit[hit] = index.pair_key[lo[hit]] == key[hit]
-    lo = lo[hit]
-    count = search(index.pair_key, key[hit], side="right") - lo
+    lo, count = index.pair_keys.equal_range(key)
+    hit = count > 0
+    lo, count = lo[hit], count[hit]
     found = np.repeat(sk[a[hit]], count) * nt + index.pair_triple[np.repeat(lo, count) + _spread(count)]
     found = sorted_unique(found)  # by sentence, then triple
     ev_k, ev_t = found // nt, found % nt

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.arrays import search, sorted_unique
+from data_prep.arrays import SortedKeys, native, search, sorted_unique
 from data_prep.kg import Mention, Triple, fold_case, iter_aliases, iter_triples
 from data_prep.output import file_digest, fsync_dir, write_durable
 from data_prep.readers import DataError
@@ -109,6 +109,16 @@ def char_class(cp: np.ndarray, predicate: str) -> np.ndarray:
             table[c] = getattr(chr(c), predicate)()
         got = table[cp]
     return got.astype(bool)
+
+
+def text_classes(text: str) -> np.ndarray:
+    """uint8 per character of text: 1 where str.isalnum(), 2 where str.isspace() (the compiled scan's one
+    pass; char_class's tables where it is not built)."""
+    compiled = native()
+    if compiled is not None:
+        return np.frombuffer(compiled.classes(text), np.uint8)
+    cp = _code_points(text)
+    return char_class(cp, "isalnum").astype(np.uint8) | char_class(cp, "isspace").astype(np.uint8) << 1
 
 
 def word_boundaries(text: str, cp: np.ndarray | None = None) -> np.ndarray:
@@ -179,7 +189,7 @@ class AliasMatcher:
     """Word-bounded, leftmost-longest alias matching over the index's alias keys (see the module doc)."""
 
     def __init__(self, folder: Path, case: str, names: StringTable, ids: dict[str, int] | None = None):
-        self.case, self.names = case, names
+        self.folder, self.case, self.names = folder, case, names
         # name -> id of the entities found (shared with KGIndex.entity_id's cache), and id -> name
         self.ids = ids if ids is not None else {}
         self._names: dict[int, str] = {}
@@ -188,10 +198,16 @@ class AliasMatcher:
         self.starts = _mapped(folder / "alias_starts.npy")
         self.bounds = np.load(folder / "alias_bounds.npy")  # keys of lengths[k]: [bounds[k], bounds[k + 1])
         self.hash = _mapped(folder / "alias_hash.npy")  # sorted within each length
+        self._sorted_hash = SortedKeys(self.hash)  # the compiled scan's lookups (a sample in the cache)
         self.entity = _mapped(folder / "alias_entity.npy")
         self.keys = StringTable(folder, "alias")
         self._filter: np.ndarray | None = None
         self._shift = np.uint64(0)
+        self._start_bits: np.ndarray | None = None
+        self._lead = np.zeros(32, np.uint8)
+        # the compiled scan's table of key lengths: length -> its position in lengths, -1 for no key's
+        self._length_key = np.full(int(self.lengths[-1]) + 1 if len(self.lengths) else 1, -1, np.int64)
+        self._length_key[self.lengths] = np.arange(len(self.lengths))
 
     def find_ids(self, text: str) -> list[tuple[int, int, int]]:
         """(start, end, entity id) of every match, sorted by start."""
@@ -217,13 +233,16 @@ class AliasMatcher:
         return (*self.match_joined(texts, text, _code_points(text)), offsets)
 
     def match_joined(
-        self, texts: list[str], text: str, cp: np.ndarray
+        self, texts: list[str], text: str, cp: np.ndarray, classes: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """match_arrays of texts already joined (text, its code points cp), without the offsets."""
+        """match_arrays of texts already joined (text, its code points cp), without the offsets. classes:
+        text_classes(text), if already at hand (the compiled scan reads them)."""
         none = np.zeros(0, np.int64)
         if not len(self.lengths) or not any(texts):
             return none, none, none
         hay = SEP.join(fold_case(t) for t in texts) if self.case == "ignore" else text
+        if native() is not None:
+            return self._match_native(text, hay, classes)
         n = len(text)
         hay_cp = cp if hay is text else _code_points(hay)
         g, p = _prefix(hay_cp)
@@ -304,6 +323,53 @@ class AliasMatcher:
                 if start[i] >= taken_until:
                     keep[i], taken_until = True, int(end[i])
         return start[keep], end[keep], self.entity[key[keep]].astype(np.int64)
+
+    def _match_native(
+        self, text: str, hay: str, classes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """match_joined by the compiled scan (data_prep/_native.c): the same rules, tables and hash, in
+        one pass that hashes only where a key can start."""
+        compiled = native()
+        assert compiled is not None
+        if self._filter is None:
+            self._may_be_key(np.zeros(0, np.uint64))  # builds the filter
+        if self._start_bits is None:  # the starts table as bits: 2 MiB of cache for 16 Mi buckets, not 16
+            dtypes = (self.hash.dtype, self.bounds.dtype, self.keys.off.dtype, self.keys.blob.dtype)
+            if dtypes != (np.uint64, np.int64, np.int64, np.uint8):  # the compiled scan reads them as such
+                raise DataError(
+                    f"{self.folder}: the KG index's alias arrays are {dtypes}; remove the folder to build it again"
+                )
+            self._start_bits = np.packbits(self.starts, bitorder="little")
+            # the first UTF-8 byte of every key, as 256 bits: most words of a text start with no key's
+            off = self.keys.off
+            first = off[:-1][off[1:] > off[:-1]]
+            lead = np.zeros(256, bool)
+            for b in range(0, len(first), 1 << 20):  # a block at a time, as the filter
+                lead[self.keys.blob[first[b : b + (1 << 20)]]] = True
+            self._lead = np.packbits(lead, bitorder="little")
+        lengths = self.lengths
+        widths = (1 in lengths) | (2 in lengths) << 1 | (int(lengths[-1]) >= 3) << 2
+        found = np.frombuffer(
+            compiled.match(
+                text,
+                hay,
+                text_classes(text) if classes is None else classes,
+                self._lead,
+                self._start_bits,
+                widths,
+                self._length_key,
+                self.bounds,
+                self.hash,
+                self._sorted_hash.sample,
+                SortedKeys.STRIDE,
+                self._filter,
+                int(self._shift),
+                self.keys.off,
+                self.keys.blob,
+            ),
+            np.int64,
+        ).reshape(-1, 3)
+        return found[:, 0], found[:, 1], self.entity[found[:, 2]].astype(np.int64)
 
     def _may_be_key(self, h: np.ndarray) -> np.ndarray:
         """False where hash h is no key's: a bit per value of the hash's top bits, set for the keys'
@@ -395,6 +461,11 @@ class KGIndex:
             _mapped(folder / "pair_key.npy"),
             _mapped(folder / "pair_triple.npy"),
         )
+
+    @functools.cached_property
+    def pair_keys(self) -> SortedKeys:
+        """pair_key for lookups (SortedKeys: compiled, with a sample in the cache)."""
+        return SortedKeys(self.pair_key)
 
     @property
     def n_entities(self) -> int:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data_prep import output
+from data_prep.arrays import native, value_counts
 from data_prep.chunks import chunk_file, encode_chunk, read_chunk, refuse_old_chunks
 from data_prep.dedup import SeenDigests
 from data_prep.extractors import EXTRACTED
@@ -609,6 +610,12 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
 
     total: list[int] = [0]
     order: list[int] = []
+    if know.index is not None and native() is None:
+        log(
+            "data_prep join: the compiled alias matcher (data_prep/_native.c) is not built, so the KG join runs "
+            "on NumPy alone, slower; install a C compiler and the Python headers (Debian: gcc python3-dev) and "
+            "run `pip install -e .` again"
+        )
     extractor = (cfg.extractor, cfg.extractor_args) if cfg.extractor else None
     init = (str(model), str(know.index.folder) if know.index else None, extractor)
     pool = mp.get_context("spawn").Pool(cfg.workers, init_worker, init) if cfg.workers > 1 else None
@@ -639,6 +646,65 @@ def stage_join(cfg: PrepConfig, know: Knowledge, log=print) -> int:
     return total[0]
 
 
+class TripleHits:
+    """How many times each triple was attached: the KG's in an array (8 bytes a KG triple), the extractor's new
+    ones in a Counter; and the relations in the order their first triple was attached (stats.json's
+    top_relations breaks ties in that order). Counted a chunk at a time in arrays, not a Python object per
+    attachment."""
+
+    def __init__(self, n_kg: int, index: KGIndex | None, new_triples: list):
+        self.kg = np.zeros(n_kg, np.int64)
+        self.new: Counter[int] = Counter()
+        self.index, self.new_triples = index, new_triples  # new_triples: Packed.new_triples, growing
+        self.relation_order: dict[str, None] = {}
+
+    def add(self, ids: np.ndarray) -> None:
+        """Triple indices attached, in input order (KG triples first, then the new ones)."""
+        n_kg = len(self.kg)
+        is_kg = ids < n_kg
+        if is_kg.any():
+            value, count = value_counts(ids[is_kg])
+            self.kg[value] += count
+        new = ids[~is_kg].tolist()
+        self.new.update(new)
+        # the relations of these rows in order of first appearance: a KG triple's relation id, or a new one's
+        # relation after them
+        kg_relations = len(self.index.relations) if self.index else 0
+        code = np.empty(len(ids), np.int64)
+        if self.index is not None and is_kg.any():
+            code[is_kg] = np.asarray(self.index.triples[ids[is_kg], 1])
+        names: dict[str, int] = {}
+        code[~is_kg] = [
+            kg_relations + names.setdefault(self.new_triples[i - n_kg].relation, len(names)) for i in new
+        ]
+        distinct, first = np.unique(code, return_index=True)
+        by_name = list(names)
+        for c in distinct[np.argsort(first)].tolist():
+            self.relation_order.setdefault(
+                self.index.relations[c] if c < kg_relations and self.index else by_name[c - kg_relations]
+            )
+
+    def total(self) -> int:
+        return int(self.kg.sum()) + sum(self.new.values())
+
+    def distinct(self) -> int:
+        return int(np.count_nonzero(self.kg)) + len(self.new)
+
+    def per_relation(self) -> Counter[str]:
+        """Attachments a relation, in the order of relation_order."""
+        counts: Counter[str] = Counter()
+        if self.index is not None and len(self.kg):
+            hit = np.flatnonzero(self.kg)
+            per = np.zeros(len(self.index.relations), np.int64)
+            np.add.at(per, np.asarray(self.index.triples[hit, 1]), self.kg[hit])
+            for r in np.flatnonzero(per).tolist():
+                counts[self.index.relations[r]] += int(per[r])
+        n_kg = len(self.kg)
+        for i, n in self.new.items():
+            counts[self.new_triples[i - n_kg].relation] += n
+        return Counter({name: counts[name] for name in self.relation_order})
+
+
 @dataclass
 class Packed:
     """What the pack stage counted, for the manifest and stats."""
@@ -648,7 +714,7 @@ class Packed:
     n_kg_entities: int
     extra_entities: dict[str, int]
     new_triples: list  # the extractor's triples the KG lacks, indexed after the KG's
-    triple_hits: Counter  # triple index -> times attached
+    triple_hits: TripleHits
     splits: dict
     records: int
     rejected: Counter
@@ -748,7 +814,8 @@ def _pack(
     kg_rank = np.cumsum(in_kg) - 1
     n_kg = int(in_kg.sum())
     packers = {s: Packer(work, s, cfg.seq_len, dtype, cfg.rows_per_shard, tok.eos_id) for s in SPLITS}
-    res = Packed(n_kg, {}, [], Counter(), {}, 0, Counter())
+    new_triples: list = []
+    res = Packed(n_kg, {}, new_triples, TripleHits(know.n_triples, index, new_triples), {}, 0, Counter())
     counts: Counter[str] = Counter()
     progress = Progress("data_prep pack", len(chunk_files), "chunks")
 
@@ -792,7 +859,7 @@ def _pack(
         extracted = triples[:, 3] < 0
         res.attached_by_extractor += int(extracted.sum())
         triples[extracted, 3] = news[-1 - triples[extracted, 3]]
-        res.triple_hits.update(triples[:, 3].tolist())
+        res.triple_hits.add(triples[:, 3])
         lengths, n_mentions, key, part, last = chunk.doc_info.T
         valid = in_valid(key, cfg.valid_fraction)
         for split, mine in (("train", ~valid), ("valid", valid)):
@@ -871,33 +938,19 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
     n_kg = know.n_triples
     with open(work / "triples.tsv", "wb") as f:
         if index:
-            hits = np.zeros(n_kg, dtype=np.int64)
-            kg_hits = [(i, n) for i, n in triple_hits.items() if i < n_kg]
-            if kg_hits:
-                at, n = np.array(kg_hits, dtype=np.int64).T
-                hits[at] = n
-            index.write_triples(f, hits)
+            index.write_triples(f, triple_hits.kg)
         model = _extractor_name(cfg)
         scored = {i: f"\t{p:.4f}\t{model}" for i, p in res.new_triple_scores.items()}
         f.write(
             "".join(
-                f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits[i]}\textracted{scored.get(i, '')}\n"
+                f"{i}\t{t.head}\t{t.relation}\t{t.tail}\t{triple_hits.new[i]}\textracted{scored.get(i, '')}\n"
                 for i, t in enumerate(res.new_triples, n_kg)
             ).encode()
         )
 
     _write_kg_triples(work / "kg_triples.npy", index, res, relations)
 
-    def relation_of(i: int) -> str:
-        return (
-            index.relations[int(index.triples[i, 1])]
-            if i < n_kg and index
-            else res.new_triples[i - n_kg].relation
-        )
-
-    per_relation: Counter[str] = Counter()
-    for i, n in triple_hits.items():
-        per_relation[relation_of(i)] += n
+    per_relation = triple_hits.per_relation()
     tokens = sum(s["tokens"] for s in splits.values())
     rows = sum(s["rows"] for s in splits.values())
     stats = {
@@ -945,11 +998,11 @@ def _write_metadata(work: Path, cfg: PrepConfig, know: Knowledge, tok, dtype: np
         "relations": len(relations),
         "kg_triples": n_kg,
         "kg_triples_without_alias": know.missing_alias,
-        "triples_attached": sum(triple_hits.values()),
+        "triples_attached": triple_hits.total(),
         "triples_attached_by_extractor": res.attached_by_extractor,
         "triples_new_from_extractor": len(res.new_triples),
         **({"extractor_counts": dict(sorted(res.extractor_counts.items()))} if res.extractor_counts else {}),
-        "distinct_triples_attached": len(triple_hits),
+        "distinct_triples_attached": triple_hits.distinct(),
         "triples_per_relation": dict(sorted(per_relation.items())),
         "splits": splits,
     }

@@ -81,8 +81,34 @@ def _random_texts(aliases: list[str], n: int, seed: int) -> list[str]:
     return out
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def matcher_kind(request, monkeypatch) -> str:
+    """Each test that takes it runs twice: with the compiled helpers (data_prep/_native.c, which the
+    install builds) and with NumPy alone (arrays.NATIVE = False)."""
+    from data_prep import arrays
+
+    if request.param == "compiled":
+        assert arrays._native is not None, (
+            "data_prep._native is not built: see test_the_compiled_helpers_are_built"
+        )
+    monkeypatch.setattr(arrays, "NATIVE", request.param == "compiled")
+    return request.param
+
+
+def test_the_compiled_helpers_are_built():
+    """`pip install -e .` builds data_prep/_native.c (setup.py). The extension is optional, so an install
+    without a C compiler succeeds and data_prep falls back to NumPy, slower: this test is what tells CI
+    that the fast path is the one it ran."""
+    from data_prep import arrays
+
+    assert arrays._native is not None and arrays.native() is not None, (
+        "data_prep._native is not built: install a C compiler and the Python headers (Debian: gcc python3-dev), "
+        'then `pip install -e ".[test]"` again'
+    )
+
+
 @pytest.mark.parametrize("case", ["exact", "ignore"])
-def test_alias_matching_equals_aho_corasick(tmp_path, case):
+def test_alias_matching_equals_aho_corasick(tmp_path, case, matcher_kind):
     kg, al = _tricky_kg(tmp_path)
     _, aliases, _, _ = _reference(kg, al, case, "skip")
     index = _open(tmp_path, kg, al, case, "skip")
@@ -286,7 +312,7 @@ def test_dataset_vocabularies_are_the_kg_as_python_objects_give_them(tmp_path):
     assert new_kg.surfaces == old_kg.surfaces and new_kg.relations == old_kg.relations
 
 
-def test_sentence_spans_of_joined_texts_equal_the_pattern_per_text():
+def test_sentence_spans_of_joined_texts_equal_the_pattern_per_text(matcher_kind):
     """The join's sentences of many texts at once, from code points, equal the regular expression's
     on each text: every kind of whitespace (str.isspace, as the pattern's \\s), runs of it, ".", "!"
     and "?" with and without a space after, texts that end in one."""
@@ -305,7 +331,7 @@ def test_sentence_spans_of_joined_texts_equal_the_pattern_per_text():
 
 
 @pytest.mark.parametrize("case", ["exact", "ignore"])
-def test_joining_in_arrays_equals_one_document_at_a_time(tmp_path, case, monkeypatch):
+def test_joining_in_arrays_equals_one_document_at_a_time(tmp_path, case, monkeypatch, matcher_kind):
     """The join's array path (documents with alias matches alone, a batch at a time) gives the chunk the
     per-document path gives, byte for byte: the world's documents, texts with tokens of unknown length
     (characters the tokenizer never saw) and every kind of sentence end, documents with wiki links (the
@@ -353,6 +379,11 @@ def test_joining_in_arrays_equals_one_document_at_a_time(tmp_path, case, monkeyp
 
     want = chunk(False, 1 << 22)
     assert chunk(True, 1 << 22) == want
+    from data_prep import arrays
+
+    with monkeypatch.context() as m:  # the compiled helpers and NumPy alone give the same chunk
+        m.setattr(arrays, "NATIVE", not arrays.NATIVE and arrays._native is not None)
+        assert chunk(True, 1 << 22) == want
     assert chunk(True, 2000) == want  # many batches, some with links, some without
     assert chunk(False, 2000) == want
     monkeypatch.setattr(join, "_join", None)  # no document may take the per-document path
@@ -380,3 +411,138 @@ def test_sorted_unique_and_search_equal_numpy():
         needles = np.concatenate([a[::2], rng.permutation(a)[:50]]) if len(a) else a
         for side in ("left", "right"):
             assert np.array_equal(search(hay, needles, side), np.searchsorted(hay, needles, side)), side
+
+
+def _many_aliases_kg(tmp_path, n: int, seed: int):
+    """n entities in a chain of triples, each with 1 to 3 random aliases: 1 to 4 words of letters (some not
+    ASCII, some upper case), among them one- and two-character aliases, aliases that are prefixes of
+    others, and aliases shared by two entities; enough keys of each length that the compiled lookups'
+    sample (every 64th key) has many entries within a length."""
+    rng = random.Random(seed)
+    letters = "abcdefghij" + "ABCDE" + "éßİöø"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 6))) for _ in range(400)]
+    kg, al = tmp_path / "kg.tsv", tmp_path / "aliases.tsv"
+    kg.write_text("".join(f"E{i}\tr{i % 7}\tE{(i + 1) % n}\n" for i in range(n)))
+    lines, surfaces = [], []
+    for i in range(n):
+        for _ in range(rng.randint(1, 3)):
+            r = rng.random()
+            if r < 0.05:
+                alias = rng.choice(letters) + (rng.choice(letters) if rng.random() < 0.5 else "")
+            elif r < 0.15 and surfaces:
+                alias = rng.choice(surfaces) + (" " + rng.choice(words) if rng.random() < 0.7 else "")
+            else:
+                alias = " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+            lines.append(f"E{i}\t{alias}\n")
+            surfaces.append(alias)
+    al.write_text("".join(lines))
+    return kg, al, surfaces
+
+
+@pytest.mark.parametrize("case", ["exact", "ignore"])
+def test_matching_many_aliases_compiled_equals_numpy_and_aho_corasick(tmp_path, case, monkeypatch):
+    """Thousands of aliases of every length from 1 to about 30 characters: the compiled scan, the NumPy
+    matcher and pyahocorasick find the same mentions in texts made of aliases, their pieces and noise."""
+    from data_prep import arrays
+
+    kg, al, surfaces = _many_aliases_kg(tmp_path, 3000, seed=7)
+    _, aliases, _, _ = _reference(kg, al, case, "skip")
+    matcher = _open(tmp_path, kg, al, case, "skip").matcher()
+    assert (
+        len(matcher.keys) > 4000 and max(np.diff(matcher.bounds)) > 64 * 4
+    )  # lengths of many sample entries
+    rng = random.Random(8)
+    pieces = surfaces + [w[: rng.randint(1, max(1, len(w) - 1))] for w in surfaces[:500]]
+    texts = []
+    for _ in range(300):
+        parts = [
+            rng.choice(pieces) if rng.random() < 0.6 else rng.choice([",", ".", "x", "-", "ß", "\u00a0"])
+            for _ in range(rng.randint(0, 40))
+        ]
+        parts = [p.upper() if rng.random() < 0.1 else p for p in parts]
+        texts.append(rng.choice([" ", "", " ", "  "]).join(parts))
+    want = [Linker(aliases, case).find(t) for t in texts]
+    assert sum(map(len, want)) > 2000
+    got = {}
+    for native in (True, False):
+        monkeypatch.setattr(arrays, "NATIVE", native)
+        got[native] = matcher.find_many(texts)
+        assert [matcher.find(t) for t in texts[:50]] == want[:50]
+    assert got[True] == want and got[False] == want
+
+
+def _thue_morse(k: int, a: str, b: str) -> str:
+    s = a
+    for _ in range(k):
+        s += s.translate(str.maketrans(a + b, b + a))
+    return s
+
+
+def test_a_hash_collision_is_resolved_by_the_text(tmp_path, matcher_kind):
+    """A Thue-Morse word of 2048 characters and its complement have the same polynomial hash modulo 2**64
+    for any odd base: with both as aliases, each text finds its own entity; with one alone, the other's
+    text finds nothing."""
+    from data_prep.kg_index import _code_points, _hashes, _prefix
+
+    a, b = _thue_morse(11, "a", "b"), _thue_morse(11, "b", "a")
+    g, p = _prefix(_code_points(a + b))
+    h = _hashes(g, p, np.array([0, len(a)]), np.array([len(a), len(a) + len(b)]))
+    assert a != b and h[0] == h[1]  # a real collision
+    kg = tmp_path / "kg.tsv"
+    kg.write_text("X\tr\tY\n")
+    for name, aliases in (("both", f"X\t{a}\nY\t{b}\n"), ("one", f"Y\t{b}\n")):
+        al = tmp_path / f"aliases-{name}.tsv"
+        al.write_text(aliases)
+        m = _open(tmp_path, kg, al, "exact", "skip", name=name).matcher()
+        found = m.find_many([f"see {a} here", f"and {b}.", a + b, f"{a} {b}"])
+        x = [] if name == "one" else [(4, 4 + len(a), "X")]
+        assert [[tuple(m_) for m_ in f] for f in found] == [
+            x,
+            [(4, 4 + len(b), "Y")],
+            [],
+            ([(0, len(a), "X")] if name == "both" else []) + [(len(a) + 1, 2 * len(a) + 1, "Y")],
+        ]
+
+
+def test_text_classes_equal_str_methods():
+    """The compiled character classes equal str.isalnum and str.isspace for every code point, surrogates
+    included, read from strings of each width (Latin-1, two and four bytes a character)."""
+    from data_prep.arrays import native
+    from data_prep.kg_index import text_classes
+
+    assert native() is not None
+    everything = "".join(map(chr, range(0x110000)))
+    want = np.array([c.isalnum() | c.isspace() << 1 for c in everything], np.uint8)
+    assert np.array_equal(text_classes(everything), want)
+    for text in ("plain ASCII, 1 2\t3", "Latin-1 \u00a0é\u00b2\x1c", "Straße\u2003İ☃", "𝒳 \U0001d7d8"):
+        assert np.array_equal(text_classes(text), [c.isalnum() | c.isspace() << 1 for c in text])
+
+
+def test_sorted_keys_equal_range_equals_numpy(monkeypatch):
+    """SortedKeys.equal_range, compiled (a sample of every 64th key, then a window) and with NumPy, gives
+    np.searchsorted's first position and count: arrays shorter than the sample's stride, of a length no
+    multiple of it, runs of one value across the sample's entries, needles below and above every key,
+    uint64 keys near 2**64."""
+    from data_prep import arrays
+    from data_prep.arrays import SortedKeys
+
+    rng = np.random.default_rng(1)
+    cases = [
+        np.zeros(0, np.int64),
+        np.array([7], np.int64),
+        np.sort(rng.integers(0, 100, 50)),
+        np.sort(rng.integers(0, 300, 10_001)),  # long runs of equal keys
+        np.sort(rng.integers(0, 2**62, 100_003)),
+        np.sort(rng.integers(2**63, 2**64 - 1, 70_000, dtype=np.uint64)),
+    ]
+    for keys in cases:
+        top = int(keys[-1]) if len(keys) else 10
+        needles = np.concatenate(
+            [keys[::7], np.array([0, top, top + 1] if keys.dtype == np.int64 else [2**63, top], keys.dtype)]
+        )
+        needles = np.concatenate([needles, needles[: len(needles) // 2] + 1]).astype(keys.dtype)
+        lo, hi = np.searchsorted(keys, needles, "left"), np.searchsorted(keys, needles, "right")
+        for native in (True, False):
+            monkeypatch.setattr(arrays, "NATIVE", native)
+            first, count = SortedKeys(keys).equal_range(needles)
+            assert np.array_equal(first, lo) and np.array_equal(count, hi - lo), (len(keys), native)
