@@ -20,7 +20,8 @@ from /proc; and the stage times data_prep logs (the KG index, join, pack). "KG s
 that of the same corpus with no KG, "x text" their ratio. With --corpus-sizes, a line per KG size gives the
 marginal throughput, text only and with the KG: the sentences between the smallest and the largest corpus
 over the wall time they add, so that the KG's fixed costs (opening the index, writing entities.tsv and
-triples.tsv) do not count.
+triples.tsv) do not count; from the median and from the least of --repeat timed runs of each (default 3,
+text only and with the KG in turn), as one run's time varies by a second or more on a shared machine.
 
 Then, for each of --train-sizes, 20 steps of a small MoE pretraining on that dataset, one process: text only,
 fusion with the entity table on Adam (DeepSpeed's optimizer), and fusion with it on row-wise Adagrad
@@ -35,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,6 +167,12 @@ def measure(cmd: list[str], log: Path, sample: bool = True) -> dict:
     }
 
 
+def prep_command(corpus: Path, tok: Path, out: Path, workers: int, kg: tuple[Path, Path] | None) -> list[str]:
+    cmd = [sys.executable, "-m", "data_prep", "run", "--corpus", str(corpus), "--output", str(out)]
+    cmd += ["--tokenizer", str(tok), "--workers", str(workers), "--seq_len", "256", "--case", "exact"]
+    return cmd + (["--kg", str(kg[0]), "--aliases", str(kg[1])] if kg else [])
+
+
 def run_prep(
     corpus: Path, tok: Path, out: Path, workers: int, kg: tuple[Path, Path] | None, build: bool = False
 ) -> dict:
@@ -172,10 +180,7 @@ def run_prep(
     /proc/<pid>/smaps_rollup walks the process's page tables: 10 to 15 ms for a worker that maps the KG index,
     so sampling every 50 ms took most of a core of a 2-core machine during the KG runs, far less during the
     text-only ones, and inflated the KG's cost. build: remove the KG index first, each time."""
-    cmd = [sys.executable, "-m", "data_prep", "run", "--corpus", str(corpus), "--output", str(out)]
-    cmd += ["--tokenizer", str(tok), "--workers", str(workers), "--seq_len", "256", "--case", "exact"]
-    if kg:
-        cmd += ["--kg", str(kg[0]), "--aliases", str(kg[1])]
+    cmd = prep_command(corpus, tok, out, workers, kg)
     runs = []
     for sample in (True, False):
         if build:
@@ -220,6 +225,13 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=20_000)
     p.add_argument("--corpus-sizes", type=int, nargs="*", default=[], help="sentences, at the first KG size")
     p.add_argument("--workers", type=int, nargs="+", default=[2])
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="with --corpus-sizes: time the smallest and largest corpus this many times each, text only and with "
+        "the KG in turn, for the marginal throughput's median and least",
+    )
     p.add_argument("--keep", default="", help="folder to keep the inputs and outputs in")
     p.add_argument(
         "--train-sizes",
@@ -276,13 +288,31 @@ def main() -> None:
                     walls[(n, sentences, "kg")] = r["wall_s"]
         if len(corpora) > 1:  # what each more sentence costs, the KG's fixed costs apart
             lo, hi = min(corpora), max(corpora)
-            extra = {m: walls[(n, hi, m)] - walls[(n, lo, m)] for m in ("text", "kg")}
-            print(
-                f"{n:>10,} marginal throughput, {lo:,} to {hi:,} sentences (index reused): text only "
-                f"{(hi - lo) / extra['text']:,.0f} sentences/s, with the KG {(hi - lo) / extra['kg']:,.0f} "
-                f"sentences/s: the KG costs {extra['kg'] / extra['text']:.2f}x",
-                flush=True,
-            )
+            w = args.workers[-1]
+            timed = {key: [walls[key]] for key in walls if key[0] == n}
+            for _ in range(args.repeat - 1):  # a run's time varies by a second or more here: several, in turn
+                for sentences in (lo, hi):
+                    for mode in ("text", "kg"):
+                        out = folder / f"{'out' if mode == 'kg' else 'text'}{sentences}_w{w}"
+                        cmd = prep_command(
+                            folder / f"corpus{sentences}.jsonl",
+                            folder / f"tok{sentences}.model",
+                            out,
+                            w,
+                            kg if mode == "kg" else None,
+                        )
+                        timed[(n, sentences, mode)].append(
+                            measure(cmd, out.parent / f"{out.name}.log", False)["wall_s"]
+                        )
+            for name, pick in (("median", statistics.median), ("least", min)):
+                extra = {m: pick(timed[(n, hi, m)]) - pick(timed[(n, lo, m)]) for m in ("text", "kg")}
+                print(
+                    f"{n:>10,} marginal throughput, {lo:,} to {hi:,} sentences (index reused, {name} of "
+                    f"{len(timed[(n, hi, 'kg')])} runs each): text only {(hi - lo) / extra['text']:,.0f} sentences/s, "
+                    f"with the KG {(hi - lo) / extra['kg']:,.0f} sentences/s: the KG costs "
+                    f"{extra['kg'] / extra['text']:.2f}x",
+                    flush=True,
+                )
 
     train = [n for n in args.train_sizes if n in sizes]
     if train:

@@ -13,6 +13,9 @@
          key_off, key_blob) -> bytes of int64 (start, end, key), by start   (kg_index.AliasMatcher._match_native)
    equal_range(keys, sample, stride, needles) -> (first, count)              (arrays.SortedKeys)
    sentences(code_points, classes, offsets) -> (starts, ends)                (join.sentence_spans)
+   attach(start, end, entity, offsets, sentence_starts, sentence_ends, pair_keys, pair_sample, stride, pair_triple,
+          n_entities, n_triples, token_begin, token_end, token_offsets)
+       -> (n_mentions, spans, entity_ids, triples)           (join._join_arrays; _attach_numpy)
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -422,11 +425,202 @@ done:
     return out;
 }
 
+/* np.searchsorted(a, x, "right") of the ascending a[0, n): the first position whose value is above x; walked
+   from p, the answer to a query near x. The queries of attach come in ascending order, so each walk is a few
+   steps, which (unlike a binary search's) the processor predicts. */
+static inline int64_t seek_upper(const int64_t *a, int64_t n, int64_t x, int64_t p) {
+    while (p > 0 && a[p - 1] > x) p--;
+    while (p < n && a[p] <= x) p++;
+    return p;
+}
+
+/* np.searchsorted(a, x, "left"): the first position whose value is not below x; walked from p as seek_upper. */
+static inline int64_t seek_lower(const int64_t *a, int64_t n, int64_t x, int64_t p) {
+    while (p > 0 && a[p - 1] >= x) p--;
+    while (p < n && a[p] < x) p++;
+    return p;
+}
+
+typedef struct {
+    int64_t *v;
+    Py_ssize_t n, cap;
+} Vec;
+
+static inline int vec_push(Vec *x, int64_t a) {
+    if (x->n == x->cap) {
+        Py_ssize_t cap = x->cap ? 2 * x->cap : 1024;
+        int64_t *v = realloc(x->v, cap * sizeof(int64_t));
+        if (v == NULL) return -1;
+        x->v = v, x->cap = cap;
+    }
+    x->v[x->n++] = a;
+    return 0;
+}
+
+static int cmp_int64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Sorts v[0, n) ascending and keeps each value once; returns how many are left. */
+static Py_ssize_t sort_unique(int64_t *v, Py_ssize_t n) {
+    if (n < 24) { /* a sentence's few entities or triples */
+        for (Py_ssize_t i = 1; i < n; i++) {
+            int64_t x = v[i];
+            Py_ssize_t j = i;
+            for (; j > 0 && v[j - 1] > x; j--) v[j] = v[j - 1];
+            v[j] = x;
+        }
+    } else {
+        qsort(v, n, sizeof(int64_t), cmp_int64);
+    }
+    Py_ssize_t u = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (u == 0 || v[i] != v[u - 1]) v[u++] = v[i];
+    return u;
+}
+
+static PyObject *bytes_of(const int64_t *v, Py_ssize_t n) {
+    return PyBytes_FromStringAndSize((const char *)v, n * (Py_ssize_t)sizeof(int64_t));
+}
+
+enum { A_START, A_END, A_ENTITY, A_OFFSETS, A_SENT_S, A_SENT_E, A_KEYS, A_SAMPLE, A_TRIPLE, A_BEGIN, A_FIN, A_TOK_OFF,
+       A_N };
+
+/* attach(start, end, entity, offsets, sentence_starts, sentence_ends, pair_keys, pair_sample, stride, pair_triple,
+          n_entities, n_triples, token_begin, token_end, token_offsets) -> (n_mentions, spans, entity_ids, triples):
+   join._attach_numpy in one pass, all int64 (see there): of the alias matches (start, end, entity) by start in the
+   texts joined, each text's mentions; the mentions that cover a token as (text, first token, end token, entity
+   rank), the entities ranked by first mention; and the KG triples of each ordered pair of distinct entities of a
+   sentence (the pair keys head * n_entities + tail sorted, as a Sorted with their sample; pair_triple, the triple
+   of each), by sentence then triple, as (text, first token, end token, triple) of the sentence. */
+static PyObject *attach(PyObject *self, PyObject *args) {
+    Py_buffer b[A_N];
+    long long stride, n_entities, n_triples;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*Ly*LLy*y*y*:attach", &b[A_START], &b[A_END], &b[A_ENTITY],
+                          &b[A_OFFSETS], &b[A_SENT_S], &b[A_SENT_E], &b[A_KEYS], &b[A_SAMPLE], &stride, &b[A_TRIPLE],
+                          &n_entities, &n_triples, &b[A_BEGIN], &b[A_FIN], &b[A_TOK_OFF]))
+        return NULL;
+    Py_ssize_t len[A_N];
+    for (int i = 0; i < A_N; i++) len[i] = b[i].len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *start = b[A_START].buf, *end = b[A_END].buf, *entity = b[A_ENTITY].buf, *off = b[A_OFFSETS].buf;
+    const int64_t *sent_s = b[A_SENT_S].buf, *sent_e = b[A_SENT_E].buf, *triple_of = b[A_TRIPLE].buf;
+    const int64_t *begin = b[A_BEGIN].buf, *fin = b[A_FIN].buf, *tok_off = b[A_TOK_OFF].buf;
+    Py_ssize_t m = len[A_START], n_docs = len[A_OFFSETS] - 1, n_sent = len[A_SENT_S], n_tok = len[A_BEGIN];
+    PyObject *out = NULL;
+    Vec spans = {0}, ranked = {0}, cells = {0}, keys = {0}, key_sentence = {0}, found = {0}, triples = {0};
+    int64_t *table = NULL, *n_mentions = NULL;
+    Sorted t;
+    if (len[A_END] != m || len[A_ENTITY] != m || n_docs < 0 || len[A_SENT_E] != n_sent || len[A_FIN] != n_tok ||
+        len[A_TOK_OFF] != n_docs + 1 || len[A_TRIPLE] != len[A_KEYS] || n_entities < 1 || n_triples < 1) {
+        PyErr_SetString(PyExc_ValueError, "attach: arrays of inconsistent lengths");
+        goto done;
+    }
+    if (sorted_of(&t, &b[A_KEYS], &b[A_SAMPLE], stride) < 0) goto done;
+    /* the entities' ranks: an open-addressing table of (entity, rank), at most half full */
+    Py_ssize_t slots = 64;
+    while (slots < 2 * m + 2) slots *= 2;
+    table = malloc(2 * slots * sizeof(int64_t));
+    n_mentions = calloc(n_docs > 0 ? n_docs : 1, sizeof(int64_t));
+    if (table == NULL || n_mentions == NULL) goto nomem;
+    for (Py_ssize_t i = 0; i < slots; i++) table[2 * i] = -1;
+
+    /* each mention: its text, sentence and tokens */
+    int64_t d = 0, sk = 0, ts = 0, te = 0; /* one past the mention's text and sentence; its tokens */
+    for (Py_ssize_t i = 0; i < m; i++) {
+        d = seek_upper(off, n_docs + 1, start[i], d);
+        sk = seek_upper(sent_s, n_sent, start[i], sk);
+        if (d < 1 || d > n_docs || entity[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "attach: a match outside the texts");
+            goto done;
+        }
+        n_mentions[d - 1]++;
+        if (sk > 0 && end[i] <= sent_e[sk - 1]) /* a mention across a sentence end belongs to none */
+            if (vec_push(&cells, sk - 1) < 0 || vec_push(&cells, entity[i]) < 0) goto nomem;
+        ts = seek_upper(fin, n_tok, start[i], ts), te = seek_lower(begin, n_tok, end[i], te);
+        if (te <= ts) continue; /* it covers no token */
+        uint64_t h = (uint64_t)entity[i] * HASH_BASE;
+        Py_ssize_t s = (Py_ssize_t)(h >> 32) & (slots - 1);
+        while (table[2 * s] != -1 && table[2 * s] != entity[i]) s = (s + 1) & (slots - 1);
+        if (table[2 * s] == -1) {
+            table[2 * s] = entity[i], table[2 * s + 1] = ranked.n;
+            if (vec_push(&ranked, entity[i]) < 0) goto nomem;
+        }
+        if (vec_push(&spans, d - 1) < 0 || vec_push(&spans, ts - tok_off[d - 1]) < 0 ||
+            vec_push(&spans, te - tok_off[d - 1]) < 0 || vec_push(&spans, table[2 * s + 1]) < 0)
+            goto nomem;
+    }
+
+    /* distant supervision: each sentence's distinct entities (the cells come by sentence), their ordered pairs */
+    for (Py_ssize_t c = 0; c < cells.n;) {
+        int64_t k = cells.v[c];
+        Py_ssize_t n = 0;
+        for (Py_ssize_t j = c; j < cells.n && cells.v[j] == k; j += 2) cells.v[c + 1 + n++] = cells.v[j + 1];
+        /* (the sentence's entities are now packed at cells.v[c + 1 ...], over the slots already read) */
+        int64_t *e = cells.v + c + 1;
+        Py_ssize_t pairs_end = c + 2 * n, u = sort_unique(e, n);
+        for (Py_ssize_t x = 0; x < u; x++)
+            for (Py_ssize_t y = 0; y < u; y++)
+                if (x != y && (vec_push(&keys, e[x] * n_entities + e[y]) < 0 || vec_push(&key_sentence, k) < 0))
+                    goto nomem;
+        c = pairs_end;
+    }
+    /* their KG triples, the lookups LANES at a time */
+    {
+        int64_t lo[LANES], hi[LANES], first[LANES];
+        for (int i = 0; i < LANES; i++) lo[i] = 0, hi[i] = t.n;
+        for (Py_ssize_t q = 0; q < keys.n; q += LANES) {
+            int lanes = keys.n - q < LANES ? (int)(keys.n - q) : LANES;
+            lower_bounds(&t, lo, hi, (const uint64_t *)keys.v + q, first, lanes);
+            for (int i = 0; i < lanes; i++)
+                for (int64_t j = first[i]; j < t.n && t.keys[j] == (uint64_t)keys.v[q + i]; j++)
+                    if (vec_push(&found, key_sentence.v[q + i]) < 0 || vec_push(&found, triple_of[j]) < 0) goto nomem;
+        }
+    }
+    /* each sentence's triples once, ascending, with the sentence's text and tokens */
+    d = ts = te = 0;
+    for (Py_ssize_t c = 0; c < found.n;) {
+        int64_t k = found.v[c];
+        Py_ssize_t n = 0, next = c;
+        for (; next < found.n && found.v[next] == k; next += 2) found.v[c + 1 + n++] = found.v[next + 1];
+        int64_t *tr = found.v + c + 1;
+        Py_ssize_t u = sort_unique(tr, n);
+        d = seek_upper(off, n_docs + 1, sent_s[k], d);
+        if (d < 1 || d > n_docs) {
+            PyErr_SetString(PyExc_ValueError, "attach: a sentence outside the texts");
+            goto done;
+        }
+        ts = seek_upper(fin, n_tok, sent_s[k], ts), te = seek_lower(begin, n_tok, sent_e[k], te);
+        int64_t ete = te < ts + 1 ? ts + 1 : te;
+        for (Py_ssize_t x = 0; x < u; x++) {
+            if (tr[x] >= n_triples) {
+                PyErr_SetString(PyExc_ValueError, "attach: a triple index beyond n_triples");
+                goto done;
+            }
+            if (vec_push(&triples, d - 1) < 0 || vec_push(&triples, ts - tok_off[d - 1]) < 0 ||
+                vec_push(&triples, ete - tok_off[d - 1]) < 0 || vec_push(&triples, tr[x]) < 0)
+                goto nomem;
+        }
+        c = next;
+    }
+    out = Py_BuildValue("(NNNN)", bytes_of(n_mentions, n_docs), bytes_of(spans.v, spans.n), bytes_of(ranked.v, ranked.n),
+                        bytes_of(triples.v, triples.n));
+    goto done;
+nomem:
+    PyErr_NoMemory();
+done:
+    free(table), free(n_mentions);
+    free(spans.v), free(ranked.v), free(cells.v), free(keys.v), free(key_sentence.v), free(found.v), free(triples.v);
+    for (int i = 0; i < A_N; i++) PyBuffer_Release(&b[i]);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"classes", classes, METH_VARARGS, "A byte per character of the text: 1 str.isalnum(), 2 str.isspace()."},
     {"match", match, METH_VARARGS, "The alias matches of the texts joined: int64 (start, end, key) by start."},
     {"sentences", sentences, METH_VARARGS, "join.sentence_spans of the texts joined: (starts, ends), int64."},
     {"equal_range", equal_range, METH_VARARGS, "Each needle's first position in the sorted int64 haystack, and count."},
+    {"attach", attach, METH_VARARGS, "join._attach_numpy of a batch: (n_mentions, spans, entity_ids, triples), int64."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -25,17 +25,39 @@ def sorted_unique(a: np.ndarray) -> np.ndarray:
     int64 arrays of many distinct values (NumPy 2.4.6: 6.4 s against 0.08 s for 5 M values; 7.7 ms
     against 0.5 ms for 40,000): the KG index's distinct triples, a batch's (sentence, entity) cells."""
     s = np.sort(np.asarray(a).ravel())
+    return s[_run_starts(s)]
+
+
+def _run_starts(s: np.ndarray) -> np.ndarray:
+    """Of a sorted 1-D array, a mask of each run of equal values' first element."""
     keep = np.empty(len(s), dtype=bool)
     keep[:1] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
-    return s[keep]
+    return keep
 
 
 def value_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.unique(a, return_counts=True) of a 1-D array, by one sort (see sorted_unique)."""
     s = np.sort(np.asarray(a).ravel())
-    first = np.flatnonzero(np.append(True, s[1:] != s[:-1])) if len(s) else np.zeros(0, np.intp)
+    first = np.flatnonzero(_run_starts(s))
     return s[first], np.diff(np.append(first, len(s)))
+
+
+def unique_pairs(a: np.ndarray) -> np.ndarray:
+    """np.unique(a, axis=0) of integer pairs [n, 2]: each distinct row once, by the first column, then the
+    second. One sort of a 64-bit key where the columns' ranges allow (always, for the pack stage's (row,
+    triple) pairs of a chunk), else np.lexsort: np.unique(axis=0) sorts the rows as opaque bytes, which
+    measured 10 to 20 times slower on the pack stage's pairs."""
+    if len(a) == 0:
+        return a.reshape(0, 2)
+    low = a.min(axis=0)
+    span = a.max(axis=0) - low + 1
+    if int(span[0]) * int(span[1]) < 2**63:
+        key = sorted_unique((a[:, 0] - low[0]) * span[1] + (a[:, 1] - low[1]))
+        return np.stack([key // span[1] + low[0], key % span[1] + low[1]], 1).astype(a.dtype)
+    s = a[np.lexsort((a[:, 1], a[:, 0]))]
+    keep = np.append(True, (s[1:] != s[:-1]).any(axis=1))
+    return s[keep]
 
 
 def search(haystack: np.ndarray, needles: np.ndarray, side: str = "left") -> np.ndarray:

@@ -20,7 +20,6 @@ import zlib
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 
 from data_prep.arrays import native, sorted_unique
 from data_prep.chunks import Joined, concat_joined, joined_of
@@ -48,7 +47,6 @@ def init_worker(
         linker=index.matcher() if index else None,
         pairs=PairIndex(index) if index else {},
         extractor=load_extractor(*extractor) if extractor else None,
-        names=index.names.arrow() if index else None,  # the entity names, for a chunk's at once
     )
 
 
@@ -143,10 +141,10 @@ def _batches(docs: list[RawDoc], max_chars: int | None = None) -> list[list[RawD
 
 def process_chunk(docs: list[RawDoc]) -> Joined:
     """Stage join for a chunk: token ids, mention token spans, attached triples with token spans, and
-    the KG index id of each span's entity (-1: not in the index), so that the pack stage, in one
-    process, need not search the names. Documents with the KG's alias matches and distant supervision
-    only (no wiki links, no extractor) are joined a batch at a time in arrays (_join_arrays); the others
-    one at a time (_join)."""
+    the KG index id of each span's entity (-1: not in the index; the name is sent only then), so that
+    the pack stage, in one process, need not search the names. Documents with the KG's alias matches
+    and distant supervision only (no wiki links, no extractor) are joined a batch at a time in arrays
+    (_join_arrays); the others one at a time (_join)."""
     tok, linker, pairs, extractor = _WORKER["tok"], _WORKER["linker"], _WORKER["pairs"], _WORKER["extractor"]
     index = _WORKER.get("index")
     parts: list[Joined] = []
@@ -206,19 +204,76 @@ def _join_arrays(
     """_join of documents whose mentions are the KG's alias matches alone, all at once in arrays, in
     the coordinates of the texts joined by NUL characters: the same mentions, token spans and attached
     triples, with no Python per mention."""
-    n_docs = len(batch)
     offsets = np.cumsum([0, *(len(t) + 1 for t in texts)])
     joined = SEP.join(texts)
     cp = _code_points(joined)
     classes = text_classes(joined)  # str.isalnum and str.isspace of each character, for both
     start, end, entity = matcher.match_joined(texts, joined, cp, classes)
+    sent_s, sent_e = sentence_spans(cp, offsets, classes)
+    # token spans: each token's characters, in the joined text
+    n_tok = np.array([len(x) for x in ids_list], dtype=np.int64)
+    tok_off = np.append(0, np.cumsum(n_tok))
+    begin, fin = _token_bounds(texts, ids_list, n_tok, tok_off, tok)
+    base = np.repeat(offsets[:-1], n_tok)
+    doc_len = np.repeat(np.array([len(t) for t in texts], dtype=np.int64), n_tok)
+    begin_g, end_g = np.minimum(begin, doc_len) + base, np.minimum(fin, doc_len) + base
+    attach = _attach_numpy if native() is None else _attach_compiled
+    n_mentions, spans, entity_ids, triples = attach(
+        start, end, entity, offsets, sent_s, sent_e, index, begin_g, end_g, tok_off
+    )
+    info = np.stack(
+        [
+            n_tok,
+            n_mentions,
+            np.array([d.key if d.key is not None else zlib.crc32(d.text.encode()) for d in batch], np.int64),
+            np.array([d.part for d in batch], np.int64),
+            np.array([int(d.last) for d in batch], np.int64),
+        ],
+        1,
+    )
+    return Joined(
+        list(ids_list),
+        info.astype(np.int64),
+        spans.astype(np.int64).reshape(-1, 4),
+        [None] * len(entity_ids),  # the index names them all
+        entity_ids.astype(np.int64),
+        triples.astype(np.int64).reshape(-1, 4),
+    )
+
+
+def _attach_compiled(start, end, entity, offsets, sent_s, sent_e, index, begin_g, end_g, tok_off) -> tuple:
+    """_attach_numpy in one pass, compiled (data_prep/_native.c attach): the same arrays."""
+    compiled = native()
+    assert compiled is not None
+    keys = index.pair_keys
+    out = compiled.attach(
+        *(np.ascontiguousarray(x, np.int64) for x in (start, end, entity, offsets, sent_s, sent_e)),
+        np.ascontiguousarray(keys.keys, np.int64),
+        keys.sample,
+        keys.STRIDE,
+        np.ascontiguousarray(index.pair_triple, np.int64),
+        index.n_entities,
+        max(len(index.triples), 1),
+        *(np.ascontiguousarray(x, np.int64) for x in (begin_g, end_g, tok_off)),
+    )
+    n_mentions, spans, entity_ids, triples = (np.frombuffer(x, np.int64) for x in out)
+    return n_mentions, spans.reshape(-1, 4), entity_ids, triples.reshape(-1, 4)
+
+
+def _attach_numpy(start, end, entity, offsets, sent_s, sent_e, index, begin_g, end_g, tok_off) -> tuple:
+    """Of a batch's alias matches (start, end, entity; by start, in the texts joined at offsets), with its
+    sentences (sent_s, sent_e) and tokens (each token's characters begin_g, end_g; each text's first token
+    tok_off): each text's number of mentions; the mentions that cover a token as (text, first token, end
+    token, entity rank), the entities (KG index ids) ranked by first mention; the KG triples of each
+    ordered pair of distinct entities in a sentence (distant supervision), by sentence then triple, as (text,
+    first token, end token, triple) of the sentence. In NumPy; the compiled attach (data_prep/_native.c)
+    gives the same."""
     doc = np.searchsorted(offsets, start, side="right") - 1
-    n_mentions = np.bincount(doc, minlength=n_docs)
+    n_mentions = np.bincount(doc, minlength=len(offsets) - 1)
 
     # distant supervision: the KG triples of each ordered pair of distinct entities in a sentence
-    sent_s, sent_e = sentence_spans(cp, offsets, classes)
     k = np.searchsorted(sent_s, start, side="right") - 1
-    inside = end <= sent_e[k]  # a mention across a sentence end belongs to none
+    inside = end <= np.append(sent_e, -1)[k]  # one across a sentence end, or before any (k = -1), is in none
     ne, nt = index.n_entities, max(len(index.triples), 1)
     cell = sorted_unique(k[inside] * ne + entity[inside])  # (sentence, entity), sorted
     sk, ent = cell // ne, cell % ne
@@ -236,13 +291,8 @@ def _join_arrays(
     found = sorted_unique(found)  # by sentence, then triple
     ev_k, ev_t = found // nt, found % nt
 
-    # token spans: each token's characters, in the joined text
-    n_tok = np.array([len(x) for x in ids_list], dtype=np.int64)
-    tok_off = np.append(0, np.cumsum(n_tok))
-    begin, fin = _token_bounds(texts, ids_list, n_tok, tok_off, tok)
-    base = np.repeat(offsets[:-1], n_tok)
-    doc_len = np.repeat(np.array([len(t) for t in texts], dtype=np.int64), n_tok)
-    begin_g, end_g = np.minimum(begin, doc_len) + base, np.minimum(fin, doc_len) + base
+    # token spans: tokens overlapping characters [start, end), the first ending after start up to the last
+    # beginning before end
     ts = np.searchsorted(end_g, start, side="right")
     te = np.searchsorted(begin_g, end, side="left")
     keep = te > ts
@@ -256,25 +306,7 @@ def _join_arrays(
     ets = np.searchsorted(end_g, sent_s[ev_k], side="right")
     ete = np.maximum(np.searchsorted(begin_g, sent_e[ev_k], side="left"), ets + 1)
     triples = np.stack([e_doc, ets - tok_off[e_doc], ete - tok_off[e_doc], ev_t], 1)
-    entity_ids = uniq[order]
-    info = np.stack(
-        [
-            n_tok,
-            n_mentions,
-            np.array([d.key if d.key is not None else zlib.crc32(d.text.encode()) for d in batch], np.int64),
-            np.array([d.part for d in batch], np.int64),
-            np.array([int(d.last) for d in batch], np.int64),
-        ],
-        1,
-    )
-    return Joined(
-        list(ids_list),
-        info.astype(np.int64),
-        spans.astype(np.int64).reshape(-1, 4),
-        _WORKER["names"].take(pa.array(entity_ids)).to_pylist(),
-        entity_ids.astype(np.int64),
-        triples.astype(np.int64).reshape(-1, 4),
-    )
+    return n_mentions, spans, uniq[order], triples
 
 
 def _token_bounds(texts, ids_list, n_tok, tok_off, tok) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.arrays import sorted_unique
+from data_prep.arrays import sorted_unique, unique_pairs
 from sparsexpert.data.format import shard_name, table_name
 
 EOS_ID = 2
@@ -117,7 +117,7 @@ class Packer:
             n = last - first + 1  # rows each triple's evidence touches
             rows = np.repeat(first, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
             pairs = np.stack([rows, np.repeat(triples[:, 3], n)], 1)
-            self.pending = np.unique(np.concatenate([self.pending, pairs]), axis=0)
+            self.pending = unique_pairs(np.concatenate([self.pending, pairs]))
         # no later document reaches rows before the row the next one starts in
         self._flush_triples(before_row=(starts[-1] + sizes[-1]) // L if len(sizes) else base // L)
         self.buf = np.concatenate([self.buf, stream])

@@ -657,6 +657,8 @@ class TripleHits:
         self.new: Counter[int] = Counter()
         self.index, self.new_triples = index, new_triples  # new_triples: Packed.new_triples, growing
         self.relation_order: dict[str, None] = {}
+        # the KG's relations not in relation_order yet: once none is left, a KG triple's relation is not looked up
+        self._kg_unseen = set(index.relations) if index is not None else set()
 
     def add(self, ids: np.ndarray) -> None:
         """Triple indices attached, in input order (KG triples first, then the new ones)."""
@@ -667,22 +669,24 @@ class TripleHits:
             self.kg[value] += count
         new = ids[~is_kg].tolist()
         self.new.update(new)
-        # the relations of these rows in order of first appearance: a KG triple's relation id, or a new one's
-        # relation after them
+        # the relations of these rows in order of first appearance: a KG triple's relation id (while some KG
+        # relation is still unseen), or a new one's relation after them
+        rows = ids if self._kg_unseen else ids[~is_kg]
+        kg_rows = rows < n_kg
         kg_relations = len(self.index.relations) if self.index else 0
-        code = np.empty(len(ids), np.int64)
-        if self.index is not None and is_kg.any():
-            code[is_kg] = np.asarray(self.index.triples[ids[is_kg], 1])
+        code = np.empty(len(rows), np.int64)
+        if self.index is not None and kg_rows.any():
+            code[kg_rows] = np.asarray(self.index.triples[rows[kg_rows], 1])
         names: dict[str, int] = {}
-        code[~is_kg] = [
+        code[~kg_rows] = [
             kg_relations + names.setdefault(self.new_triples[i - n_kg].relation, len(names)) for i in new
         ]
         distinct, first = np.unique(code, return_index=True)
         by_name = list(names)
         for c in distinct[np.argsort(first)].tolist():
-            self.relation_order.setdefault(
-                self.index.relations[c] if c < kg_relations and self.index else by_name[c - kg_relations]
-            )
+            name = self.index.relations[c] if c < kg_relations and self.index else by_name[c - kg_relations]
+            self.relation_order.setdefault(name)
+            self._kg_unseen.discard(name)
 
     def total(self) -> int:
         return int(self.kg.sum()) + sum(self.new.values())
@@ -849,7 +853,8 @@ def _pack(
         known = (eid >= 0) & (in_kg[np.maximum(eid, 0)] if len(in_kg) else False)
         ents = np.where(known, kg_rank[np.maximum(eid, 0)] if len(kg_rank) else -1, -1)
         for k in np.flatnonzero(~known).tolist():
-            ents[k] = entity(chunk.entities[k])
+            name = chunk.entities[k]  # None: an index entity outside the KG's triples, named by the index
+            ents[k] = entity(name if name is not None or index is None else index.names[int(eid[k])])
         news = np.array([triple(t) for t in chunk.new_triples], dtype=np.int64)
         for i, p in zip(news.tolist(), chunk.new_triple_scores):
             if p is not None and i >= n_kg_triples:

@@ -395,8 +395,8 @@ def test_joining_in_arrays_equals_one_document_at_a_time(tmp_path, case, monkeyp
 
 def test_sorted_unique_and_search_equal_numpy():
     """The hot paths' replacements of np.unique and np.searchsorted (data_prep.arrays) give NumPy's answers:
-    empty arrays, many duplicates, uint64 hashes near 2**64, both sides."""
-    from data_prep.arrays import search, sorted_unique
+    empty arrays, many duplicates, uint64 hashes near 2**64, both sides; pairs by row."""
+    from data_prep.arrays import search, sorted_unique, unique_pairs
 
     rng = np.random.default_rng(0)
     for a in (
@@ -411,6 +411,18 @@ def test_sorted_unique_and_search_equal_numpy():
         needles = np.concatenate([a[::2], rng.permutation(a)[:50]]) if len(a) else a
         for side in ("left", "right"):
             assert np.array_equal(search(hay, needles, side), np.searchsorted(hay, needles, side)), side
+    for (
+        pairs
+    ) in (  # the pack stage's (row, triple) pairs: np.unique(axis=0) by one sort of a key, else np.lexsort
+        np.zeros((0, 2), np.int64),
+        np.array([[3, 9]]),
+        rng.integers(0, 5, (2000, 2)),
+        np.stack([np.repeat(np.arange(10**9, 10**9 + 300), 4), rng.integers(0, 5_000_000, 1200)], 1),
+        rng.integers(-(2**40), 2**62, (3000, 2)),  # ranges whose product overflows a key: np.lexsort
+    ):
+        want = np.unique(pairs, axis=0)
+        got = unique_pairs(np.concatenate([pairs, pairs[::3]]))
+        assert np.array_equal(got, want) and got.dtype == want.dtype
 
 
 def _many_aliases_kg(tmp_path, n: int, seed: int):
@@ -546,3 +558,58 @@ def test_sorted_keys_equal_range_equals_numpy(monkeypatch):
             monkeypatch.setattr(arrays, "NATIVE", native)
             first, count = SortedKeys(keys).equal_range(needles)
             assert np.array_equal(first, lo) and np.array_equal(count, hi - lo), (len(keys), native)
+
+
+def test_attaching_mentions_and_triples_compiled_equals_numpy():
+    """The last step of the join's array path (join._attach_compiled, data_prep/_native.c, against
+    join._attach_numpy): each text's number of mentions, the mentions' token spans with their entities ranked
+    by first mention, and the KG triples of each sentence's ordered entity pairs with the sentence's tokens.
+    Random batches: empty texts, texts without a sentence, a mention or a token, gaps between sentences,
+    mentions across a sentence end or covering no token (empty tokens), an entity met in several
+    sentences, pairs with several triples whose indices do not follow the pairs' order (triples sorted by
+    head, relation, tail)."""
+    from types import SimpleNamespace
+
+    from data_prep import join
+    from data_prep.arrays import SortedKeys
+
+    rng = np.random.default_rng(3)
+    seen = {"triples": 0, "uncovered": 0, "no_sentence": 0}
+    for _ in range(300):
+        ne = int(rng.integers(2, 10))
+        kg = np.unique(rng.integers(0, ne, (int(rng.integers(0, 80)), 3)) % [ne, 6, ne], axis=0)
+        pair_key = kg[:, 0] * ne + kg[:, 2]
+        pair_triple = np.argsort(pair_key, kind="stable")
+        index = SimpleNamespace(
+            n_entities=ne, triples=kg, pair_keys=SortedKeys(pair_key[pair_triple]), pair_triple=pair_triple
+        )
+        lengths = rng.integers(0, 100, int(rng.integers(1, 7)))
+        offsets = np.cumsum([0, *(lengths + 1)])
+        sentences, mentions, begin, end, n_tok = [], [], [], [], []
+        for lo, n in zip(offsets[:-1].tolist(), lengths.tolist()):
+            cuts = sorted({lo, lo + n, *(lo + rng.integers(0, n + 1, int(rng.integers(0, 6)))).tolist()})
+            whitespace = rng.random() < 0.15  # a text of no sentence: its mentions belong to none
+            seen["no_sentence"] += whitespace and n > 0
+            for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+                a += int(rng.integers(0, 3)) if k else 0  # whitespace after a sentence end
+                if b > a and not whitespace:
+                    sentences.append((a, b))
+            at = lo + int(rng.integers(0, 6))
+            while (size := int(rng.integers(1, 10))) and at + size <= lo + n:
+                mentions.append((at, at + size, int(rng.integers(0, ne))))
+                at += size + int(rng.integers(0, 8))
+            bounds = np.sort(rng.integers(0, n + 1, int(rng.integers(0, n // 2 + 2)))) + lo
+            begin += bounds[:-1].tolist()
+            end += bounds[1:].tolist()  # equal neighbours: a token of no character
+            n_tok.append(max(len(bounds) - 1, 0))
+        start_, end_, entity = np.array(mentions, np.int64).reshape(-1, 3).T
+        sent = np.array(sentences, np.int64).reshape(-1, 2)
+        args = (start_, end_, entity, offsets, sent[:, 0], sent[:, 1], index)
+        tokens = (np.array(begin, np.int64), np.array(end, np.int64), np.append(0, np.cumsum(n_tok)))
+        want = join._attach_numpy(*args, *tokens)
+        got = join._attach_compiled(*args, *tokens)
+        for name, g, w in zip(("n_mentions", "spans", "entity_ids", "triples"), got, want):
+            assert np.array_equal(g, np.asarray(w).reshape(g.shape)), name
+        seen["triples"] += len(want[3])
+        seen["uncovered"] += int(want[0].sum()) - len(want[1])
+    assert min(seen.values()) > 20, seen  # the cases named above were met

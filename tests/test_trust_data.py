@@ -90,13 +90,42 @@ def test_output_that_is_not_ours_is_refused_and_inputs_are_never_deleted(tmp_pat
 
 def test_parts_folder_holds_no_pickle(tmp_path):
     inputs = _world(tmp_path / "raw", documents=150)
+    # an entity with an alias but no triple: in the KG index, not in the KG's vocabulary, named by the index
+    with open(tmp_path / "raw" / "aliases.tsv", "a") as f:
+        f.write("Zed_Nobody\tZed Nobody\n")
+    corpus = tmp_path / "raw" / "corpus.txt"
+    corpus.write_text("Zed Nobody was seen there. " + corpus.read_text())
     out = tmp_path / "data"
     assert _cli("run", *inputs, *SMALL, "--output", str(out), "--keep_parts").returncode == 0
+    assert "\tZed_Nobody\tZed Nobody\n" in (out / "entities.tsv").read_text()
     chunks = sorted((tmp_path / "data.parts" / "chunks").iterdir())
     assert [p.suffix for p in chunks] == [".npz"] * 3
     with np.load(chunks[0], allow_pickle=False) as z:  # plain arrays: loads without pickle
         assert sorted(z.files) == ["doc_info", "entity_ids", "ids", "meta", "spans", "triples"]
         arrays = {k: z[k] for k in z.files}
+    # format /2 named every entity (meta.entities), /3 only those the KG index lacks: a /2 chunk still packs,
+    # to the same dataset
+    from data_prep.kg_index import KGIndex
+
+    index = KGIndex.open(tmp_path / "data.kgindex")
+    meta = json.loads(arrays["meta"].tobytes())
+    assert meta["format"] == "sparsexpert-chunk/3" and len(meta["names"]) < len(arrays["entity_ids"])
+    unindexed = iter(meta.pop("names"))
+    meta["entities"] = [index.names[i] if i >= 0 else next(unindexed) for i in arrays["entity_ids"].tolist()]
+    old = {
+        **arrays,
+        "meta": np.frombuffer(json.dumps({**meta, "format": "sparsexpert-chunk/2"}).encode(), np.uint8),
+    }
+    np.savez(chunks[0], **old)
+
+    def dataset() -> dict[str, bytes]:
+        return {
+            p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".json" or p.name == "stats.json"
+        }
+
+    want = dataset()
+    assert _cli("merge", *inputs, *SMALL, "--output", str(out), "--keep_parts").returncode == 0
+    assert dataset() == want and "entities.tsv" in want
     marker = tmp_path / "code_ran"
     evil = b"cposix\nmkdir\n(" + f"V{marker}\n".encode() + b"tR."  # pickle for os.mkdir(marker)
     (tmp_path / "data.parts" / "chunks" / "chunk_0000000.pkl").write_bytes(evil)
@@ -112,7 +141,7 @@ def test_parts_folder_holds_no_pickle(tmp_path):
     np.savez(chunks[0], **arrays)
     proc = _cli("join", *inputs, *SMALL, "--output", str(out))
     assert proc.returncode == 2, proc.stderr
-    assert "chunk format 'sparsexpert-chunk/1', expected sparsexpert-chunk/2" in proc.stderr
+    assert "chunk format 'sparsexpert-chunk/1', expected sparsexpert-chunk/3" in proc.stderr
     assert f"delete the parts folder {tmp_path / 'data.parts'}" in proc.stderr
 
 
