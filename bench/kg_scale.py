@@ -258,6 +258,7 @@ def main() -> None:
         f"{'x text':>6} {'peak GB':>8} {'main GB':>8} {'worker GB':>9} {'anon GB':>7}  stages (s)"
     )
     walls: dict[tuple[int, int, str], float] = {}  # (entities, sentences, "text" or "kg") -> wall s
+    commands: dict[tuple[int, int, str], tuple[list[str], Path]] = {}  # the same -> its command and log
     for k, n in enumerate(sizes):
         folder = root / f"kg{n}"
         folder.mkdir(exist_ok=True)
@@ -270,9 +271,13 @@ def main() -> None:
                 texts = (json.loads(x)["text"] for x in corpus.read_text().splitlines())
                 train_tokenizer(texts, tok, PrepConfig(vocab_size=2000))
             for w in args.workers:
-                base = run_prep(corpus, tok, folder / f"text{sentences}_w{w}", w, None)
+                text_out = folder / f"text{sentences}_w{w}"
+                base = run_prep(corpus, tok, text_out, w, None)
                 walls[(n, sentences, "text")] = base["wall_s"]
                 out = folder / f"out{sentences}_w{w}"
+                for mode, o in (("text", text_out), ("kg", out)):
+                    cmd = prep_command(corpus, tok, o, w, kg if mode == "kg" else None)
+                    commands[(n, sentences, mode)] = cmd, o.parent / f"{o.name}.log"
                 for when in ("built", "reused"):  # the first run builds the KG index, a second reuses it
                     r = run_prep(corpus, tok, out, w, kg, build=when == "built")
                     size = kg[0].stat().st_size / 1e6
@@ -288,22 +293,12 @@ def main() -> None:
                     walls[(n, sentences, "kg")] = r["wall_s"]
         if len(corpora) > 1:  # what each more sentence costs, the KG's fixed costs apart
             lo, hi = min(corpora), max(corpora)
-            w = args.workers[-1]
             timed = {key: [walls[key]] for key in walls if key[0] == n}
             for _ in range(args.repeat - 1):  # a run's time varies by a second or more here: several, in turn
                 for sentences in (lo, hi):
                     for mode in ("text", "kg"):
-                        out = folder / f"{'out' if mode == 'kg' else 'text'}{sentences}_w{w}"
-                        cmd = prep_command(
-                            folder / f"corpus{sentences}.jsonl",
-                            folder / f"tok{sentences}.model",
-                            out,
-                            w,
-                            kg if mode == "kg" else None,
-                        )
-                        timed[(n, sentences, mode)].append(
-                            measure(cmd, out.parent / f"{out.name}.log", False)["wall_s"]
-                        )
+                        cmd, log = commands[(n, sentences, mode)]
+                        timed[(n, sentences, mode)].append(measure(cmd, log, False)["wall_s"])
             for name, pick in (("median", statistics.median), ("least", min)):
                 extra = {m: pick(timed[(n, hi, m)]) - pick(timed[(n, lo, m)]) for m in ("text", "kg")}
                 print(

@@ -480,6 +480,16 @@ static Py_ssize_t sort_unique(int64_t *v, Py_ssize_t n) {
     return u;
 }
 
+/* Of (key, value) pairs laid end to end in v[0, n), those of one key together: the run of the key at v[c]. Its
+   values are packed at v[c + 1 ...] (over pairs already read), ascending and each once; returns how many, and
+   in *next where the next run starts. */
+static Py_ssize_t run_values(int64_t *v, Py_ssize_t n, Py_ssize_t c, Py_ssize_t *next) {
+    Py_ssize_t u = 0, j = c;
+    for (; j < n && v[j] == v[c]; j += 2) v[c + 1 + u++] = v[j + 1];
+    *next = j;
+    return sort_unique(v + c + 1, u);
+}
+
 static PyObject *bytes_of(const int64_t *v, Py_ssize_t n) {
     return PyBytes_FromStringAndSize((const char *)v, n * (Py_ssize_t)sizeof(int64_t));
 }
@@ -552,18 +562,13 @@ static PyObject *attach(PyObject *self, PyObject *args) {
     }
 
     /* distant supervision: each sentence's distinct entities (the cells come by sentence), their ordered pairs */
-    for (Py_ssize_t c = 0; c < cells.n;) {
-        int64_t k = cells.v[c];
-        Py_ssize_t n = 0;
-        for (Py_ssize_t j = c; j < cells.n && cells.v[j] == k; j += 2) cells.v[c + 1 + n++] = cells.v[j + 1];
-        /* (the sentence's entities are now packed at cells.v[c + 1 ...], over the slots already read) */
-        int64_t *e = cells.v + c + 1;
-        Py_ssize_t pairs_end = c + 2 * n, u = sort_unique(e, n);
+    for (Py_ssize_t c = 0, next; c < cells.n; c = next) {
+        int64_t k = cells.v[c], *e = cells.v + c + 1;
+        Py_ssize_t u = run_values(cells.v, cells.n, c, &next);
         for (Py_ssize_t x = 0; x < u; x++)
             for (Py_ssize_t y = 0; y < u; y++)
                 if (x != y && (vec_push(&keys, e[x] * n_entities + e[y]) < 0 || vec_push(&key_sentence, k) < 0))
                     goto nomem;
-        c = pairs_end;
     }
     /* their KG triples, the lookups LANES at a time */
     {
@@ -579,12 +584,9 @@ static PyObject *attach(PyObject *self, PyObject *args) {
     }
     /* each sentence's triples once, ascending, with the sentence's text and tokens */
     d = ts = te = 0;
-    for (Py_ssize_t c = 0; c < found.n;) {
-        int64_t k = found.v[c];
-        Py_ssize_t n = 0, next = c;
-        for (; next < found.n && found.v[next] == k; next += 2) found.v[c + 1 + n++] = found.v[next + 1];
-        int64_t *tr = found.v + c + 1;
-        Py_ssize_t u = sort_unique(tr, n);
+    for (Py_ssize_t c = 0, next; c < found.n; c = next) {
+        int64_t k = found.v[c], *tr = found.v + c + 1;
+        Py_ssize_t u = run_values(found.v, found.n, c, &next);
         d = seek_upper(off, n_docs + 1, sent_s[k], d);
         if (d < 1 || d > n_docs) {
             PyErr_SetString(PyExc_ValueError, "attach: a sentence outside the texts");
@@ -601,7 +603,6 @@ static PyObject *attach(PyObject *self, PyObject *args) {
                 vec_push(&triples, ete - tok_off[d - 1]) < 0 || vec_push(&triples, tr[x]) < 0)
                 goto nomem;
         }
-        c = next;
     }
     out = Py_BuildValue("(NNNN)", bytes_of(n_mentions, n_docs), bytes_of(spans.v, spans.n), bytes_of(ranked.v, ranked.n),
                         bytes_of(triples.v, triples.n));

@@ -217,7 +217,7 @@ def read_chunk(path: Path) -> Chunk:
             arrays = {k: z[k] for k in ("ids", "doc_info", "spans", "entity_ids", "triples") if k in z}
         for k in ("spans", "triples"):  # int32 where the values fit (format /3)
             if k in arrays:
-                arrays[k] = arrays[k].astype(np.int64)
+                arrays[k] = arrays[k].astype(np.int64, copy=False)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: not a readable joined chunk ({e}); delete it and run the join again") from e
     if meta.get("format") not in READ:
